@@ -1,0 +1,3 @@
+from eventhandler.cli import main
+
+main()

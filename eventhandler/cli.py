@@ -1,0 +1,102 @@
+"""The `eventhandler` command: one entry point, settings built here and passed down."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+
+from eventhandler import __version__
+from eventhandler.config import Settings, load_settings
+from eventhandler.errors import ConfigError, EventHandlerError
+from eventhandler.logs import configure_logging, get_logger
+
+app = typer.Typer(
+    name="eventhandler",
+    help="Kafka → PostgreSQL projection worker with a dead letter queue you can replay.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    configure_logging(settings.log_level, settings.log_format, consumer_group=settings.consumer_group)
+    return settings
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def migrate(
+    create_database: Annotated[
+        bool, typer.Option(help="Create the database named in EVENTHANDLER_DATABASE_URL if missing.")
+    ] = True,
+) -> None:
+    """Apply pending migrations (safe to run twice, and from two processes at once)."""
+    from eventhandler.db import connection_kwargs, translate_db_errors
+    from eventhandler.migrate import apply_migrations, ensure_database
+
+    settings = settings_or_exit()
+    log = get_logger("eventhandler.migrate")
+    import psycopg
+
+    try:
+        with translate_db_errors():
+            kwargs = connection_kwargs(settings)
+            if create_database and ensure_database(settings.dsn, connect_timeout=kwargs["connect_timeout"]):
+                log.info("database_created")
+            with psycopg.connect(settings.dsn, autocommit=True, **kwargs) as conn:
+                applied = apply_migrations(conn)
+    except EventHandlerError as exc:
+        fail(f"migrate failed: {exc}")
+    log.info("migrations_applied", applied=applied, count=len(applied))
+    typer.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+@app.command()
+def run(
+    stop_when_idle: Annotated[
+        float | None,
+        typer.Option(help="Exit cleanly once no message has arrived for this many seconds.", min=0.1),
+    ] = None,
+) -> None:
+    """Run the worker: consume, project into PostgreSQL, dead-letter what fails."""
+    from eventhandler.worker import build, install_signal_handlers
+
+    settings = settings_or_exit()
+    try:
+        app_ = build(settings)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    except OSError as exc:
+        fail(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}", code=2)
+    install_signal_handlers(app_.worker)
+    try:
+        app_.run(stop_when_idle=stop_when_idle)
+    except EventHandlerError as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,168 @@
+"""Settings: one frozen tree read from `EVENTHANDLER_*` environment variables.
+
+Nothing here runs at import time; `load_settings()` is called by the command line entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from eventhandler.errors import ConfigError
+
+ENV_PREFIX = "EVENTHANDLER_"
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+KafkaOptions = Annotated[dict[str, str | int | float | bool], NoDecode]
+
+
+def _decode_options(value: Any) -> Any:
+    """librdkafka options arrive as a JSON object, e.g. '{"security.protocol": "SASL_SSL"}'."""
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc.msg}") from exc
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object of librdkafka options")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker, the replayer and the admin API."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/eventhandler")
+    topics: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["device-events"])
+    consumer_group: str = "eventhandler"
+    metrics_port: int = Field(default=9180, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    admin_read_token: SecretStr | None = None
+
+    # librdkafka pass-through: applied to every client, then the client-specific dict on top.
+    kafka_options: KafkaOptions = Field(default_factory=dict)
+    kafka_consumer_options: KafkaOptions = Field(default_factory=dict)
+    kafka_producer_options: KafkaOptions = Field(default_factory=dict)
+
+    batch_max_messages: int = Field(default=2000, ge=1, le=100_000)
+    batch_max_wait_seconds: float = Field(default=0.2, gt=0, le=60)
+    unknown_event_policy: Literal["dead-letter", "skip"] = "dead-letter"
+    handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    retry_initial_seconds: float = Field(default=0.2, gt=0, le=60)
+    retry_max_seconds: float = Field(default=15.0, gt=0, le=600)
+    db_pool_size: int = Field(default=4, ge=1, le=100)
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    db_statement_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    dlq_refresh_seconds: float = Field(default=15.0, gt=0, le=3600)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    worker_id: str | None = None
+
+    @field_validator("topics", "handlers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _valid_topics(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one topic is required")
+        for topic in value:
+            if not _TOPIC_NAME.match(topic):
+                raise ValueError(f"{topic!r} is not a valid Kafka topic name")
+        return value
+
+    @field_validator("kafka_bootstrap_servers", "consumer_group")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not raw.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        try:
+            params = conninfo_to_dict(raw)
+        except Exception as exc:
+            raise ValueError("cannot be parsed as a PostgreSQL connection URL") from exc
+        port = params.get("port")
+        if port is not None and not (str(port).isdigit() and 0 < int(port) < 65536):
+            raise ValueError("has an invalid port")
+        return value
+
+    @field_validator("admin_token", "admin_read_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("kafka_options", "kafka_consumer_options", "kafka_producer_options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> Any:
+        return _decode_options(value)
+
+    @property
+    def dsn(self) -> str:
+        return self.database_url.get_secret_value()
+
+    def consumer_config(self) -> dict[str, Any]:
+        """The librdkafka consumer configuration: our defaults, then the operator's options."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "group.id": self.consumer_group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+        }
+        config.update(self.kafka_options)
+        config.update(self.kafka_consumer_options)
+        return config
+
+    def producer_config(self) -> dict[str, Any]:
+        """The librdkafka producer configuration for replays: idempotent, acks=all."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+        }
+        config.update(self.kafka_options)
+        config.update(self.kafka_producer_options)
+        return config
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; a bad value raises `ConfigError` naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}", message) from None

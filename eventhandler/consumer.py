@@ -1,0 +1,204 @@
+"""A thin confluent-kafka consumer: batches of `Record`s, positions from PostgreSQL on assignment,
+pause/resume while a failure is retried, and offsets committed to Kafka only for visibility.
+
+The authoritative position of each partition is the `consumer_positions` row written in the same
+transaction as the batch; the offsets committed to Kafka trail it and exist so that standard lag
+tools work. Should PostgreSQL be unreachable when partitions are assigned, the partitions stay paused
+until their positions can be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+
+from eventhandler.errors import BrokerUnavailable, TransientError
+from eventhandler.logs import get_logger
+from eventhandler.metrics import Metrics
+from eventhandler.pipeline import Record
+
+TP = tuple[str, int]
+PositionLoader = Callable[[Sequence[TP]], dict[TP, int]]
+
+log = get_logger("eventhandler.consumer")
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        topics: Sequence[str],
+        *,
+        load_positions: PositionLoader,
+        metrics: Metrics,
+        on_revoked: Callable[[set[TP]], None] = lambda _: None,
+    ) -> None:
+        self._config = dict(config)
+        self._topics = list(topics)
+        self._load_positions = load_positions
+        self._metrics = metrics
+        self._on_revoked = on_revoked
+        self._consumer: Consumer | None = None
+        self.assignment: set[TP] = set()
+        self.unpositioned: set[TP] = set()  # assigned, paused until PostgreSQL tells their position
+        self.paused = False
+        self.broker_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self._config | {"error_cb": self._on_error}
+        self._consumer = Consumer(config)
+        self._consumer.subscribe(
+            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except KafkaException as exc:
+                log.warning("consumer_close_failed", error=str(exc))
+            self._consumer = None
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            raise RuntimeError("consumer not started")
+        return self._consumer
+
+    # -- consuming ---------------------------------------------------------------------------------
+
+    def consume(self, max_messages: int, timeout: float) -> list[Record]:
+        if self.unpositioned:
+            self.reposition()
+        messages = self.consumer.consume(num_messages=max_messages, timeout=timeout)
+        records: list[Record] = []
+        append = records.append
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._on_message_error(error)
+                continue
+            _, timestamp = message.timestamp()
+            append(
+                Record(
+                    message.topic(),  # type: ignore[arg-type]  # set on every non-error message
+                    message.partition(),  # type: ignore[arg-type]
+                    message.offset(),  # type: ignore[arg-type]
+                    message.key(),
+                    message.value(),
+                    message.headers(),  # type: ignore[arg-type]  # values are bytes as consumed
+                    timestamp,
+                )
+            )
+        if records:
+            self.broker_error = None
+        return records
+
+    def poll_while_paused(self, timeout: float) -> None:
+        """Serve group membership and rebalance callbacks while processing is held."""
+        message = self.consumer.poll(timeout)
+        if message is not None and message.error() is None:
+            # Fetched before the pause took effect: rewind so it is read again after resuming.
+            self.consumer.seek(
+                TopicPartition(message.topic(), message.partition(), message.offset())  # type: ignore[arg-type]
+            )
+
+    def commit(self, positions: dict[TP, int]) -> None:
+        """Tell Kafka how far we are (asynchronously; PostgreSQL already has it durably)."""
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items() if (t, p) in self.assignment]
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as exc:
+                log.warning("kafka_commit_failed", error=str(exc))
+
+    # -- pause / resume ------------------------------------------------------------------------------
+
+    def pause_all(self) -> None:
+        partitions = self._partitions(self.assignment)
+        if partitions:
+            self.consumer.pause(partitions)
+        self.paused = True
+        self._metrics.paused_partitions.set(len(partitions))
+
+    def resume_all(self) -> None:
+        resumable = self.assignment - self.unpositioned
+        if resumable:
+            self.consumer.resume(self._partitions(resumable))
+        self.paused = False
+        self._metrics.paused_partitions.set(len(self.unpositioned))
+
+    def reposition(self) -> None:
+        """Read the stored positions of partitions assigned while PostgreSQL was unreachable."""
+        pending = sorted(self.unpositioned & self.assignment)
+        try:
+            positions = self._load_positions(pending)
+        except TransientError:
+            return
+        for tp in pending:
+            offset = positions.get(tp)
+            if offset is not None:
+                self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        self.unpositioned -= set(pending)
+        if not self.paused:
+            self.consumer.resume(self._partitions(pending))
+        self._metrics.paused_partitions.set(len(self.assignment) if self.paused else len(self.unpositioned))
+        log.info("partitions_repositioned", partitions=len(pending))
+
+    # -- rebalance callbacks (run inside consume/poll) -------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        try:
+            positions = self._load_positions(tps)
+            unknown: set[TP] = set()
+        except TransientError as exc:
+            log.warning("positions_unavailable", error=str(exc), partitions=len(tps))
+            positions, unknown = {}, set(tps)
+        for partition in partitions:
+            partition.offset = positions.get((partition.topic, partition.partition), OFFSET_INVALID)
+        consumer.assign(partitions)
+        self.assignment |= set(tps)
+        self.unpositioned |= unknown
+        hold = [p for p in partitions if self.paused or (p.topic, p.partition) in unknown]
+        if hold:
+            consumer.pause(hold)
+        self._metrics.rebalances.labels(kind="assign").inc()
+        self._metrics.assigned_partitions.set(len(self.assignment))
+        log.info("partitions_assigned", partitions=sorted(f"{t}[{p}]" for t, p in tps), stored=len(positions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drop(partitions, "revoke")
+        consumer.unassign()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drop(partitions, "lost")
+
+    def _drop(self, partitions: list[TopicPartition], kind: str) -> None:
+        tps = {(p.topic, p.partition) for p in partitions}
+        self.assignment -= tps
+        self.unpositioned -= tps
+        self._on_revoked(tps)
+        self._metrics.rebalances.labels(kind=kind).inc()
+        self._metrics.assigned_partitions.set(len(self.assignment))
+        log.info("partitions_revoked", kind=kind, partitions=sorted(f"{t}[{p}]" for t, p in tps))
+
+    def _on_error(self, error: KafkaError) -> None:
+        self.broker_error = error.str()
+        level = "error" if error.fatal() else "warning"
+        getattr(log, level)("kafka_error", code=error.name(), error=error.str())
+
+    def _on_message_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal():
+            raise BrokerUnavailable(error.str())
+        log.warning("kafka_message_error", code=error.name(), error=error.str())
+
+    @staticmethod
+    def _partitions(tps: set[TP] | Sequence[TP]) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in tps]

@@ -1,0 +1,132 @@
+"""PostgreSQL access: the connection pool and the one place driver errors become ours.
+
+Every repository goes through `translate_db_errors`, so the rest of the code only ever sees
+`TransientError` (retry later) or `PermanentError` (the data itself is at fault).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+
+from eventhandler.config import Settings
+from eventhandler.errors import (
+    DatabaseUnavailable,
+    PermanentError,
+    ProjectionFailure,
+    TransientError,
+)
+
+# SQLSTATE classes where the data of one statement is at fault: retrying cannot help.
+_PERMANENT_CLASSES = ("22", "23")
+# Errors raised by user code in PL/pgSQL (RAISE EXCEPTION) are deterministic too.
+_PERMANENT_STATES = {"P0001"}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when PostgreSQL rejected the data itself (constraint, bad value), not the situation."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate:
+        return exc.sqlstate[:2] in _PERMANENT_CLASSES or exc.sqlstate in _PERMANENT_STATES
+    return False
+
+
+def classify(exc: BaseException) -> Exception:
+    """Map a driver exception to the project's exception (call as `raise classify(e) from e`)."""
+    if isinstance(exc, TransientError | PermanentError):
+        return exc
+    if is_permanent(exc):
+        return ProjectionFailure(str(exc).strip() or type(exc).__name__)
+    if isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError):
+        return DatabaseUnavailable(_first_line(exc))
+    if isinstance(exc, pg_errors.SerializationFailure | pg_errors.DeadlockDetected):
+        return TransientError(_first_line(exc))
+    if isinstance(exc, psycopg.Error):
+        # Missing tables, permissions, a server restart: the situation, not the event, is at fault.
+        return TransientError(_first_line(exc))
+    return exc if isinstance(exc, Exception) else TransientError(repr(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def translate_db_errors() -> Iterator[None]:
+    try:
+        yield
+    except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+        raise classify(exc) from exc
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
+    return {
+        "connect_timeout": max(1, int(settings.db_connect_timeout_seconds)),
+        "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
+        "application_name": f"eventhandler/{settings.consumer_group}"[:63],
+        # TCP keepalives turn a silent network black hole into an error instead of a hang.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(settings.db_connect_timeout_seconds * 1000) + timeout_ms,
+    }
+
+
+def create_pool(
+    settings: Settings, *, min_size: int = 1, name: str = "eventhandler"
+) -> psycopg_pool.ConnectionPool:
+    """A pool that opens lazily: a worker starts (and reports not-ready) while PostgreSQL is down."""
+    pool = psycopg_pool.ConnectionPool(
+        settings.dsn,
+        min_size=min(min_size, settings.db_pool_size),
+        max_size=settings.db_pool_size,
+        kwargs=connection_kwargs(settings),
+        timeout=settings.db_connect_timeout_seconds,
+        reconnect_timeout=0,  # never give up reconnecting; the worker decides when to stop
+        name=name,
+        open=False,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+def connect(settings: Settings, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A single connection outside the pool (migrations, one-shot commands)."""
+    with translate_db_errors():
+        return psycopg.connect(settings.dsn, **(connection_kwargs(settings) | kwargs))
+
+
+@contextmanager
+def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Break the connection if the block takes longer than `seconds`.
+
+    A server that silently stops answering (a network black hole) never trips the server-side
+    statement timeout, and TCP keepalives may be answered by a middlebox; shutting the socket down
+    makes the blocked call fail with an error the worker knows how to retry.
+    """
+
+    def expire() -> None:
+        try:
+            fd = os.dup(conn.pgconn.socket)
+        except (OSError, psycopg.OperationalError):
+            return
+        with socket.socket(fileno=fd) as sock, suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

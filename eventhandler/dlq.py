@@ -1,0 +1,411 @@
+"""The dead letter queue repository: the one way into and out of the `dlq` table.
+
+The worker writes failures inside its batch transaction (so a DLQ row and the consumed position
+commit together); operator commands use the pool. Driver errors leave as `TransientError` or
+`PermanentError` (see `db.translate_db_errors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, LiteralString, Protocol
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from eventhandler.db import translate_db_errors
+from eventhandler.errors import InvalidOperation, NotFound
+from eventhandler.models import (
+    DepthRow,
+    DLQEntry,
+    DLQFilter,
+    DLQSummary,
+    FailedMessage,
+    FingerprintGroup,
+    Status,
+)
+
+# One statement per failure, sent pipelined (executemany) so a batch costs one round trip.
+# A replayed message that fails again updates the row it came from (its dlq_id header);
+# a redelivered message updates the row of its (consumer, topic, partition, offset).
+INSERT_FAILURE = """
+WITH replayed AS (
+    UPDATE dlq SET
+        status = 'pending',
+        retry_count = retry_count + 1,
+        failure_count = failure_count + 1,
+        stage = %(stage)s,
+        error_type = %(error_type)s,
+        error_message = %(error_message)s,
+        error_traceback = %(traceback)s,
+        fingerprint = %(fingerprint)s,
+        last_failed_at = now(),
+        worker_version = %(worker_version)s,
+        updated_at = now()
+    WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s
+    RETURNING dlq_id
+), inserted AS (
+    INSERT INTO dlq (
+        consumer, event_id, event_type, event_source, event_payload, message_key,
+        header_keys, header_values, source_topic, source_partition, source_offset,
+        message_timestamp, stage, error_type, error_message, error_traceback, fingerprint,
+        worker_version
+    )
+    SELECT
+        %(consumer)s, %(event_id)s, %(event_type)s, %(event_source)s, %(value)s, %(key)s,
+        %(header_keys)s::text[], %(header_values)s::bytea[], %(topic)s, %(partition)s, %(offset)s,
+        %(timestamp)s, %(stage)s, %(error_type)s, %(error_message)s, %(traceback)s,
+        %(fingerprint)s, %(worker_version)s
+    WHERE NOT EXISTS (SELECT 1 FROM replayed)
+    ON CONFLICT ON CONSTRAINT dlq_message_identity DO UPDATE SET
+        failure_count = dlq.failure_count + 1,
+        status = CASE WHEN dlq.status = 'replayed' THEN 'pending' ELSE dlq.status END,
+        stage = EXCLUDED.stage,
+        error_type = EXCLUDED.error_type,
+        error_message = EXCLUDED.error_message,
+        error_traceback = EXCLUDED.error_traceback,
+        fingerprint = EXCLUDED.fingerprint,
+        last_failed_at = now(),
+        worker_version = EXCLUDED.worker_version,
+        updated_at = now()
+    RETURNING dlq_id
+)
+SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted
+"""
+
+RESOLVE_REPLAYED = """
+UPDATE dlq SET status = 'resolved', resolved_at = now(), resolved_by = 'replay',
+       resolution_note = 'processed successfully after replay', updated_at = now()
+WHERE dlq_id = ANY(%(ids)s) AND consumer = %(consumer)s AND status IN ('pending', 'replayed')
+RETURNING dlq_id
+"""
+
+_SUMMARY_COLUMNS = """
+    dlq_id, consumer, event_id, event_type, source_topic, source_partition, source_offset, stage,
+    error_type, error_message, fingerprint, status, retry_count, failure_count, replay_count,
+    failed_at, last_failed_at, last_replayed_at, resolved_at, octet_length(event_payload) AS payload_size
+"""
+_ENTRY_COLUMNS = (
+    _SUMMARY_COLUMNS
+    + """,
+    event_source, event_payload, message_key, header_keys, header_values, message_timestamp,
+    error_traceback, replayed_to_topic, resolved_by, resolution_note, worker_version, updated_at
+"""
+)
+
+SET_STATUS = """
+UPDATE dlq SET status = %(status)s, resolved_at = now(), resolved_by = %(actor)s,
+       resolution_note = %(note)s, updated_at = now()
+WHERE dlq_id = ANY(%(ids)s) AND status = ANY(%(from_statuses)s)
+RETURNING dlq_id
+"""
+DELETE_ROWS = "DELETE FROM dlq WHERE dlq_id = ANY(%(ids)s) RETURNING dlq_id"
+PURGE = """
+DELETE FROM dlq
+WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)s::interval
+  AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
+RETURNING dlq_id
+"""
+MARK_REPLAYED = """
+UPDATE dlq SET status = 'replayed', replay_count = replay_count + 1, last_replayed_at = now(),
+       replayed_to_topic = %(topic)s, updated_at = now()
+WHERE dlq_id = ANY(%(ids)s)
+"""
+RECORD_AUDIT = """
+INSERT INTO dlq_audit (actor, action, dlq_ids, detail) VALUES (%(actor)s, %(action)s, %(ids)s, %(detail)s)
+"""
+DEPTH = "SELECT consumer, status, count(*) AS count FROM dlq GROUP BY consumer, status"
+OLDEST_PENDING = """
+SELECT consumer, extract(epoch FROM now() - min(failed_at))::float8 AS age
+FROM dlq WHERE status = 'pending' GROUP BY consumer
+"""
+FINGERPRINT_GROUPS = """
+SELECT fingerprint, min(stage) AS stage, min(error_type) AS error_type,
+       min(error_message) AS sample_message, count(*) AS count,
+       min(failed_at) AS first_seen, max(last_failed_at) AS last_seen
+FROM dlq {where}
+GROUP BY fingerprint ORDER BY count(*) DESC, fingerprint LIMIT %(limit)s
+"""
+COUNT_BY = "SELECT {column} AS key, status, count(*) AS count FROM dlq {where} GROUP BY 1, 2 ORDER BY 1, 2"
+
+
+class DLQRepository(Protocol):
+    """What the worker needs from a dead letter queue (the seam the unit tests fake)."""
+
+    def record_failures(self, conn: psycopg.Connection[Any], failures: Sequence[FailedMessage]) -> list[int]:
+        """Store failures inside the caller's transaction; returns their dlq_ids."""
+        ...
+
+    def resolve_replayed(
+        self, conn: psycopg.Connection[Any], consumer: str, dlq_ids: Sequence[int]
+    ) -> list[int]:
+        """Mark rows whose replayed message now succeeded, inside the caller's transaction."""
+        ...
+
+
+def _where(flt: DLQFilter, after_id: int | None = None) -> tuple[sql.Composable, dict[str, Any]]:
+    """The WHERE clause of a filter, from fixed fragments with bound parameters only."""
+    clauses: list[sql.Composable] = []
+    params: dict[str, Any] = {}
+
+    def add(fragment: LiteralString, **values: Any) -> None:
+        clauses.append(sql.SQL(fragment))
+        params.update(values)
+
+    if flt.ids:
+        add("dlq_id = ANY(%(f_ids)s)", f_ids=list(flt.ids))
+    if flt.consumer is not None:
+        add("consumer = %(f_consumer)s", f_consumer=flt.consumer)
+    if flt.event_type is not None:
+        add("event_type = %(f_event_type)s", f_event_type=flt.event_type)
+    if flt.stage is not None:
+        add("stage = %(f_stage)s", f_stage=flt.stage)
+    if flt.statuses:
+        add("status = ANY(%(f_statuses)s)", f_statuses=list(flt.statuses))
+    if flt.since is not None:
+        add("last_failed_at >= %(f_since)s", f_since=flt.since)
+    if flt.until is not None:
+        add("last_failed_at < %(f_until)s", f_until=flt.until)
+    if flt.error_contains:
+        escaped = flt.error_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        add("error_message ILIKE %(f_error)s", f_error=f"%{escaped}%")
+    if flt.fingerprint is not None:
+        add("fingerprint = %(f_fingerprint)s", f_fingerprint=flt.fingerprint)
+    if flt.topic is not None:
+        add("source_topic = %(f_topic)s", f_topic=flt.topic)
+    if after_id is not None:
+        add("dlq_id > %(f_after)s", f_after=after_id)
+    if not clauses:
+        return sql.SQL(""), params
+    return sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses), params
+
+
+def _entry(row: dict[str, Any]) -> DLQEntry:
+    keys = row.pop("header_keys") or []
+    values = row.pop("header_values") or []
+    row["headers"] = [(k, None if v is None else bytes(v)) for k, v in zip(keys, values, strict=True)]
+    for column in ("event_payload", "message_key"):
+        if row[column] is not None:
+            row[column] = bytes(row[column])
+    return DLQEntry.model_validate(row)
+
+
+def clean_text(text: str | None) -> str | None:
+    """Text PostgreSQL accepts: no NUL characters, no lone surrogates (they come from bad input)."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _failure_params(failure: FailedMessage) -> dict[str, Any]:
+    return {
+        "consumer": failure.consumer,
+        "event_id": clean_text(failure.event_id),
+        "event_type": clean_text(failure.event_type),
+        "event_source": clean_text(failure.event_source),
+        "value": failure.value,
+        "key": failure.key,
+        "header_keys": [clean_text(k) for k, _ in failure.headers],
+        "header_values": [v for _, v in failure.headers],
+        "topic": failure.topic,
+        "partition": failure.partition,
+        "offset": failure.offset,
+        "timestamp": failure.timestamp,
+        "stage": failure.stage,
+        "error_type": failure.error_type,
+        "error_message": clean_text(failure.error_message),
+        "traceback": clean_text(failure.traceback),
+        "fingerprint": failure.fingerprint,
+        "worker_version": failure.worker_version,
+        "replay_of": failure.replay_of,
+    }
+
+
+class PostgresDLQRepository:
+    """The `dlq` table on a psycopg pool."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool) -> None:
+        self._pool = pool
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        with translate_db_errors(), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    # -- the worker's side, inside its batch transaction ------------------------------------
+
+    def record_failures(self, conn: psycopg.Connection[Any], failures: Sequence[FailedMessage]) -> list[int]:
+        if not failures:
+            return []
+        with translate_db_errors(), conn.cursor() as cur:
+            cur.executemany(INSERT_FAILURE, [_failure_params(f) for f in failures], returning=True)
+            ids: list[int] = []
+            while True:
+                row = cur.fetchone()
+                if row is not None:
+                    ids.append(row[0])
+                if not cur.nextset():
+                    break
+            return ids
+
+    def resolve_replayed(
+        self, conn: psycopg.Connection[Any], consumer: str, dlq_ids: Sequence[int]
+    ) -> list[int]:
+        if not dlq_ids:
+            return []
+        with translate_db_errors():
+            rows = conn.execute(RESOLVE_REPLAYED, {"ids": list(dlq_ids), "consumer": consumer}).fetchall()
+            return [r[0] for r in rows]
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def list_rows(self, flt: DLQFilter, *, limit: int = 100, after_id: int | None = None) -> list[DLQSummary]:
+        """Rows matching `flt` in dlq_id order, `limit` at a time after the cursor `after_id`."""
+        where, params = _where(flt, after_id)
+        query = sql.SQL("SELECT {} FROM dlq {} ORDER BY dlq_id LIMIT %(limit)s").format(
+            sql.SQL(_SUMMARY_COLUMNS),
+            where,
+        )
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(query, params | {"limit": limit}).fetchall()
+        return [DLQSummary.model_validate(r) for r in rows]
+
+    def count(self, flt: DLQFilter) -> int:
+        where, params = _where(flt)
+        query = sql.SQL("SELECT count(*) FROM dlq {}").format(where)
+        with translate_db_errors(), self._pool.connection() as conn:
+            row = conn.execute(query, params).fetchone()
+        return int(row[0]) if row else 0
+
+    def get(self, dlq_id: int) -> DLQEntry:
+        query = sql.SQL("SELECT {} FROM dlq WHERE dlq_id = %(id)s").format(sql.SQL(_ENTRY_COLUMNS))
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(query, {"id": dlq_id}).fetchone()
+        if row is None:
+            raise NotFound(f"no DLQ row with id {dlq_id}")
+        return _entry(row)
+
+    def depth(self) -> list[DepthRow]:
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return [DepthRow.model_validate(r) for r in cur.execute(DEPTH).fetchall()]
+
+    def oldest_pending_age(self) -> dict[str, float]:
+        """Seconds since the oldest pending row of each consumer failed."""
+        with translate_db_errors(), self._pool.connection() as conn:
+            return {consumer: float(age) for consumer, age in conn.execute(OLDEST_PENDING).fetchall()}
+
+    def counts_by(self, column: str, flt: DLQFilter) -> list[tuple[str | None, str, int]]:
+        """Row counts by (`column`, status): column is one of consumer, stage, event_type."""
+        if column not in ("consumer", "stage", "event_type", "source_topic"):
+            raise InvalidOperation(f"cannot group by {column!r}")
+        where, params = _where(flt)
+        query = sql.SQL(COUNT_BY).format(column=sql.Identifier(column), where=where)
+        with translate_db_errors(), self._pool.connection() as conn:
+            return [(r[0], r[1], int(r[2])) for r in conn.execute(query, params).fetchall()]
+
+    def fingerprint_groups(self, flt: DLQFilter, *, limit: int = 10) -> list[FingerprintGroup]:
+        where, params = _where(flt)
+        query = sql.SQL(FINGERPRINT_GROUPS).format(where=where)
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(query, params | {"limit": limit}).fetchall()
+        return [FingerprintGroup.model_validate(r) for r in rows]
+
+    # -- operator changes, each with its audit row in the same transaction --------------------
+
+    def _set_status(
+        self,
+        ids: Sequence[int],
+        status: Status,
+        from_statuses: Sequence[Status],
+        actor: str,
+        note: str | None,
+    ) -> list[int]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                SET_STATUS,
+                {
+                    "ids": list(ids),
+                    "status": status,
+                    "from_statuses": list(from_statuses),
+                    "actor": actor,
+                    "note": note,
+                },
+            ).fetchall()
+            changed = sorted(r[0] for r in rows)
+            self._audit(conn, actor, status if status != "resolved" else "resolve", changed, {"note": note})
+            return changed
+
+    def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        """Mark rows resolved (the cause is fixed some other way); returns the ids changed."""
+        return self._set_status(ids, "resolved", ("pending", "replayed"), actor, note)
+
+    def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        """Give up on rows: they stay for the record but are never replayed by default."""
+        return self._set_status(ids, "discarded", ("pending", "replayed"), actor, note)
+
+    def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
+        with self._transaction() as conn:
+            deleted = sorted(r[0] for r in conn.execute(DELETE_ROWS, {"ids": list(ids)}).fetchall())
+            self._audit(conn, actor, "delete", deleted, {})
+            return deleted
+
+    def purge(self, *, older_than_seconds: float, actor: str, consumer: str | None = None) -> list[int]:
+        """Delete resolved and discarded rows last changed longer ago than the given age."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                PURGE, {"older_than": f"{older_than_seconds} seconds", "consumer": consumer}
+            ).fetchall()
+            deleted = sorted(r[0] for r in rows)
+            self._audit(conn, actor, "purge", deleted, {"older_than_seconds": older_than_seconds})
+            return deleted
+
+    def record_audit(self, actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]) -> None:
+        with self._transaction() as conn:
+            self._audit(conn, actor, action, ids, detail)
+
+    @staticmethod
+    def _audit(
+        conn: psycopg.Connection[Any], actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]
+    ) -> None:
+        conn.execute(
+            RECORD_AUDIT,
+            {"actor": actor, "action": action, "ids": list(ids), "detail": Jsonb(detail)},
+        )
+
+    # -- replay ------------------------------------------------------------------------------
+
+    @contextmanager
+    def claim(
+        self, flt: DLQFilter, *, limit: int, after_id: int | None = None
+    ) -> Iterator[tuple[psycopg.Connection[Any], list[DLQEntry]]]:
+        """Lock up to `limit` matching rows for this replayer; other replayers skip them.
+
+        The lock lasts until the block ends; call `mark_replayed` inside it for the rows whose
+        publish succeeded. Rows left unmarked stay as they were.
+        """
+        where, params = _where(flt, after_id)
+        query = sql.SQL(
+            "SELECT {} FROM dlq {} ORDER BY dlq_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+        ).format(
+            sql.SQL(_ENTRY_COLUMNS),
+            where,
+        )
+        with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(query, params | {"limit": limit}).fetchall()
+            yield conn, [_entry(r) for r in rows]
+
+    @staticmethod
+    def mark_replayed(conn: psycopg.Connection[Any], ids: Sequence[int], topic: str) -> None:
+        if ids:
+            with translate_db_errors():
+                conn.execute(MARK_REPLAYED, {"ids": list(ids), "topic": topic})

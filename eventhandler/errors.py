@@ -1,0 +1,69 @@
+"""One exception hierarchy. Every subclass says whether retrying can help.
+
+`TransientError` means "the world is temporarily broken" (a service is down, a lock timed out):
+the worker holds its position and retries. `PermanentError` means "this input will fail the same way
+every time": the message goes to the dead letter queue.
+"""
+
+from __future__ import annotations
+
+
+class EventHandlerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(EventHandlerError):
+    """A setting is missing or invalid; the program cannot start."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"invalid setting {setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+class TransientError(EventHandlerError):
+    """Retrying later may succeed: connectivity, timeouts, deadlocks, serialization failures."""
+
+
+class PermanentError(EventHandlerError):
+    """Retrying the same input fails the same way."""
+
+
+class DatabaseUnavailable(TransientError):
+    """PostgreSQL cannot be reached or did not answer in time."""
+
+
+class DeserializationError(PermanentError):
+    """The bytes of a message cannot become a valid event."""
+
+
+class UnknownEventType(PermanentError):
+    """No handler is registered for the event's type."""
+
+
+class HandlerFailure(PermanentError):
+    """A handler rejected an event (a domain rule, such as a reading for an unknown device)."""
+
+
+class ProjectionFailure(PermanentError):
+    """PostgreSQL rejected the writes of one event (a constraint, a data error)."""
+
+
+class NotFound(EventHandlerError):
+    """A DLQ row (or other record) asked for by id does not exist."""
+
+
+class InvalidOperation(EventHandlerError):
+    """An operator asked for something the current state does not allow."""
+
+
+class MigrationError(EventHandlerError):
+    """A migration failed or the applied migrations do not match the files."""
+
+
+class BrokerUnavailable(TransientError):
+    """Kafka cannot be reached or did not answer in time."""
+
+
+class PublishFailed(EventHandlerError):
+    """The broker rejected a message (a replay publish that did not get a successful delivery report)."""

@@ -1,0 +1,202 @@
+"""CloudEvents 1.0 over Kafka: bytes in, a typed `Event` out, or a `DeserializationError` saying why.
+
+Both Kafka bindings are read: structured mode (the whole envelope as JSON in the value) and binary mode
+(`ce_*` headers, the value is `data`). The payload of each event type is validated by its own pydantic
+model, looked up in the registry of payload models the handlers declare.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from eventhandler.errors import DeserializationError, UnknownEventType
+from eventhandler.models import Headers
+
+CE_HEADER_PREFIX = "ce_"
+DLQ_ID_HEADER = "eventhandler-dlq-id"
+REPLAY_COUNT_HEADER = "eventhandler-replay-count"
+_STRUCTURED_CONTENT_TYPE = "application/cloudevents"
+_MAX_ERROR_DETAILS = 3
+
+
+class Envelope(BaseModel):
+    """The CloudEvents 1.0 context attributes; `data` is validated afterwards by the type's model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Literal["1.0"]
+    id: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    time: datetime | None = None
+    subject: str | None = None
+    datacontenttype: str | None = None
+    dataschema: str | None = None
+    data: Any = None
+    data_base64: str | None = None
+
+
+_ENVELOPE = TypeAdapter(Envelope)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A valid event: its CloudEvents attributes and its payload as the type's model."""
+
+    id: str
+    source: str
+    type: str
+    data: BaseModel
+    time: datetime | None = None
+    subject: str | None = None
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """`data.value: Input should be a valid number; …` — short enough for a log line and a DLQ row."""
+    parts = []
+    for error in exc.errors()[:_MAX_ERROR_DETAILS]:
+        location = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
+        parts.append(f"{location or 'event'}: {error['msg']}")
+    more = exc.error_count() - _MAX_ERROR_DETAILS
+    if more > 0:
+        parts.append(f"and {more} more error(s)")
+    return "; ".join(parts)
+
+
+def header_value(headers: Headers | None, name: str) -> bytes | None:
+    """The last value of a header (Kafka allows repeats; the last one wins, as in most clients)."""
+    found = None
+    for key, value in headers or ():
+        if key == name:
+            found = value
+    return found
+
+
+def replay_dlq_id(headers: Headers | None) -> int | None:
+    raw = header_value(headers, DLQ_ID_HEADER)
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+class Deserializer:
+    """Turns a Kafka value and headers into an `Event`, using one payload model per event type."""
+
+    def __init__(self, payload_models: Mapping[str, type[BaseModel]]) -> None:
+        self._models = dict(payload_models)
+
+    def __call__(self, value: bytes | None, headers: Headers | None) -> Event:
+        if value is None:
+            raise DeserializationError("message value is null (a tombstone), not a CloudEvent")
+        if headers and any(k == "ce_specversion" for k, _ in headers):
+            return self._binary(value, headers)
+        return self._structured(value)
+
+    def _structured(self, value: bytes) -> Event:
+        if not value:
+            raise DeserializationError("message value is empty, not a CloudEvent")
+        try:
+            envelope = _ENVELOPE.validate_json(value)
+        except ValidationError as exc:
+            raise DeserializationError(_describe_envelope_error(exc, value)) from None
+        if envelope.data_base64 is not None:
+            try:
+                raw = base64.b64decode(envelope.data_base64, validate=True)
+            except (binascii.Error, ValueError):
+                raise DeserializationError("data_base64 is not valid base64") from None
+            return self._event(envelope, raw_data=raw)
+        return self._event(envelope, data=envelope.data)
+
+    def _binary(self, value: bytes, headers: Headers) -> Event:
+        attributes: dict[str, Any] = {}
+        for key, raw in headers:
+            lowered = key.lower()
+            if lowered == "content-type":
+                attributes["datacontenttype"] = _decode_header(key, raw)
+            elif lowered.startswith(CE_HEADER_PREFIX):
+                attributes[lowered[len(CE_HEADER_PREFIX) :]] = _decode_header(key, raw)
+        try:
+            envelope = Envelope.model_validate(attributes)
+        except ValidationError as exc:
+            raise DeserializationError(
+                "binary-mode headers: " + describe_validation_error(exc, "ce")
+            ) from None
+        content_type = (envelope.datacontenttype or "application/json").lower()
+        if "json" not in content_type:
+            raise DeserializationError(
+                f"unsupported datacontenttype {envelope.datacontenttype!r}; expected JSON"
+            )
+        if not value:
+            raise DeserializationError("binary-mode event has an empty value; data must be JSON")
+        return self._event(envelope, raw_data=value)
+
+    def _event(self, envelope: Envelope, *, data: Any = None, raw_data: bytes | None = None) -> Event:
+        model = self._models.get(envelope.type)
+        if model is None:
+            raise UnknownEventType(f"no handler for event type {envelope.type!r}")
+        try:
+            payload = (
+                model.model_validate_json(raw_data) if raw_data is not None else model.model_validate(data)
+            )
+        except ValidationError as exc:
+            raise DeserializationError(
+                f"{envelope.type} payload invalid: " + describe_validation_error(exc, "data")
+            ) from None
+        return Event(
+            id=envelope.id,
+            source=envelope.source,
+            type=envelope.type,
+            data=payload,
+            time=envelope.time,
+            subject=envelope.subject,
+        )
+
+
+def _decode_header(key: str, raw: bytes | None) -> str:
+    if raw is None:
+        raise DeserializationError(f"header {key!r} has no value")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DeserializationError(f"header {key!r} is not valid UTF-8") from None
+
+
+def _describe_envelope_error(exc: ValidationError, value: bytes) -> str:
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "message value is not valid UTF-8"
+        return f"message value is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
+    if first["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        kind = _json_kind(value)
+        return f"message value is JSON {kind}, not a CloudEvent object"
+    return "not a CloudEvent: " + describe_validation_error(exc)
+
+
+def _json_kind(value: bytes) -> str:
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        return "of an unexpected shape"
+    names = {
+        list: "array",
+        str: "string",
+        int: "number",
+        float: "number",
+        bool: "boolean",
+        type(None): "null",
+    }
+    return names.get(type(parsed), "value")

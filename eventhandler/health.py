@@ -1,0 +1,104 @@
+"""The worker's HTTP side: `/metrics`, `/healthz` (alive) and `/readyz` (can make progress), plus
+the background refresh of the DLQ depth gauges (one indexed query per interval)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.errors import EventHandlerError
+from eventhandler.logs import get_logger
+from eventhandler.metrics import Metrics
+
+log = get_logger("eventhandler.health")
+
+ReadyCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class HealthServer:
+    def __init__(self, host: str, port: int, metrics: Metrics, ready: ReadyCheck) -> None:
+        metrics_registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(metrics_registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b'{"status":"ok"}\n', "application/json")
+                elif path == "/readyz":
+                    ok, detail = ready()
+                    body = ("{" + ",".join(f'"{k}":"{v}"' for k, v in detail.items()) + "}\n").encode()
+                    self._send(200 if ok else 503, body, "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # scrapes every few seconds are not worth a log line
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class DepthRefresher:
+    """Keeps `eventhandler_dlq_depth` and the oldest pending age current from a background thread."""
+
+    def __init__(
+        self, repository: PostgresDLQRepository, metrics: Metrics, consumers: list[str], interval: float
+    ) -> None:
+        self._repository = repository
+        self._metrics = metrics
+        self._consumers = consumers
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dlq-depth", daemon=True)
+        self.last_ok: bool | None = None
+
+    def refresh(self) -> bool:
+        try:
+            rows = self._repository.depth()
+            oldest = self._repository.oldest_pending_age()
+        except EventHandlerError as exc:
+            if self.last_ok is not False:
+                log.warning("dlq_depth_refresh_failed", error=str(exc))
+            self.last_ok = False
+            return False
+        self._metrics.set_dlq_depth(self._consumers, rows, oldest)
+        self.last_ok = True
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self._interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

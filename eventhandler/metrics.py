@@ -1,0 +1,133 @@
+"""Every Prometheus metric of the project, declared in one place against an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from eventhandler import __version__
+from eventhandler.models import STAGES, STATUSES, DepthRow
+
+_BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Metrics of the worker, the replayer and the admin API. Nothing is global: tests and
+    benchmarks pass their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages_consumed = Counter(
+            "eventhandler_messages_consumed", "Kafka messages consumed.", ["topic"], registry=r
+        )
+        self.events_processed = Counter(
+            "eventhandler_events_processed",
+            "Events whose projection writes were committed.",
+            ["event_type"],
+            registry=r,
+        )
+        self.events_failed = Counter(
+            "eventhandler_events_failed",
+            "Messages that failed and went to the DLQ, by failure stage.",
+            ["stage"],
+            registry=r,
+        )
+        self.events_duplicate = Counter(
+            "eventhandler_events_duplicate", "Events skipped because their id was applied before.", registry=r
+        )
+        self.events_skipped = Counter(
+            "eventhandler_events_skipped", "Events of unknown type skipped by policy.", registry=r
+        )
+        self.dlq_depth = Gauge(
+            "eventhandler_dlq_depth", "Rows in the dead letter queue.", ["consumer", "status"], registry=r
+        )
+        self.dlq_oldest_pending_age = Gauge(
+            "eventhandler_dlq_oldest_pending_age_seconds",
+            "Age of the oldest pending DLQ row.",
+            ["consumer"],
+            registry=r,
+        )
+        self.dlq_write_errors = Counter(
+            "eventhandler_dlq_write_errors",
+            "Batches whose DLQ rows could not be written (retried).",
+            registry=r,
+        )
+        self.dlq_resolved_by_replay = Counter(
+            "eventhandler_dlq_resolved_by_replay",
+            "DLQ rows resolved because their replay succeeded.",
+            registry=r,
+        )
+        self.replay_published = Counter(
+            "eventhandler_replay_published", "DLQ rows republished to Kafka.", registry=r
+        )
+        self.replay_failed = Counter(
+            "eventhandler_replay_failed",
+            "DLQ rows whose republish was not confirmed by the broker.",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "eventhandler_batch_size_messages",
+            "Messages per consumed batch.",
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "eventhandler_batch_duration_seconds",
+            "Time to process and commit one batch.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.projection_write_duration = Histogram(
+            "eventhandler_projection_write_duration_seconds",
+            "Time of the batch's PostgreSQL transaction (projections, DLQ, positions).",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.transient_retries = Counter(
+            "eventhandler_transient_retries",
+            "Retries of a batch after a transient failure.",
+            ["reason"],
+            registry=r,
+        )
+        self.paused_partitions = Gauge(
+            "eventhandler_paused_partitions",
+            "Assigned partitions paused while a failure is retried.",
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "eventhandler_assigned_partitions", "Partitions assigned to this worker.", registry=r
+        )
+        self.rebalances = Counter(
+            "eventhandler_rebalances", "Consumer group rebalances seen, by kind.", ["kind"], registry=r
+        )
+        self.ready = Gauge("eventhandler_ready", "1 when the worker can make progress.", registry=r)
+        self.build_info = Info("eventhandler_build", "Build information.", registry=r)
+        self.build_info.info({"version": __version__})
+
+        # Children for the fixed label values, created once, outside the hot loop.
+        self.failed_by_stage = {stage: self.events_failed.labels(stage=stage) for stage in STAGES}
+        self._consumed_by_topic: dict[str, Counter] = {}
+        self._processed_by_type: dict[str, Counter] = {}
+        for stage in STAGES:
+            self.failed_by_stage[stage].inc(0)
+
+    def consumed(self, topic: str) -> Counter:
+        child = self._consumed_by_topic.get(topic)
+        if child is None:
+            child = self._consumed_by_topic[topic] = self.messages_consumed.labels(topic=topic)
+        return child
+
+    def processed(self, event_type: str) -> Counter:
+        child = self._processed_by_type.get(event_type)
+        if child is None:
+            child = self._processed_by_type[event_type] = self.events_processed.labels(event_type=event_type)
+        return child
+
+    def set_dlq_depth(self, consumers: list[str], rows: list[DepthRow], oldest: dict[str, float]) -> None:
+        """Publish a fresh depth snapshot; statuses with no rows read 0, not stale values."""
+        counts = {(row.consumer, row.status): row.count for row in rows}
+        for consumer in {*consumers, *(c for c, _ in counts)}:
+            for status in STATUSES:
+                self.dlq_depth.labels(consumer=consumer, status=status).set(counts.get((consumer, status), 0))
+            self.dlq_oldest_pending_age.labels(consumer=consumer).set(oldest.get(consumer, 0.0))

@@ -1,0 +1,149 @@
+"""The records that cross module boundaries: a failed message on its way to the DLQ, and DLQ rows."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Stage = Literal["deserialize", "handler", "projection"]
+Status = Literal["pending", "replayed", "resolved", "discarded"]
+STAGES: tuple[Stage, ...] = ("deserialize", "handler", "projection")
+STATUSES: tuple[Status, ...] = ("pending", "replayed", "resolved", "discarded")
+
+Headers = list[tuple[str, bytes | None]]
+
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+_HEX = re.compile(r"\b(0x)?[0-9a-fA-F]{12,}\b")
+_QUOTED = re.compile(r"('[^']*'|\"[^\"]*\")")
+_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(\.\d+)?([eE][-+]?\d+)?")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_error(message: str) -> str:
+    """An error message with its ids, quoted values and numbers replaced, so alike failures group."""
+    text = _UUID.sub("<uuid>", message.splitlines()[0] if message else "")
+    text = _HEX.sub("<hex>", text)
+    text = _QUOTED.sub("<str>", text)
+    text = _NUMBER.sub("<n>", text)
+    return _SPACE.sub(" ", text).strip()[:500]
+
+
+def fingerprint(stage: str, error_type: str, message: str) -> str:
+    """A short stable id of a failure group: stage, error type and the normalised message."""
+    basis = f"{stage}\x00{error_type}\x00{normalise_error(message)}"
+    return hashlib.sha256(basis.encode("utf-8", "backslashreplace")).hexdigest()[:16]
+
+
+class FailedMessage(BaseModel):
+    """A Kafka message that failed, with everything needed to store and later replay it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    consumer: str
+    topic: str
+    partition: int
+    offset: int
+    timestamp: datetime | None = None
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: Headers = Field(default_factory=list)
+    stage: Stage
+    error_type: str
+    error_message: str
+    traceback: str | None = None
+    event_id: str | None = None
+    event_type: str | None = None
+    event_source: str | None = None
+    worker_version: str
+    replay_of: int | None = None  # the dlq_id header of a replayed message
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.stage, self.error_type, self.error_message)
+
+
+class DLQSummary(BaseModel):
+    """A DLQ row without its payload and traceback: what a list shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dlq_id: int
+    consumer: str
+    event_id: str | None
+    event_type: str | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    stage: Stage
+    error_type: str
+    error_message: str
+    fingerprint: str
+    status: Status
+    retry_count: int
+    failure_count: int
+    replay_count: int
+    failed_at: datetime
+    last_failed_at: datetime
+    last_replayed_at: datetime | None
+    resolved_at: datetime | None
+    payload_size: int | None
+
+
+class DLQEntry(DLQSummary):
+    """A whole DLQ row: the original message byte for byte, the error and its audit trail."""
+
+    event_source: str | None
+    event_payload: bytes | None
+    message_key: bytes | None
+    headers: Headers
+    message_timestamp: datetime | None
+    error_traceback: str | None
+    replayed_to_topic: str | None
+    resolved_by: str | None
+    resolution_note: str | None
+    worker_version: str
+    updated_at: datetime
+
+
+class DLQFilter(BaseModel):
+    """Which DLQ rows an operation applies to. Every field narrows; an empty filter matches all."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ids: tuple[int, ...] = ()
+    consumer: str | None = None
+    event_type: str | None = None
+    stage: Stage | None = None
+    statuses: tuple[Status, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    error_contains: str | None = None
+    fingerprint: str | None = None
+    topic: str | None = None
+
+    def is_empty(self) -> bool:
+        return self == DLQFilter()
+
+
+class FingerprintGroup(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    fingerprint: str
+    stage: Stage
+    error_type: str
+    sample_message: str
+    count: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+class DepthRow(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    consumer: str
+    status: Status
+    count: int

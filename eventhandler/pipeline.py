@@ -1,0 +1,309 @@
+"""One batch, start to end: decode → (claim → handle → project → dead-letter → positions) in one
+transaction. Each step is a function you can call alone; the worker loop only strings them together.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from eventhandler import __version__
+from eventhandler.db import classify
+from eventhandler.dlq import DLQRepository
+from eventhandler.errors import PermanentError, TransientError, UnknownEventType
+from eventhandler.events import Deserializer, Event, replay_dlq_id
+from eventhandler.handlers import BatchHandler, Projection, Registry
+from eventhandler.ledger import EventKey, Ledger
+from eventhandler.models import FailedMessage, Headers, Stage
+from eventhandler.policy import Decision, decide
+
+
+@dataclass(slots=True)
+class Record:
+    """A consumed Kafka message, exactly as received."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None
+    timestamp_ms: int | None = None
+
+    @property
+    def timestamp(self) -> datetime | None:
+        if self.timestamp_ms is None or self.timestamp_ms < 0:
+            return None
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, UTC)
+
+
+@dataclass(slots=True)
+class Decoded:
+    record: Record
+    event: Event
+    replay_of: int | None
+
+    @property
+    def key(self) -> EventKey:
+        return (self.event.source, self.event.id)
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A record that failed, with the stage and the exception that failed it."""
+
+    record: Record
+    stage: Stage
+    error: BaseException
+    event: Event | None = None
+    traceback: str | None = None
+
+
+@dataclass
+class DecodedBatch:
+    records: list[Record]
+    events: list[Decoded] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    skipped: int = 0  # unknown event types under the "skip" policy
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The next offset to read for each partition in the batch."""
+        positions: dict[tuple[str, int], int] = {}
+        for record in self.records:
+            tp = (record.topic, record.partition)
+            if record.offset + 1 > positions.get(tp, -1):
+                positions[tp] = record.offset + 1
+        return positions
+
+    def without_partitions(self, partitions: set[tuple[str, int]]) -> DecodedBatch:
+        """The batch less the records of revoked partitions (their new owner will read them)."""
+
+        def keep(r: Record) -> bool:
+            return (r.topic, r.partition) not in partitions
+
+        return DecodedBatch(
+            records=[r for r in self.records if keep(r)],
+            events=[d for d in self.events if keep(d.record)],
+            rejected=[r for r in self.rejected if keep(r.record)],
+            skipped=self.skipped,
+        )
+
+
+@dataclass
+class BatchResult:
+    applied: Counter[str] = field(default_factory=Counter)  # by event type
+    duplicates: int = 0
+    skipped: int = 0
+    failed: Counter[Stage] = field(default_factory=Counter)
+    dlq_ids: list[int] = field(default_factory=list)
+    resolved: list[int] = field(default_factory=list)
+
+
+def _format_traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).strip()
+
+
+def _reject_message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        *,
+        consumer: str,
+        registry: Registry,
+        ledger: Ledger,
+        dlq: DLQRepository,
+        unknown_event_policy: str = "dead-letter",
+        worker_version: str = __version__,
+    ) -> None:
+        self.consumer = consumer
+        self.registry = registry
+        self.ledger = ledger
+        self.dlq = dlq
+        self.skip_unknown = unknown_event_policy == "skip"
+        self.worker_version = worker_version
+        self._deserialize = Deserializer(registry.payload_models)
+
+    # -- step 1: bytes → events (no I/O) --------------------------------------------------------
+
+    def decode(self, records: list[Record]) -> DecodedBatch:
+        batch = DecodedBatch(records)
+        deserialize = self._deserialize
+        for record in records:
+            try:
+                event = deserialize(record.value, record.headers)
+            except UnknownEventType as exc:
+                if self.skip_unknown:
+                    batch.skipped += 1
+                else:
+                    batch.rejected.append(Rejected(record, "handler", exc, traceback=None))
+            except Exception as exc:  # any bad input is the message's fault, never the worker's
+                batch.rejected.append(Rejected(record, "deserialize", exc, traceback=_format_traceback(exc)))
+            else:
+                replay_of = replay_dlq_id(record.headers) if record.headers else None
+                batch.events.append(Decoded(record, event, replay_of))
+        return batch
+
+    # -- step 2: everything that touches PostgreSQL, in the caller's transaction ---------------
+
+    def commit(self, conn: psycopg.Connection[Any], batch: DecodedBatch) -> BatchResult:
+        """Apply a decoded batch atomically: projections, ledger, DLQ rows and positions.
+
+        Raises `TransientError` (nothing committed; retry the same batch later).
+        """
+        result = BatchResult(skipped=batch.skipped)
+        try:
+            with conn.transaction():
+                fresh, duplicates = self._claim(conn, batch.events)
+                applied, rejected = self._apply(conn, fresh)
+                if rejected:
+                    self.ledger.release(conn, [r_key for r in rejected if (r_key := _event_key(r))])
+                rejected = batch.rejected + rejected
+                result.dlq_ids = self.dlq.record_failures(conn, [self._failed(r) for r in rejected])
+                replayed = [d.replay_of for d in (*applied, *duplicates) if d.replay_of is not None]
+                result.resolved = self.dlq.resolve_replayed(conn, self.consumer, replayed)
+                self.ledger.save_positions(conn, batch.positions())
+        except (psycopg.Error, PermanentError) as exc:
+            # The batch-level statements (ledger, DLQ, positions) never fail for one event's data;
+            # a failure here is the situation, so hold the position and retry.
+            error = classify(exc)
+            raise (error if isinstance(error, TransientError) else TransientError(str(error))) from exc
+        result.duplicates = len(duplicates)
+        result.applied.update(d.event.type for d in applied)
+        result.failed.update(r.stage for r in rejected)
+        return result
+
+    def _claim(
+        self, conn: psycopg.Connection[Any], events: list[Decoded]
+    ) -> tuple[list[Decoded], list[Decoded]]:
+        """Split events into those to apply now and duplicates of events applied before."""
+        first: dict[EventKey, Decoded] = {}
+        duplicates: list[Decoded] = []
+        for decoded in events:
+            if decoded.key in first:
+                duplicates.append(decoded)
+            else:
+                first[decoded.key] = decoded
+        new = self.ledger.claim(conn, list(first))
+        fresh: list[Decoded] = []
+        for key, decoded in first.items():
+            (fresh if key in new else duplicates).append(decoded)
+        fresh.sort(key=lambda d: (d.record.topic, d.record.partition, d.record.offset))
+        return fresh, duplicates
+
+    def _apply(
+        self, conn: psycopg.Connection[Any], events: list[Decoded]
+    ) -> tuple[list[Decoded], list[Rejected]]:
+        """Handle and project `events` in a savepoint; on a permanent write error, bisect to find
+        the events at fault (projection failures) and apply the rest."""
+        if not events:
+            return [], []
+        try:
+            with conn.transaction():
+                return self._handle_and_flush(conn, events)
+        except Exception as exc:
+            if decide(exc) is Decision.RETRY:
+                raise
+            if len(events) == 1:
+                return [], [
+                    Rejected(
+                        events[0].record, "projection", classify(exc), events[0].event, _format_traceback(exc)
+                    )
+                ]
+        middle = len(events) // 2
+        left_ok, left_bad = self._apply(conn, events[:middle])
+        right_ok, right_bad = self._apply(conn, events[middle:])
+        return left_ok + right_ok, left_bad + right_bad
+
+    def _handle_and_flush(
+        self, conn: psycopg.Connection[Any], events: list[Decoded]
+    ) -> tuple[list[Decoded], list[Rejected]]:
+        by_projection: dict[int, tuple[Projection, list[Event]]] = {}
+        for decoded in events:
+            projection = self.registry.projection_for(decoded.event.type)
+            by_projection.setdefault(id(projection), (projection, []))[1].append(decoded.event)
+        handlers: dict[int, BatchHandler] = {
+            key: projection.begin(conn, projection_events)
+            for key, (projection, projection_events) in by_projection.items()
+        }
+        applied: list[Decoded] = []
+        rejected: list[Rejected] = []
+        registry = self.registry
+        for decoded in events:
+            handler = handlers[id(registry.projection_for(decoded.event.type))]
+            try:
+                handler.handle(decoded.event)
+            except Exception as exc:
+                if decide(exc) is Decision.RETRY:
+                    raise
+                rejected.append(
+                    Rejected(decoded.record, "handler", exc, decoded.event, _format_traceback(exc))
+                )
+            else:
+                applied.append(decoded)
+        for handler in handlers.values():
+            handler.flush(conn)
+        return applied, rejected
+
+    def _failed(self, rejected: Rejected) -> FailedMessage:
+        record, event = rejected.record, rejected.event
+        error = rejected.error
+        return FailedMessage(
+            consumer=self.consumer,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp=record.timestamp,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers or []),
+            stage=rejected.stage,
+            error_type=type(error).__name__,
+            error_message=_reject_message(error),
+            traceback=rejected.traceback,
+            event_id=event.id if event else None,
+            event_type=event.type if event else _peek_type(record),
+            event_source=event.source if event else None,
+            worker_version=self.worker_version,
+            replay_of=replay_dlq_id(record.headers),
+        )
+
+
+def _event_key(rejected: Rejected) -> EventKey | None:
+    return (rejected.event.source, rejected.event.id) if rejected.event else None
+
+
+def _peek_type(record: Record) -> str | None:
+    """Best effort event type of a message that failed to deserialize, for triage filters."""
+    for key, value in record.headers or ():
+        if key == "ce_type" and value is not None:
+            return value.decode("utf-8", "replace")[:200]
+    if record.value and len(record.value) < 1_048_576:
+        import json
+
+        try:
+            parsed = json.loads(record.value)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(parsed, dict) and isinstance(parsed.get("type"), str):
+            return str(parsed["type"])[:200]
+    return None
+
+
+def decode_only(deserializer: Deserializer, records: Sequence[Record]) -> list[Event | None]:
+    """Deserialize without a database (benchmarks' raw ceiling uses the same code path)."""
+    out: list[Event | None] = []
+    for record in records:
+        try:
+            out.append(deserializer(record.value, record.headers))
+        except Exception:
+            out.append(None)
+    return out

@@ -1,0 +1,344 @@
+"""The worker loop and its composition root.
+
+while running:
+    records = consume a batch
+    batch   = decode(records)                 # bytes → events, bad input → rejected
+    commit(batch)                             # one PostgreSQL transaction, retried if transient
+    tell Kafka the new offsets                # for lag tools; PostgreSQL already has them
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import psycopg_pool
+
+from eventhandler import __version__
+from eventhandler.config import Settings
+from eventhandler.consumer import TP, KafkaSource
+from eventhandler.db import classify, create_pool, deadline, translate_db_errors
+from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.errors import TransientError
+from eventhandler.handlers import Registry, load_registry
+from eventhandler.health import DepthRefresher, HealthServer
+from eventhandler.ledger import Ledger
+from eventhandler.logs import get_logger
+from eventhandler.metrics import Metrics
+from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record
+from eventhandler.policy import Backoff
+
+log = get_logger("eventhandler.worker")
+
+
+@dataclass
+class WorkerStats:
+    """Totals since start (the `run` command prints them; tests read them)."""
+
+    batches: int = 0
+    consumed: int = 0
+    applied: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    failed_by_stage: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pool: psycopg_pool.ConnectionPool,
+        source: KafkaSource,
+        processor: BatchProcessor,
+        metrics: Metrics,
+        refresher: DepthRefresher | None = None,
+        worker_id: str,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.source = source
+        self.processor = processor
+        self.metrics = metrics
+        self.refresher = refresher
+        self.worker_id = worker_id
+        self.backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+        self.running = True
+        self.stats = WorkerStats()
+        self._pending: DecodedBatch | None = None
+        self._db_ok: bool | None = None
+        self._started = False
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self, stop_when_idle: float | None = None) -> WorkerStats:
+        self.source.start()
+        self._started = True
+        log.info("worker_started", topics=self.settings.topics, version=__version__)
+        idle_since = time.monotonic()
+        try:
+            while self.running:
+                records = self.source.consume(
+                    self.settings.batch_max_messages, self.settings.batch_max_wait_seconds
+                )
+                if records:
+                    self.process(records)
+                    idle_since = time.monotonic()
+                elif stop_when_idle is not None and time.monotonic() - idle_since >= stop_when_idle:
+                    log.info("worker_idle_stop", idle_seconds=stop_when_idle)
+                    break
+        finally:
+            self.source.close()
+            self._started = False
+            log.info("worker_stopped", **vars(self.stats))
+        return self.stats
+
+    def stop(self, *_: Any) -> None:
+        """Finish the batch in hand, commit it, then leave (signal handler and tests)."""
+        self.running = False
+
+    def process(self, records: list[Record]) -> BatchResult | None:
+        started = time.perf_counter()
+        self._pending = self.processor.decode(records)
+        result = self._commit_with_retry()
+        self._pending = None
+        if result is None:
+            return None
+        positions = DecodedBatch(records).positions()
+        self.source.commit(positions)
+        self._record(records, result, time.perf_counter() - started)
+        return result
+
+    def _commit_with_retry(self) -> BatchResult | None:
+        attempt = 0
+        outage_started = 0.0
+        while True:
+            batch = self._pending
+            if batch is None or not batch.records:
+                return None  # every partition of the batch was revoked while we waited
+            try:
+                result = self._commit(batch)
+            except TransientError as exc:
+                attempt += 1
+                outage_started = outage_started or time.monotonic()
+                self._on_transient(exc, attempt, batch)
+                self._sleep_polling(self.backoff.delay(attempt))
+                if not self.running:
+                    log.warning("batch_abandoned", reason="shutdown", records=len(batch.records))
+                    return None
+                continue
+            if self.source.paused:
+                self.source.resume_all()
+            if attempt:
+                log.info(
+                    "batch_recovered",
+                    attempts=attempt,
+                    outage_seconds=round(time.monotonic() - outage_started, 3),
+                )
+            self._set_db_ok(True)
+            return result
+
+    def _commit(self, batch: DecodedBatch) -> BatchResult:
+        timeout = self.settings.db_statement_timeout_seconds + self.settings.db_connect_timeout_seconds
+        with (
+            translate_db_errors(),
+            self.pool.connection(timeout=self.settings.db_connect_timeout_seconds) as conn,
+            deadline(conn, timeout),
+            self.metrics.projection_write_duration.time(),
+        ):
+            return self.processor.commit(conn, batch)
+
+    def _on_transient(self, exc: Exception, attempt: int, batch: DecodedBatch) -> None:
+        self._set_db_ok(False)
+        self.stats.retries += 1
+        self.metrics.transient_retries.labels(reason=type(exc).__name__).inc()
+        if batch.rejected:
+            self.metrics.dlq_write_errors.inc()
+        if not self.source.paused:
+            self.source.pause_all()
+        if attempt == 1 or attempt % 10 == 0:
+            log.warning(
+                "batch_retry",
+                attempt=attempt,
+                error=str(exc),
+                error_type=type(exc).__name__,
+                records=len(batch.records),
+            )
+
+    def _sleep_polling(self, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while self.running:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self.source.poll_while_paused(min(remaining, 0.2))
+
+    def on_revoked(self, partitions: set[TP]) -> None:
+        if self._pending is not None:
+            self._pending = self._pending.without_partitions(partitions)
+
+    def _record(self, records: list[Record], result: BatchResult, seconds: float) -> None:
+        metrics, stats = self.metrics, self.stats
+        by_topic: dict[str, int] = {}
+        for record in records:
+            by_topic[record.topic] = by_topic.get(record.topic, 0) + 1
+        for topic, count in by_topic.items():
+            metrics.consumed(topic).inc(count)
+        for event_type, count in result.applied.items():
+            metrics.processed(event_type).inc(count)
+        for stage, count in result.failed.items():
+            metrics.failed_by_stage[stage].inc(count)
+            stats.failed_by_stage[stage] = stats.failed_by_stage.get(stage, 0) + count
+        if result.duplicates:
+            metrics.events_duplicate.inc(result.duplicates)
+        if result.skipped:
+            metrics.events_skipped.inc(result.skipped)
+        if result.resolved:
+            metrics.dlq_resolved_by_replay.inc(len(result.resolved))
+        metrics.batch_size.observe(len(records))
+        metrics.batch_duration.observe(seconds)
+        applied = sum(result.applied.values())
+        failed = sum(result.failed.values())
+        stats.batches += 1
+        stats.consumed += len(records)
+        stats.applied += applied
+        stats.failed += failed
+        stats.duplicates += result.duplicates
+        log.info(
+            "batch_committed",
+            messages=len(records),
+            applied=applied,
+            failed=failed,
+            duplicates=result.duplicates,
+            skipped=result.skipped,
+            resolved=len(result.resolved),
+            duration_ms=round(seconds * 1000, 2),
+        )
+        if result.dlq_ids:
+            self._log_dead_letters(result)
+
+    def _log_dead_letters(self, result: BatchResult) -> None:
+        log.warning(
+            "events_dead_lettered",
+            count=len(result.dlq_ids),
+            dlq_ids=result.dlq_ids[:50],
+            stages=dict(result.failed),
+        )
+
+    # -- health ---------------------------------------------------------------------------------------
+
+    def _set_db_ok(self, ok: bool) -> None:
+        self._db_ok = ok
+        self.metrics.ready.set(1 if self.is_ready()[0] else 0)
+
+    def is_ready(self) -> tuple[bool, dict[str, Any]]:
+        db_ok = self._db_ok is not False and (self.refresher is None or self.refresher.last_ok is not False)
+        kafka_ok = self._started and self.source.broker_error is None
+        detail = {
+            "postgres": "ok" if db_ok else "unreachable",
+            "kafka": "ok" if kafka_ok else (self.source.broker_error or "not started"),
+            "assigned_partitions": len(self.source.assignment),
+        }
+        return db_ok and kafka_ok, detail
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class App:
+    """Everything `build` wired, so the caller can start and stop it as one."""
+
+    worker: Worker
+    pool: psycopg_pool.ConnectionPool
+    metrics: Metrics
+    health: HealthServer | None
+    refresher: DepthRefresher
+
+    def run(self, stop_when_idle: float | None = None) -> WorkerStats:
+        if self.health is not None:
+            self.health.start()
+        self.refresher.start()
+        try:
+            return self.worker.run(stop_when_idle=stop_when_idle)
+        finally:
+            self.refresher.stop()
+            if self.health is not None:
+                self.health.stop()
+            self.pool.close()
+
+
+def build(
+    settings: Settings,
+    *,
+    registry: Registry | None = None,
+    metrics: Metrics | None = None,
+    serve_http: bool = True,
+) -> App:
+    """The composition root: pool, consumer, repositories, metrics and handlers, wired once."""
+    metrics = metrics or Metrics()
+    registry = registry or load_registry(settings.handlers)
+    worker_id = settings.worker_id or default_worker_id()
+    pool = create_pool(settings, min_size=1)
+    dlq = PostgresDLQRepository(pool)
+    ledger = Ledger(settings.consumer_group)
+
+    def load_positions(partitions: Any) -> dict[TP, int]:
+        try:
+            with (
+                translate_db_errors(),
+                pool.connection(timeout=settings.db_connect_timeout_seconds) as conn,
+                deadline(conn, settings.db_connect_timeout_seconds * 2),
+            ):
+                return ledger.load_positions(conn, list(partitions))
+        except TransientError:
+            raise
+        except Exception as exc:
+            raise TransientError(str(classify(exc))) from exc
+
+    processor = BatchProcessor(
+        consumer=settings.consumer_group,
+        registry=registry,
+        ledger=ledger,
+        dlq=dlq,
+        unknown_event_policy=settings.unknown_event_policy,
+    )
+    worker_holder: list[Worker] = []
+    source = KafkaSource(
+        settings.consumer_config() | {"client.id": f"eventhandler-{worker_id}"},
+        settings.topics,
+        load_positions=load_positions,
+        metrics=metrics,
+        on_revoked=lambda tps: worker_holder[0].on_revoked(tps),
+    )
+    refresher = DepthRefresher(dlq, metrics, [settings.consumer_group], settings.dlq_refresh_seconds)
+    worker = Worker(
+        settings=settings,
+        pool=pool,
+        source=source,
+        processor=processor,
+        metrics=metrics,
+        refresher=refresher,
+        worker_id=worker_id,
+    )
+    worker_holder.append(worker)
+    health = None
+    if serve_http and settings.metrics_port:
+        health = HealthServer("0.0.0.0", settings.metrics_port, metrics, worker.is_ready)  # noqa: S104 - scraped from outside the container
+    return App(worker=worker, pool=pool, metrics=metrics, health=health, refresher=refresher)
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

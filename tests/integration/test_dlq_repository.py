@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.errors import NotFound
+from eventhandler.models import DLQFilter, FailedMessage
+from tests.support.factories import failed_message
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[psycopg_pool.ConnectionPool]:
+    with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=4, open=True) as pool:
+        yield pool
+
+
+@pytest.fixture
+def repo(pool: psycopg_pool.ConnectionPool) -> PostgresDLQRepository:
+    return PostgresDLQRepository(pool)
+
+
+def record(repo: PostgresDLQRepository, pool: psycopg_pool.ConnectionPool, *failures: FailedMessage) -> list[int]:
+    with pool.connection() as conn, conn.transaction():
+        return repo.record_failures(conn, list(failures))
+
+
+HOSTILE_PAYLOADS = {
+    "not_utf8": b"\xff\xfe\xfa invalid \xc3\x28",
+    "nul_bytes": b'{"a":"\x00"}\x00\x00end',
+    "empty": b"",
+    "one_mib": bytes(range(256)) * 4096,
+    "null_tombstone": None,
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_PAYLOADS))
+def test_hostile_payloads_round_trip_byte_for_byte(repo: PostgresDLQRepository, pool: Any, name: str) -> None:
+    payload = HOSTILE_PAYLOADS[name]
+    headers: list[tuple[str, bytes | None]] = [
+        ("ce_id", b"\xff\x00binary"), ("dup", b"1"), ("dup", b"2"), ("nullable", None), ("empty", b""),
+    ]
+    key = b"\x00\xffkey"
+    (dlq_id,) = record(repo, pool, failed_message(value=payload, key=key, headers=headers, stage="deserialize",
+                                                   event_id=None, event_type=None))
+    entry = repo.get(dlq_id)
+    assert entry.event_payload == payload
+    assert entry.message_key == key
+    assert entry.headers == headers
+    assert entry.payload_size == (None if payload is None else len(payload))
+
+
+def test_insert_a_batch_in_one_call_and_read_every_field(repo: PostgresDLQRepository, pool: Any) -> None:
+    failures = [failed_message(offset=100 + i, event_id=f"e{i}") for i in range(50)]
+    ids = record(repo, pool, *failures)
+    assert len(ids) == 50
+    assert len(set(ids)) == 50
+    entry = repo.get(ids[7])
+    assert entry.event_id == "e7"
+    assert entry.source_topic == "device-events"
+    assert entry.source_offset == 107
+    assert entry.stage == "handler"
+    assert entry.status == "pending"
+    assert entry.error_traceback is not None
+    assert entry.retry_count == 0
+    assert entry.failure_count == 1
+    assert entry.message_timestamp == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert entry.worker_version == "test"
+    assert len(entry.fingerprint) == 16
+
+
+def test_a_repeat_of_the_same_message_updates_its_row(repo: PostgresDLQRepository, pool: Any) -> None:
+    first = failed_message(offset=5, error_message="first error")
+    (dlq_id,) = record(repo, pool, first)
+    again = failed_message(offset=5, error_message="second error", stage="projection")
+    (same_id,) = record(repo, pool, again)
+    assert same_id == dlq_id
+    entry = repo.get(dlq_id)
+    assert entry.error_message == "second error"
+    assert entry.stage == "projection"
+    assert entry.failure_count == 2
+    assert entry.last_failed_at >= entry.failed_at
+    assert repo.count(DLQFilter()) == 1
+
+
+def test_a_replayed_message_failing_again_returns_its_row_to_pending(repo: PostgresDLQRepository, pool: Any) -> None:
+    (dlq_id,) = record(repo, pool, failed_message(offset=9))
+    with repo.claim(DLQFilter(ids=(dlq_id,)), limit=10) as (conn, rows):
+        assert [r.dlq_id for r in rows] == [dlq_id]
+        repo.mark_replayed(conn, [dlq_id], "device-events")
+    assert repo.get(dlq_id).status == "replayed"
+    # the replayed copy arrives at a new offset, carrying its dlq_id
+    (again,) = record(repo, pool, failed_message(offset=999, replay_of=dlq_id, error_message="still broken"))
+    assert again == dlq_id
+    entry = repo.get(dlq_id)
+    assert (entry.status, entry.retry_count, entry.error_message) == ("pending", 1, "still broken")
+    assert entry.replay_count == 1
+    assert repo.count(DLQFilter()) == 1
+
+
+def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRepository, pool: Any) -> None:
+    ids = record(repo, pool, failed_message(offset=1), failed_message(offset=2), failed_message(offset=3, consumer="other"))
+    with pool.connection() as conn, conn.transaction():
+        resolved = repo.resolve_replayed(conn, "group-a", ids)
+    assert sorted(resolved) == ids[:2]
+    assert repo.get(ids[0]).resolved_by == "replay"
+    assert repo.get(ids[2]).status == "pending"
+
+
+def test_every_filter_selects_exactly_its_rows(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+    ids = record(
+        repo, pool,
+        failed_message(offset=1, consumer="a", event_type="device.reading", stage="handler", error_message="device 'x' is not registered"),
+        failed_message(offset=2, consumer="a", event_type="device.registered", stage="projection", error_message="value too long"),
+        failed_message(offset=3, consumer="b", event_type=None, stage="deserialize", error_message="not valid JSON: 100%_sure"),
+        failed_message(offset=4, consumer="b", event_type="device.reading", stage="handler", error_message="device 'y' is not registered", topic="other"),
+    )
+    db.execute("UPDATE dlq SET last_failed_at = now() - interval '2 days' WHERE dlq_id = %s", (ids[0],))
+    repo.discard([ids[1]], actor="test")
+
+    def matching(**kw: Any) -> list[int]:
+        return [r.dlq_id for r in repo.list_rows(DLQFilter(**kw), limit=100)]
+
+    assert matching() == ids
+    assert matching(ids=(ids[1], ids[3])) == [ids[1], ids[3]]
+    assert matching(consumer="b") == ids[2:]
+    assert matching(event_type="device.reading") == [ids[0], ids[3]]
+    assert matching(stage="deserialize") == [ids[2]]
+    assert matching(statuses=("discarded",)) == [ids[1]]
+    assert matching(statuses=("pending",)) == [ids[0], ids[2], ids[3]]
+    assert matching(since=datetime.now(UTC) - timedelta(days=1)) == ids[1:]
+    assert matching(until=datetime.now(UTC) - timedelta(days=1)) == [ids[0]]
+    assert matching(error_contains="NOT REGISTERED") == [ids[0], ids[3]]
+    assert matching(error_contains="100%_") == [ids[2]]
+    assert matching(error_contains="%") == [ids[2]]
+    assert matching(topic="other") == [ids[3]]
+    same_group = repo.get(ids[0]).fingerprint
+    assert repo.get(ids[3]).fingerprint == same_group  # ids and numbers normalised away
+    assert matching(fingerprint=same_group) == [ids[0], ids[3]]
+    assert matching(consumer="a", stage="handler", statuses=("pending",)) == [ids[0]]
+
+
+def test_keyset_pagination_visits_every_row_once(repo: PostgresDLQRepository, pool: Any) -> None:
+    ids = record(repo, pool, *[failed_message(offset=1000 + i) for i in range(25)])
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page = repo.list_rows(DLQFilter(), limit=10, after_id=cursor)
+        if not page:
+            break
+        seen += [r.dlq_id for r in page]
+        cursor = page[-1].dlq_id
+    assert seen == ids
+
+
+def test_get_unknown_id_raises_not_found(repo: PostgresDLQRepository) -> None:
+    with pytest.raises(NotFound, match="12345"):
+        repo.get(12345)
+
+
+def test_resolve_discard_delete_are_audited(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+    ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 5)])
+    assert repo.resolve([ids[0]], actor="alice", note="fixed upstream") == [ids[0]]
+    assert repo.discard([ids[1]], actor="bob") == [ids[1]]
+    assert repo.delete([ids[2]], actor="carol") == [ids[2]]
+    assert repo.resolve([ids[1]], actor="alice") == []  # discarded rows are not resolved behind one's back
+    resolved = repo.get(ids[0])
+    assert (resolved.status, resolved.resolved_by, resolved.resolution_note) == ("resolved", "alice", "fixed upstream")
+    assert resolved.resolved_at is not None
+    assert repo.get(ids[1]).status == "discarded"
+    with pytest.raises(NotFound):
+        repo.get(ids[2])
+    audit = db.execute("SELECT actor, action, dlq_ids FROM dlq_audit ORDER BY audit_id").fetchall()
+    assert audit == [("alice", "resolve", [ids[0]]), ("bob", "discarded", [ids[1]]),
+                     ("carol", "delete", [ids[2]]), ("alice", "resolve", [])]
+
+
+def test_purge_never_deletes_pending_rows(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+    ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 5)])
+    repo.resolve([ids[0]], actor="t")
+    repo.discard([ids[1]], actor="t")
+    repo.resolve([ids[3]], actor="t")
+    db.execute("UPDATE dlq SET updated_at = now() - interval '10 days' WHERE dlq_id <> %s", (ids[3],))
+    assert repo.purge(older_than_seconds=86400 * 7, actor="t") == [ids[0], ids[1]]
+    remaining = [r.dlq_id for r in repo.list_rows(DLQFilter(), limit=10)]
+    assert remaining == [ids[2], ids[3]]
+
+
+def test_depth_and_oldest_pending_age(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+    ids = record(repo, pool, failed_message(offset=1), failed_message(offset=2), failed_message(offset=3, consumer="b"))
+    repo.resolve([ids[1]], actor="t")
+    db.execute("UPDATE dlq SET failed_at = now() - interval '1 hour' WHERE dlq_id = %s", (ids[0],))
+    depth = {(r.consumer, r.status): r.count for r in repo.depth()}
+    assert depth == {("group-a", "pending"): 1, ("group-a", "resolved"): 1, ("b", "pending"): 1}
+    ages = repo.oldest_pending_age()
+    assert 3590 < ages["group-a"] < 3700
+    assert ages["b"] < 60
+
+
+def test_two_replayers_never_claim_the_same_row(repo: PostgresDLQRepository, pool: Any) -> None:
+    ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 41)])
+    claimed: dict[str, list[int]] = {}
+    both_hold = threading.Barrier(2, timeout=30)
+
+    def replayer(name: str) -> None:
+        with repo.claim(DLQFilter(statuses=("pending",)), limit=25) as (conn, rows):
+            both_hold.wait()  # both claims overlap in time
+            claimed[name] = [r.dlq_id for r in rows]
+            repo.mark_replayed(conn, claimed[name], "device-events")
+
+    threads = [threading.Thread(target=replayer, args=(n,)) for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    one, two = set(claimed["one"]), set(claimed["two"])
+    assert not one & two
+    assert one | two == set(ids)
+    assert repo.count(DLQFilter(statuses=("replayed",))) == 40
+
+
+def test_fingerprint_groups_and_counts(repo: PostgresDLQRepository, pool: Any) -> None:
+    record(
+        repo, pool,
+        *[failed_message(offset=i, error_message=f"device 'd{i}' is not registered") for i in range(1, 6)],
+        failed_message(offset=50, stage="deserialize", error_type="DeserializationError", error_message="message value is empty"),
+    )
+    groups = repo.fingerprint_groups(DLQFilter(), limit=10)
+    assert [(g.stage, g.count) for g in groups] == [("handler", 5), ("deserialize", 1)]
+    by_stage = repo.counts_by("stage", DLQFilter())
+    assert sorted(by_stage) == [("deserialize", "pending", 1), ("handler", "pending", 5)]
