@@ -9,6 +9,7 @@ until their positions can be read.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ class KafkaSource:
         self.unpositioned: set[TP] = set()  # assigned, paused until PostgreSQL tells their position
         self.paused = False
         self.broker_error: str | None = None
+        self.assigned_at = 0.0  # time.monotonic() of the last assignment
+        self.session_timeout_ms = int(self._config.get("session.timeout.ms", 45000))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -164,6 +167,8 @@ class KafkaSource:
         consumer.assign(partitions)
         self.assignment |= set(tps)
         self.unpositioned |= unknown
+        self.assigned_at = time.monotonic()
+        self.broker_error = None
         hold = [p for p in partitions if self.paused or (p.topic, p.partition) in unknown]
         if hold:
             consumer.pause(hold)

@@ -33,9 +33,11 @@ _PERMANENT_STATES = {"P0001"}
 
 def is_permanent(exc: BaseException) -> bool:
     """True when PostgreSQL rejected the data itself (constraint, bad value), not the situation."""
+    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
+        return True  # includes values psycopg itself refuses to send (a NUL character in text)
     if isinstance(exc, psycopg.Error) and exc.sqlstate:
         return exc.sqlstate[:2] in _PERMANENT_CLASSES or exc.sqlstate in _PERMANENT_STATES
-    return False
+    return isinstance(exc, UnicodeEncodeError)  # text that cannot be encoded for the server
 
 
 def classify(exc: BaseException) -> Exception:

@@ -193,10 +193,9 @@ class BatchProcessor:
             else:
                 first[decoded.key] = decoded
         new = self.ledger.claim(conn, list(first))
-        fresh: list[Decoded] = []
+        fresh: list[Decoded] = []  # in consumption order, which keeps each partition's order
         for key, decoded in first.items():
             (fresh if key in new else duplicates).append(decoded)
-        fresh.sort(key=lambda d: (d.record.topic, d.record.partition, d.record.offset))
         return fresh, duplicates
 
     def _apply(

@@ -82,6 +82,8 @@ class Worker:
         self._started = True
         log.info("worker_started", topics=self.settings.topics, version=__version__)
         idle_since = time.monotonic()
+        # Before the first assignment the worker is joining its group, not idle: allow one session timeout.
+        join_grace = float(self.source.session_timeout_ms) / 1000
         try:
             while self.running:
                 records = self.source.consume(
@@ -90,7 +92,7 @@ class Worker:
                 if records:
                     self.process(records)
                     idle_since = time.monotonic()
-                elif stop_when_idle is not None and time.monotonic() - idle_since >= stop_when_idle:
+                elif stop_when_idle is not None and self._idle_for(idle_since, join_grace) >= stop_when_idle:
                     log.info("worker_idle_stop", idle_seconds=stop_when_idle)
                     break
         finally:
@@ -98,6 +100,11 @@ class Worker:
             self._started = False
             log.info("worker_stopped", **vars(self.stats))
         return self.stats
+
+    def _idle_for(self, idle_since: float, join_grace: float) -> float:
+        if not self.source.assigned_at:
+            idle_since += join_grace
+        return time.monotonic() - max(idle_since, self.source.assigned_at)
 
     def stop(self, *_: Any) -> None:
         """Finish the batch in hand, commit it, then leave (signal handler and tests)."""

@@ -1,0 +1,220 @@
+"""The worker against a real broker and PostgreSQL: every failure point lands in the DLQ, byte for byte,
+and the good events around bad ones are all applied."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from eventhandler.config import Settings
+from tests.support import kafka as k
+from tests.support.worker import run_until_idle, scalar
+
+Headers = list[tuple[str, bytes | None]]
+
+
+def _envelope(**overrides: Any) -> bytes:
+    event = k.reading("dev-1")
+    event.update(overrides)
+    return json.dumps({key: value for key, value in event.items() if value is not ...}).encode()
+
+
+def _binary_headers(**overrides: bytes | None) -> Headers:
+    headers: dict[str, bytes | None] = {
+        "ce_specversion": b"1.0", "ce_id": b"bin-1", "ce_source": b"/tests", "ce_type": b"device.reading",
+        "content-type": b"application/json",
+    }
+    headers.update(overrides)
+    return [(key, value) for key, value in headers.items() if value != b"<drop>"]
+
+
+READING_DATA = json.dumps({"device_id": "dev-1", "metric": "t", "value": 1}).encode()
+NESTED = b'{"specversion":"1.0","id":"n","source":"/s","type":"device.reading","data":' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+# (name, value, headers, expected stage, expected error fragment)
+POISON: list[tuple[str, bytes | None, Headers, str, str]] = [
+    ("not_json", b"hello world", [], "deserialize", "not valid JSON"),
+    ("not_utf8", b"\xff\xfe\xfd\x00garbage", [], "deserialize", "not valid UTF-8"),
+    ("nul_bytes", b"\x00\x00\x00\x00", [], "deserialize", "not valid JSON"),
+    ("empty_value", b"", [], "deserialize", "empty"),
+    ("tombstone", None, [], "deserialize", "tombstone"),
+    ("json_array", b"[1, 2, 3]", [], "deserialize", "JSON array"),
+    ("json_string", b'"just a string"', [], "deserialize", "JSON string"),
+    ("json_null", b"null", [], "deserialize", "JSON null"),
+    ("truncated_json", b'{"specversion": "1.0", "id": "x"', [], "deserialize", "not valid JSON"),
+    ("missing_id", _envelope(id=...), [], "deserialize", "id: Field required"),
+    ("missing_type", _envelope(type=...), [], "deserialize", "type: Field required"),
+    ("missing_specversion", _envelope(specversion=...), [], "deserialize", "specversion: Field required"),
+    ("wrong_specversion", _envelope(specversion="0.3"), [], "deserialize", "specversion"),
+    ("empty_id", _envelope(id=""), [], "deserialize", "id: String should have at least 1 character"),
+    ("bad_time", _envelope(time="yesterday"), [], "deserialize", "time"),
+    ("data_fails_model", _envelope(data={"device_id": "dev-1", "value": 3}), [], "deserialize", "data.metric: Field required"),
+    ("wrong_types", _envelope(data={"device_id": "dev-1", "metric": "t", "value": "warm"}), [], "deserialize", "data.value"),
+    ("huge_number", _envelope(data=None) .replace(b'"data": null', b'"data": {"device_id": "dev-1", "metric": "t", "value": 1e400}'), [], "deserialize", "data.value"),
+    ("device_id_too_long", _envelope(data={"device_id": "x" * 65, "metric": "t", "value": 1}), [], "deserialize", "data.device_id"),
+    ("deep_nesting", NESTED, [], "deserialize", ""),
+    ("bad_base64", _envelope(data=..., data_base64="!!!not base64"), [], "deserialize", "base64"),
+    ("binary_missing_id", READING_DATA, _binary_headers(ce_id=b"<drop>"), "deserialize", "ce.id: Field required"),
+    ("binary_header_not_utf8", READING_DATA, _binary_headers(ce_source=b"\xff\xfe"), "deserialize", "not valid UTF-8"),
+    ("binary_header_null", READING_DATA, _binary_headers(ce_type=None), "deserialize", "has no value"),
+    ("binary_xml", b"<reading/>", _binary_headers(**{"content-type": b"application/xml"}), "deserialize", "unsupported datacontenttype"),
+    ("binary_bad_data", b"{not json", _binary_headers(), "deserialize", "payload invalid"),
+    ("one_mib", b'{"junk": "' + b"a" * (1024 * 1024) + b'"}', [], "deserialize", "specversion"),
+    ("unknown_type", _envelope(type="device.exploded"), [], "handler", "no handler for event type"),
+    ("unregistered_device", json.dumps(k.reading("ghost-device")).encode(), [], "handler", "not registered"),
+    ("nul_in_name", json.dumps(k.registered("dev-nul", name="bad\u0000name")).encode(), [], "projection", ""),
+]
+
+
+@pytest.fixture
+def producer(kafka_bootstrap: str) -> k.TestProducer:
+    return k.TestProducer(kafka_bootstrap, **{"message.max.bytes": 4 * 1024 * 1024})
+
+
+def test_poison_corpus_each_gives_one_exact_dlq_row_and_good_events_are_applied(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    assert len(POISON) >= 20
+    for partition in range(4):
+        for device in range(5):
+            producer.send(topic, k.structured(k.registered(f"dev-{partition}-{device}")), partition=partition)
+    sent: dict[str, tuple[bytes | None, bytes, Headers]] = {}
+    good = 0
+    for index, (name, value, headers, _, _) in enumerate(POISON):
+        key = f"poison-{name}".encode()
+        # every poison message is surrounded by good events on the same partition
+        for device in range(5):
+            reading = k.reading(f"dev-{index % 4}-{device}", value=index)
+            producer.send(topic, k.structured(reading), key=key, partition=index % 4)
+            good += 1
+        producer.send(topic, value, key=key, headers=headers + [("poison", name.encode())], partition=index % 4)
+        sent[name] = (value, key, headers + [("poison", name.encode())])
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=2)
+
+    assert stats.failed == len(POISON)
+    rows = db.execute(
+        "SELECT event_payload, message_key, header_keys, header_values, stage, error_message FROM dlq"
+    ).fetchall()
+    assert len(rows) == len(POISON)
+    by_name = {}
+    for value, key, header_keys, header_values, stage, error in rows:
+        headers = list(zip(header_keys, [None if v is None else bytes(v) for v in header_values], strict=True))
+        name = dict(headers)["poison"].decode()  # type: ignore[union-attr]
+        assert name not in by_name, f"{name} has two DLQ rows"
+        by_name[name] = (None if value is None else bytes(value), bytes(key), headers, stage, error)
+    for name, _, _, stage, fragment in POISON:
+        value, key, headers, got_stage, error = by_name[name]
+        assert (value, key, headers) == sent[name], f"{name}: DLQ row is not the original message"
+        assert got_stage == stage, f"{name}: stage {got_stage}, error {error}"
+        assert fragment in error, f"{name}: {error!r}"
+    assert scalar(db, "SELECT sum(reading_count) FROM devices") == good
+    assert scalar(db, "SELECT count(*) FROM devices") == 20
+
+
+def test_events_from_the_cloudevents_sdk_are_read_in_both_bindings(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    from cloudevents.core.bindings import kafka as ce_kafka
+    from cloudevents.core.v1.event import CloudEvent
+
+    def sdk_event(event_type: str, data: dict[str, Any]) -> CloudEvent:
+        return CloudEvent(attributes={"type": event_type, "source": "/sdk", "id": f"sdk-{event_type}-{data.get('value', 0)}",
+                                      "datacontenttype": "application/json"}, data=data)
+
+    registered = ce_kafka.to_structured_event(sdk_event("device.registered", {"device_id": "sdk-1", "name": "SDK"}))
+    producer.send(topic, registered.value, key=b"sdk-1", headers=list(registered.headers.items()))
+    for value in range(3):
+        message = ce_kafka.to_binary_event(sdk_event("device.reading", {"device_id": "sdk-1", "metric": "t", "value": value}))
+        producer.send(topic, message.value, key=b"sdk-1", headers=list(message.headers.items()))
+    structured = ce_kafka.to_structured_event(sdk_event("device.reading", {"device_id": "sdk-1", "metric": "h", "value": 9}))
+    producer.send(topic, structured.value, key=b"sdk-1", headers=list(structured.headers.items()))
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=2)
+
+    assert stats.failed == 0, db.execute("SELECT error_message FROM dlq").fetchall()
+    assert db.execute("SELECT name, reading_count FROM devices WHERE device_id = 'sdk-1'").fetchone() == ("SDK", 4)
+    latest = dict(db.execute("SELECT metric, value FROM device_latest_readings").fetchall())
+    assert latest == {"t": 2.0, "h": 9.0}
+
+
+def test_a_reading_before_its_device_is_registered_is_a_handler_failure(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    early = k.reading("late-1", value=7)
+    producer.send_events(topic, [early, k.registered("late-1"), k.reading("late-1", value=8)])
+    producer.flush()
+
+    run_until_idle(make_settings(), idle=2)
+
+    row = db.execute("SELECT stage, error_type, error_message, event_id, event_type, error_traceback FROM dlq").fetchone()
+    assert row is not None
+    assert row[:5] == ("handler", "HandlerFailure", "device 'late-1' is not registered", early["id"], "device.reading")
+    assert "Traceback" in row[5]
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-1'") == 1
+
+
+def test_a_projection_failure_sends_only_that_event_to_the_dlq(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    events = [k.registered(f"p-{i}") for i in range(50)]
+    bad = k.registered("p-bad", name="nul \u0000 in name")
+    events.insert(25, bad)
+    events += [k.reading(f"p-{i}") for i in range(50)]
+    for event in events:
+        producer.send(topic, k.structured(event), partition=0)
+    producer.flush()
+
+    run_until_idle(make_settings(), idle=2)
+
+    assert db.execute("SELECT stage, event_id FROM dlq").fetchall() == [("projection", bad["id"])]
+    assert scalar(db, "SELECT count(*) FROM devices") == 50
+    assert scalar(db, "SELECT sum(reading_count) FROM devices") == 50
+
+
+def test_a_duplicate_event_takes_effect_once(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    reading = k.reading("dup-1")
+    producer.send_events(topic, [k.registered("dup-1"), reading, reading])
+    producer.flush()
+    first = run_until_idle(make_settings(), idle=2)
+    producer.send_events(topic, [reading])  # a later duplicate, e.g. a producer retry
+    producer.flush()
+    second = run_until_idle(make_settings(), idle=2)
+
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'dup-1'") == 1
+    assert first.duplicates + second.duplicates == 2
+    assert scalar(db, "SELECT count(*) FROM dlq") == 0
+
+
+def test_unknown_types_can_be_skipped_by_policy(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    producer.send_events(topic, [k.cloud_event("order.created", {"id": 1}), k.registered("u-1")])
+    producer.flush()
+    run_until_idle(make_settings(unknown_event_policy="skip"), idle=2)
+    assert scalar(db, "SELECT count(*) FROM dlq") == 0
+    assert scalar(db, "SELECT count(*) FROM devices") == 1
+
+
+def test_positions_are_stored_with_the_batch_and_a_restart_reads_nothing_twice(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, group: str, db: psycopg.Connection[Any]
+) -> None:
+    producer.send_events(topic, [k.registered("r-1")] + [k.reading("r-1") for _ in range(100)] + [k.reading("nobody")])
+    producer.flush()
+    run_until_idle(make_settings(), idle=2)
+    positions = dict(db.execute("SELECT partition, next_offset FROM consumer_positions WHERE consumer = %s",
+                                (group,)).fetchall())
+    assert sum(positions.values()) == 102
+    # a second worker in the same group resumes from PostgreSQL's positions: nothing is re-read
+    stats = run_until_idle(make_settings(), idle=2)
+    assert stats.consumed == 0
+    assert scalar(db, "SELECT reading_count FROM devices") == 100
+    assert scalar(db, "SELECT failure_count FROM dlq") == 1
