@@ -11,12 +11,11 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from tests.support.services import with_database
 
 from eventhandler.config import Settings
 from eventhandler.migrate import apply_migrations
 from tests.support import kafka as kafka_support
-from tests.support.services import kafka_broker, postgres_server
+from tests.support.services import kafka_broker, postgres_server, with_database
 
 # Strip the developer's settings before anything reads them; keep only the test service pointers.
 _TEST_VARS = {"EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS", "EVENTHANDLER_TEST_DATABASE_URL"}
@@ -87,7 +86,9 @@ class _database:
 
     def __exit__(self, *exc: object) -> None:
         with psycopg.connect(self.admin_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name)))
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
+            )
 
 
 @pytest.fixture

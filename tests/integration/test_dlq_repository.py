@@ -26,7 +26,9 @@ def repo(pool: psycopg_pool.ConnectionPool) -> PostgresDLQRepository:
     return PostgresDLQRepository(pool)
 
 
-def record(repo: PostgresDLQRepository, pool: psycopg_pool.ConnectionPool, *failures: FailedMessage) -> list[int]:
+def record(
+    repo: PostgresDLQRepository, pool: psycopg_pool.ConnectionPool, *failures: FailedMessage
+) -> list[int]:
     with pool.connection() as conn, conn.transaction():
         return repo.record_failures(conn, list(failures))
 
@@ -44,11 +46,20 @@ HOSTILE_PAYLOADS = {
 def test_hostile_payloads_round_trip_byte_for_byte(repo: PostgresDLQRepository, pool: Any, name: str) -> None:
     payload = HOSTILE_PAYLOADS[name]
     headers: list[tuple[str, bytes | None]] = [
-        ("ce_id", b"\xff\x00binary"), ("dup", b"1"), ("dup", b"2"), ("nullable", None), ("empty", b""),
+        ("ce_id", b"\xff\x00binary"),
+        ("dup", b"1"),
+        ("dup", b"2"),
+        ("nullable", None),
+        ("empty", b""),
     ]
     key = b"\x00\xffkey"
-    (dlq_id,) = record(repo, pool, failed_message(value=payload, key=key, headers=headers, stage="deserialize",
-                                                   event_id=None, event_type=None))
+    (dlq_id,) = record(
+        repo,
+        pool,
+        failed_message(
+            value=payload, key=key, headers=headers, stage="deserialize", event_id=None, event_type=None
+        ),
+    )
     entry = repo.get(dlq_id)
     assert entry.event_payload == payload
     assert entry.message_key == key
@@ -89,7 +100,9 @@ def test_a_repeat_of_the_same_message_updates_its_row(repo: PostgresDLQRepositor
     assert repo.count(DLQFilter()) == 1
 
 
-def test_a_replayed_message_failing_again_returns_its_row_to_pending(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_a_replayed_message_failing_again_returns_its_row_to_pending(
+    repo: PostgresDLQRepository, pool: Any
+) -> None:
     (dlq_id,) = record(repo, pool, failed_message(offset=9))
     with repo.claim(DLQFilter(ids=(dlq_id,)), limit=10) as (conn, rows):
         assert [r.dlq_id for r in rows] == [dlq_id]
@@ -105,7 +118,13 @@ def test_a_replayed_message_failing_again_returns_its_row_to_pending(repo: Postg
 
 
 def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRepository, pool: Any) -> None:
-    ids = record(repo, pool, failed_message(offset=1), failed_message(offset=2), failed_message(offset=3, consumer="other"))
+    ids = record(
+        repo,
+        pool,
+        failed_message(offset=1),
+        failed_message(offset=2),
+        failed_message(offset=3, consumer="other"),
+    )
     with pool.connection() as conn, conn.transaction():
         resolved = repo.resolve_replayed(conn, "group-a", ids)
     assert sorted(resolved) == ids[:2]
@@ -113,13 +132,41 @@ def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRe
     assert repo.get(ids[2]).status == "pending"
 
 
-def test_every_filter_selects_exactly_its_rows(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+def test_every_filter_selects_exactly_its_rows(
+    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
+) -> None:
     ids = record(
-        repo, pool,
-        failed_message(offset=1, consumer="a", event_type="device.reading", stage="handler", error_message="device 'x' is not registered"),
-        failed_message(offset=2, consumer="a", event_type="device.registered", stage="projection", error_message="value too long"),
-        failed_message(offset=3, consumer="b", event_type=None, stage="deserialize", error_message="not valid JSON: 100%_sure"),
-        failed_message(offset=4, consumer="b", event_type="device.reading", stage="handler", error_message="device 'y' is not registered", topic="other"),
+        repo,
+        pool,
+        failed_message(
+            offset=1,
+            consumer="a",
+            event_type="device.reading",
+            stage="handler",
+            error_message="device 'x' is not registered",
+        ),
+        failed_message(
+            offset=2,
+            consumer="a",
+            event_type="device.registered",
+            stage="projection",
+            error_message="value too long",
+        ),
+        failed_message(
+            offset=3,
+            consumer="b",
+            event_type=None,
+            stage="deserialize",
+            error_message="not valid JSON: 100%_sure",
+        ),
+        failed_message(
+            offset=4,
+            consumer="b",
+            event_type="device.reading",
+            stage="handler",
+            error_message="device 'y' is not registered",
+            topic="other",
+        ),
     )
     db.execute("UPDATE dlq SET last_failed_at = now() - interval '2 days' WHERE dlq_id = %s", (ids[0],))
     repo.discard([ids[1]], actor="test")
@@ -164,24 +211,36 @@ def test_get_unknown_id_raises_not_found(repo: PostgresDLQRepository) -> None:
         repo.get(12345)
 
 
-def test_resolve_discard_delete_are_audited(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+def test_resolve_discard_delete_are_audited(
+    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
+) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 5)])
     assert repo.resolve([ids[0]], actor="alice", note="fixed upstream") == [ids[0]]
     assert repo.discard([ids[1]], actor="bob") == [ids[1]]
     assert repo.delete([ids[2]], actor="carol") == [ids[2]]
     assert repo.resolve([ids[1]], actor="alice") == []  # discarded rows are not resolved behind one's back
     resolved = repo.get(ids[0])
-    assert (resolved.status, resolved.resolved_by, resolved.resolution_note) == ("resolved", "alice", "fixed upstream")
+    assert (resolved.status, resolved.resolved_by, resolved.resolution_note) == (
+        "resolved",
+        "alice",
+        "fixed upstream",
+    )
     assert resolved.resolved_at is not None
     assert repo.get(ids[1]).status == "discarded"
     with pytest.raises(NotFound):
         repo.get(ids[2])
     audit = db.execute("SELECT actor, action, dlq_ids FROM dlq_audit ORDER BY audit_id").fetchall()
-    assert audit == [("alice", "resolve", [ids[0]]), ("bob", "discarded", [ids[1]]),
-                     ("carol", "delete", [ids[2]]), ("alice", "resolve", [])]
+    assert audit == [
+        ("alice", "resolve", [ids[0]]),
+        ("bob", "discarded", [ids[1]]),
+        ("carol", "delete", [ids[2]]),
+        ("alice", "resolve", []),
+    ]
 
 
-def test_purge_never_deletes_pending_rows(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
+def test_purge_never_deletes_pending_rows(
+    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
+) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 5)])
     repo.resolve([ids[0]], actor="t")
     repo.discard([ids[1]], actor="t")
@@ -192,8 +251,12 @@ def test_purge_never_deletes_pending_rows(repo: PostgresDLQRepository, pool: Any
     assert remaining == [ids[2], ids[3]]
 
 
-def test_depth_and_oldest_pending_age(repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]) -> None:
-    ids = record(repo, pool, failed_message(offset=1), failed_message(offset=2), failed_message(offset=3, consumer="b"))
+def test_depth_and_oldest_pending_age(
+    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
+) -> None:
+    ids = record(
+        repo, pool, failed_message(offset=1), failed_message(offset=2), failed_message(offset=3, consumer="b")
+    )
     repo.resolve([ids[1]], actor="t")
     db.execute("UPDATE dlq SET failed_at = now() - interval '1 hour' WHERE dlq_id = %s", (ids[0],))
     depth = {(r.consumer, r.status): r.count for r in repo.depth()}
@@ -227,9 +290,15 @@ def test_two_replayers_never_claim_the_same_row(repo: PostgresDLQRepository, poo
 
 def test_fingerprint_groups_and_counts(repo: PostgresDLQRepository, pool: Any) -> None:
     record(
-        repo, pool,
+        repo,
+        pool,
         *[failed_message(offset=i, error_message=f"device 'd{i}' is not registered") for i in range(1, 6)],
-        failed_message(offset=50, stage="deserialize", error_type="DeserializationError", error_message="message value is empty"),
+        failed_message(
+            offset=50,
+            stage="deserialize",
+            error_type="DeserializationError",
+            error_message="message value is empty",
+        ),
     )
     groups = repo.fingerprint_groups(DLQFilter(), limit=10)
     assert [(g.stage, g.count) for g in groups] == [("handler", 5), ("deserialize", 1)]

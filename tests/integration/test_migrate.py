@@ -3,7 +3,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from typing import Any
 
 import psycopg
 import pytest
@@ -21,16 +20,29 @@ def _tables(url: str) -> set[str]:
 
 def _migrate(url: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "EVENTHANDLER_DATABASE_URL": url}
-    return subprocess.run([sys.executable, "-m", "eventhandler", "migrate"], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "eventhandler", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_migrate_twice_on_an_empty_database(empty_db_url: str) -> None:
     first = _migrate(empty_db_url)
     assert first.returncode == 0, first.stderr
     assert f"applied {len(load_migrations())} migration(s)" in first.stdout
-    assert {"dlq", "dlq_audit", "devices", "device_latest_readings", "consumer_positions",
-            "applied_events", "schema_migrations"} <= _tables(empty_db_url)
+    assert {
+        "dlq",
+        "dlq_audit",
+        "devices",
+        "device_latest_readings",
+        "consumer_positions",
+        "applied_events",
+        "schema_migrations",
+    } <= _tables(empty_db_url)
     second = _migrate(empty_db_url)
     assert second.returncode == 0, second.stderr
     assert "applied 0 migration(s)" in second.stdout
@@ -74,11 +86,15 @@ def test_two_processes_migrating_at_once_apply_each_migration_once(empty_db_url:
 
 
 def test_a_failing_migration_leaves_nothing_half_done(empty_db_url: str) -> None:
-    broken = [Migration("0001_ok", "CREATE TABLE ok_table (id int)"),
-              Migration("0002_broken", "CREATE TABLE half (id int); SELECT no_such_function()")]
-    with psycopg.connect(empty_db_url, autocommit=True) as conn:
-        with pytest.raises(MigrationError, match="0002_broken"):
-            apply_migrations(conn, broken)
+    broken = [
+        Migration("0001_ok", "CREATE TABLE ok_table (id int)"),
+        Migration("0002_broken", "CREATE TABLE half (id int); SELECT no_such_function()"),
+    ]
+    with (
+        psycopg.connect(empty_db_url, autocommit=True) as conn,
+        pytest.raises(MigrationError, match="0002_broken"),
+    ):
+        apply_migrations(conn, broken)
     tables = _tables(empty_db_url)
     assert "ok_table" in tables
     assert "half" not in tables
@@ -97,5 +113,3 @@ def test_migrate_reports_an_unreachable_database_in_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error: migrate failed:")
-
-

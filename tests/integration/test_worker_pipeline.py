@@ -25,7 +25,10 @@ def _envelope(**overrides: Any) -> bytes:
 
 def _binary_headers(**overrides: bytes | None) -> Headers:
     headers: dict[str, bytes | None] = {
-        "ce_specversion": b"1.0", "ce_id": b"bin-1", "ce_source": b"/tests", "ce_type": b"device.reading",
+        "ce_specversion": b"1.0",
+        "ce_id": b"bin-1",
+        "ce_source": b"/tests",
+        "ce_type": b"device.reading",
         "content-type": b"application/json",
     }
     headers.update(overrides)
@@ -33,7 +36,12 @@ def _binary_headers(**overrides: bytes | None) -> Headers:
 
 
 READING_DATA = json.dumps({"device_id": "dev-1", "metric": "t", "value": 1}).encode()
-NESTED = b'{"specversion":"1.0","id":"n","source":"/s","type":"device.reading","data":' + b"[" * 5000 + b"]" * 5000 + b"}"
+NESTED = (
+    b'{"specversion":"1.0","id":"n","source":"/s","type":"device.reading","data":'
+    + b"[" * 5000
+    + b"]" * 5000
+    + b"}"
+)
 
 # (name, value, headers, expected stage, expected error fragment)
 POISON: list[tuple[str, bytes | None, Headers, str, str]] = [
@@ -52,16 +60,60 @@ POISON: list[tuple[str, bytes | None, Headers, str, str]] = [
     ("wrong_specversion", _envelope(specversion="0.3"), [], "deserialize", "specversion"),
     ("empty_id", _envelope(id=""), [], "deserialize", "id: String should have at least 1 character"),
     ("bad_time", _envelope(time="yesterday"), [], "deserialize", "time"),
-    ("data_fails_model", _envelope(data={"device_id": "dev-1", "value": 3}), [], "deserialize", "data.metric: Field required"),
-    ("wrong_types", _envelope(data={"device_id": "dev-1", "metric": "t", "value": "warm"}), [], "deserialize", "data.value"),
-    ("huge_number", _envelope(data=None) .replace(b'"data": null', b'"data": {"device_id": "dev-1", "metric": "t", "value": 1e400}'), [], "deserialize", "data.value"),
-    ("device_id_too_long", _envelope(data={"device_id": "x" * 65, "metric": "t", "value": 1}), [], "deserialize", "data.device_id"),
+    (
+        "data_fails_model",
+        _envelope(data={"device_id": "dev-1", "value": 3}),
+        [],
+        "deserialize",
+        "data.metric: Field required",
+    ),
+    (
+        "wrong_types",
+        _envelope(data={"device_id": "dev-1", "metric": "t", "value": "warm"}),
+        [],
+        "deserialize",
+        "data.value",
+    ),
+    (
+        "huge_number",
+        _envelope(data=None).replace(
+            b'"data": null', b'"data": {"device_id": "dev-1", "metric": "t", "value": 1e400}'
+        ),
+        [],
+        "deserialize",
+        "data.value",
+    ),
+    (
+        "device_id_too_long",
+        _envelope(data={"device_id": "x" * 65, "metric": "t", "value": 1}),
+        [],
+        "deserialize",
+        "data.device_id",
+    ),
     ("deep_nesting", NESTED, [], "deserialize", ""),
     ("bad_base64", _envelope(data=..., data_base64="!!!not base64"), [], "deserialize", "base64"),
-    ("binary_missing_id", READING_DATA, _binary_headers(ce_id=b"<drop>"), "deserialize", "ce.id: Field required"),
-    ("binary_header_not_utf8", READING_DATA, _binary_headers(ce_source=b"\xff\xfe"), "deserialize", "not valid UTF-8"),
+    (
+        "binary_missing_id",
+        READING_DATA,
+        _binary_headers(ce_id=b"<drop>"),
+        "deserialize",
+        "ce.id: Field required",
+    ),
+    (
+        "binary_header_not_utf8",
+        READING_DATA,
+        _binary_headers(ce_source=b"\xff\xfe"),
+        "deserialize",
+        "not valid UTF-8",
+    ),
     ("binary_header_null", READING_DATA, _binary_headers(ce_type=None), "deserialize", "has no value"),
-    ("binary_xml", b"<reading/>", _binary_headers(**{"content-type": b"application/xml"}), "deserialize", "unsupported datacontenttype"),
+    (
+        "binary_xml",
+        b"<reading/>",
+        _binary_headers(**{"content-type": b"application/xml"}),
+        "deserialize",
+        "unsupported datacontenttype",
+    ),
     ("binary_bad_data", b"{not json", _binary_headers(), "deserialize", "payload invalid"),
     ("one_mib", b'{"junk": "' + b"a" * (1024 * 1024) + b'"}', [], "deserialize", "specversion"),
     ("unknown_type", _envelope(type="device.exploded"), [], "handler", "no handler for event type"),
@@ -91,8 +143,10 @@ def test_poison_corpus_each_gives_one_exact_dlq_row_and_good_events_are_applied(
             reading = k.reading(f"dev-{index % 4}-{device}", value=index)
             producer.send(topic, k.structured(reading), key=key, partition=index % 4)
             good += 1
-        producer.send(topic, value, key=key, headers=headers + [("poison", name.encode())], partition=index % 4)
-        sent[name] = (value, key, headers + [("poison", name.encode())])
+        producer.send(
+            topic, value, key=key, headers=[*headers, ("poison", name.encode())], partition=index % 4
+        )
+        sent[name] = (value, key, [*headers, ("poison", name.encode())])
     producer.flush()
 
     stats = run_until_idle(make_settings(), idle=2)
@@ -104,7 +158,9 @@ def test_poison_corpus_each_gives_one_exact_dlq_row_and_good_events_are_applied(
     assert len(rows) == len(POISON)
     by_name = {}
     for value, key, header_keys, header_values, stage, error in rows:
-        headers = list(zip(header_keys, [None if v is None else bytes(v) for v in header_values], strict=True))
+        headers = list(
+            zip(header_keys, [None if v is None else bytes(v) for v in header_values], strict=True)
+        )
         name = dict(headers)["poison"].decode()  # type: ignore[union-attr]
         assert name not in by_name, f"{name} has two DLQ rows"
         by_name[name] = (None if value is None else bytes(value), bytes(key), headers, stage, error)
@@ -124,22 +180,38 @@ def test_events_from_the_cloudevents_sdk_are_read_in_both_bindings(
     from cloudevents.core.v1.event import CloudEvent
 
     def sdk_event(event_type: str, data: dict[str, Any]) -> CloudEvent:
-        return CloudEvent(attributes={"type": event_type, "source": "/sdk", "id": f"sdk-{event_type}-{data.get('value', 0)}",
-                                      "datacontenttype": "application/json"}, data=data)
+        return CloudEvent(
+            attributes={
+                "type": event_type,
+                "source": "/sdk",
+                "id": f"sdk-{event_type}-{data.get('value', 0)}",
+                "datacontenttype": "application/json",
+            },
+            data=data,
+        )
 
-    registered = ce_kafka.to_structured_event(sdk_event("device.registered", {"device_id": "sdk-1", "name": "SDK"}))
+    registered = ce_kafka.to_structured_event(
+        sdk_event("device.registered", {"device_id": "sdk-1", "name": "SDK"})
+    )
     producer.send(topic, registered.value, key=b"sdk-1", headers=list(registered.headers.items()))
     for value in range(3):
-        message = ce_kafka.to_binary_event(sdk_event("device.reading", {"device_id": "sdk-1", "metric": "t", "value": value}))
+        message = ce_kafka.to_binary_event(
+            sdk_event("device.reading", {"device_id": "sdk-1", "metric": "t", "value": value})
+        )
         producer.send(topic, message.value, key=b"sdk-1", headers=list(message.headers.items()))
-    structured = ce_kafka.to_structured_event(sdk_event("device.reading", {"device_id": "sdk-1", "metric": "h", "value": 9}))
+    structured = ce_kafka.to_structured_event(
+        sdk_event("device.reading", {"device_id": "sdk-1", "metric": "h", "value": 9})
+    )
     producer.send(topic, structured.value, key=b"sdk-1", headers=list(structured.headers.items()))
     producer.flush()
 
     stats = run_until_idle(make_settings(), idle=2)
 
     assert stats.failed == 0, db.execute("SELECT error_message FROM dlq").fetchall()
-    assert db.execute("SELECT name, reading_count FROM devices WHERE device_id = 'sdk-1'").fetchone() == ("SDK", 4)
+    assert db.execute("SELECT name, reading_count FROM devices WHERE device_id = 'sdk-1'").fetchone() == (
+        "SDK",
+        4,
+    )
     latest = dict(db.execute("SELECT metric, value FROM device_latest_readings").fetchall())
     assert latest == {"t": 2.0, "h": 9.0}
 
@@ -153,9 +225,17 @@ def test_a_reading_before_its_device_is_registered_is_a_handler_failure(
 
     run_until_idle(make_settings(), idle=2)
 
-    row = db.execute("SELECT stage, error_type, error_message, event_id, event_type, error_traceback FROM dlq").fetchone()
+    row = db.execute(
+        "SELECT stage, error_type, error_message, event_id, event_type, error_traceback FROM dlq"
+    ).fetchone()
     assert row is not None
-    assert row[:5] == ("handler", "HandlerFailure", "device 'late-1' is not registered", early["id"], "device.reading")
+    assert row[:5] == (
+        "handler",
+        "HandlerFailure",
+        "device 'late-1' is not registered",
+        early["id"],
+        "device.reading",
+    )
     assert "Traceback" in row[5]
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-1'") == 1
 
@@ -205,13 +285,22 @@ def test_unknown_types_can_be_skipped_by_policy(
 
 
 def test_positions_are_stored_with_the_batch_and_a_restart_reads_nothing_twice(
-    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, group: str, db: psycopg.Connection[Any]
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    group: str,
+    db: psycopg.Connection[Any],
 ) -> None:
-    producer.send_events(topic, [k.registered("r-1")] + [k.reading("r-1") for _ in range(100)] + [k.reading("nobody")])
+    producer.send_events(
+        topic, [k.registered("r-1")] + [k.reading("r-1") for _ in range(100)] + [k.reading("nobody")]
+    )
     producer.flush()
     run_until_idle(make_settings(), idle=2)
-    positions = dict(db.execute("SELECT partition, next_offset FROM consumer_positions WHERE consumer = %s",
-                                (group,)).fetchall())
+    positions = dict(
+        db.execute(
+            "SELECT partition, next_offset FROM consumer_positions WHERE consumer = %s", (group,)
+        ).fetchall()
+    )
     assert sum(positions.values()) == 102
     # a second worker in the same group resumes from PostgreSQL's positions: nothing is re-read
     stats = run_until_idle(make_settings(), idle=2)

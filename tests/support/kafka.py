@@ -28,8 +28,14 @@ def create_topic(bootstrap: str, name: str, partitions: int = 4) -> None:
         future.result(timeout=30)
 
 
-def cloud_event(event_type: str, data: Any, *, event_id: str | None = None, source: str = "/tests",
-                time: datetime | None = None) -> dict[str, Any]:
+def cloud_event(
+    event_type: str,
+    data: Any,
+    *,
+    event_id: str | None = None,
+    source: str = "/tests",
+    time: datetime | None = None,
+) -> dict[str, Any]:
     return {
         "specversion": "1.0",
         "id": event_id or str(uuid.uuid4()),
@@ -45,12 +51,18 @@ def structured(event: dict[str, Any]) -> bytes:
     return json.dumps(event).encode()
 
 
-def registered(device_id: str, name: str | None = None, site: str | None = "lab", **kw: Any) -> dict[str, Any]:
-    return cloud_event("device.registered", {"device_id": device_id, "name": name or device_id.upper(), "site": site}, **kw)
+def registered(
+    device_id: str, name: str | None = None, site: str | None = "lab", **kw: Any
+) -> dict[str, Any]:
+    return cloud_event(
+        "device.registered", {"device_id": device_id, "name": name or device_id.upper(), "site": site}, **kw
+    )
 
 
 def reading(device_id: str, value: float = 21.5, metric: str = "temperature", **kw: Any) -> dict[str, Any]:
-    return cloud_event("device.reading", {"device_id": device_id, "metric": metric, "value": value, "unit": "C"}, **kw)
+    return cloud_event(
+        "device.reading", {"device_id": device_id, "metric": metric, "value": value, "unit": "C"}, **kw
+    )
 
 
 def decommissioned(device_id: str, **kw: Any) -> dict[str, Any]:
@@ -63,11 +75,19 @@ class TestProducer:
     __test__ = False  # not a test class, despite the name
 
     def __init__(self, bootstrap: str, **config: Any) -> None:
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True} | config)
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True} | config
+        )
         self._errors: list[str] = []
 
-    def send(self, topic: str, value: bytes | None, key: bytes | str | None = None,
-             headers: Sequence[tuple[str, bytes | None]] | None = None, partition: int | None = None) -> None:
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+        partition: int | None = None,
+    ) -> None:
         kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": self._delivered}
         if headers:
             kwargs["headers"] = list(headers)

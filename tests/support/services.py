@@ -114,18 +114,37 @@ def _throwaway_postgres() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(data, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(data / "log"),
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     try:
         wait_for(lambda: _postgres_answers(url), timeout=30, message="throw-away PostgreSQL to start")
         yield url
     finally:
-        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       check=False, capture_output=True)
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            check=False,
+            capture_output=True,
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -170,13 +189,23 @@ def tansu_broker(port: int | None = None) -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", f"tcp://{address}",
-         "--advertised-listener-url", f"tcp://{address}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            f"tcp://{address}",
+            "--advertised-listener-url",
+            f"tcp://{address}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: process.poll() is None and _kafka_answers(address, timeout=1), timeout=30,
-                 message=f"Tansu broker on {address} (log: {log.name})")
+        wait_for(
+            lambda: process.poll() is None and _kafka_answers(address, timeout=1),
+            timeout=30,
+            message=f"Tansu broker on {address} (log: {log.name})",
+        )
         yield address
     finally:
         process.terminate()

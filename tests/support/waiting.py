@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float = 30, interval: float = 0.1, message: str = "condition") -> T:
+def wait_for(
+    condition: Callable[[], T], *, timeout: float = 30, interval: float = 0.1, message: str = "condition"
+) -> T:
     """Call `condition` until it returns something truthy, and return that; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     last: T | None = None

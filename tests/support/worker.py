@@ -26,7 +26,9 @@ def run_until_idle(settings: Settings, idle: float = 2.0, registry: Registry | N
 
 
 class ThreadedWorker:
-    def __init__(self, settings: Settings, *, serve_http: bool = False, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, serve_http: bool = False, metrics: Metrics | None = None
+    ) -> None:
         self.app: App = build(settings, serve_http=serve_http, metrics=metrics)
         self.stats: WorkerStats | None = None
         self.error: BaseException | None = None
@@ -65,8 +67,13 @@ def threaded_worker(settings: Settings, **kwargs: Any) -> Iterator[ThreadedWorke
 def spawn_worker(env: dict[str, str], *args: str, log_path: str | None = None) -> subprocess.Popen[bytes]:
     """`python -m eventhandler run …` as a separate process (its own process group)."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "eventhandler", "run", *args], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "eventhandler", "run", *args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill9(process: subprocess.Popen[bytes]) -> None:

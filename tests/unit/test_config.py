@@ -41,7 +41,9 @@ def test_settings_are_frozen() -> None:
 
 
 def test_librdkafka_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EVENTHANDLER_KAFKA_OPTIONS", '{"security.protocol": "SASL_SSL", "socket.timeout.ms": 1000}')
+    monkeypatch.setenv(
+        "EVENTHANDLER_KAFKA_OPTIONS", '{"security.protocol": "SASL_SSL", "socket.timeout.ms": 1000}'
+    )
     monkeypatch.setenv("EVENTHANDLER_KAFKA_CONSUMER_OPTIONS", '{"fetch.max.bytes": 1048576}')
     config = load_settings().consumer_config()
     assert config["security.protocol"] == "SASL_SSL"
@@ -65,7 +67,9 @@ def test_librdkafka_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> Non
         ("EVENTHANDLER_UNKNOWN_EVENT_POLICY", "explode", "dead-letter"),
     ],
 )
-def test_a_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, reason: str) -> None:
+def test_a_bad_value_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, reason: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError) as caught:
         load_settings()
@@ -74,11 +78,22 @@ def test_a_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch, variable
 
 
 def test_the_command_stops_at_start_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"PATH": "/usr/bin:/bin", "EVENTHANDLER_METRICS_PORT": "-1",
-           "EVENTHANDLER_DATABASE_URL": "postgresql://u:hunter2@nowhere/db"}
-    result = subprocess.run([sys.executable, "-m", "eventhandler", "run"], env=env, capture_output=True,
-                            text=True, timeout=60, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "EVENTHANDLER_METRICS_PORT": "-1",
+        "EVENTHANDLER_DATABASE_URL": "postgresql://u:hunter2@nowhere/db",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "eventhandler", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["error: invalid setting EVENTHANDLER_METRICS_PORT: Input should be greater than or equal to 0"]
+    assert lines == [
+        "error: invalid setting EVENTHANDLER_METRICS_PORT: Input should be greater than or equal to 0"
+    ]
     assert "hunter2" not in result.stderr + result.stdout

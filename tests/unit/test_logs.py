@@ -44,7 +44,9 @@ def test_secrets_never_reach_a_log_line(monkeypatch: object) -> None:
     log = get_logger("t")
     log.info("settings_loaded", settings=settings.model_dump())
     log.info("connecting", url=settings.dsn)
-    log.info("token_check", admin_token="admin-token-abcdefghijkl", authorization="Bearer admin-token-abcdefghijkl")
+    log.info(
+        "token_check", admin_token="admin-token-abcdefghijkl", authorization="Bearer admin-token-abcdefghijkl"
+    )
     log.warning("db_error", error="connection to postgresql://app:db-password-123@db:5432/app failed")
     log.info("libpq", conninfo="host=db password=db-password-123 dbname=app")
     output = stream.getvalue()
