@@ -242,7 +242,6 @@ class Worker:
 
     def _set_db_ok(self, ok: bool) -> None:
         self._db_ok = ok
-        self.metrics.ready.set(1 if self.is_ready()[0] else 0)
 
     def is_ready(self) -> tuple[bool, dict[str, Any]]:
         db_ok = self._db_ok is not False and (self.refresher is None or self.refresher.last_ok is not False)
@@ -336,6 +335,7 @@ def build(
         worker_id=worker_id,
     )
     worker_holder.append(worker)
+    metrics.ready.set_function(lambda: 1.0 if worker.is_ready()[0] else 0.0)
     health = None
     if serve_http and settings.metrics_port:
         health = HealthServer("0.0.0.0", settings.metrics_port, metrics, worker.is_ready)  # noqa: S104 - scraped from outside the container
