@@ -9,6 +9,7 @@ until their positions can be read.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ TP = tuple[str, int]
 PositionLoader = Callable[[Sequence[TP]], dict[TP, int]]
 
 log = get_logger("eventhandler.consumer")
+_ERROR_LOG_INTERVAL = 30.0
 
 
 class KafkaSource:
@@ -48,11 +50,12 @@ class KafkaSource:
         self.broker_error: str | None = None
         self.assigned_at = 0.0  # time.monotonic() of the last assignment
         self.session_timeout_ms = int(self._config.get("session.timeout.ms", 45000))
+        self._error_logged: dict[int, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        config = self._config | {"error_cb": self._on_error}
+        config = self._config | {"error_cb": self._on_error, "logger": logging.getLogger("librdkafka")}
         self._consumer = Consumer(config)
         self._consumer.subscribe(
             self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -194,8 +197,12 @@ class KafkaSource:
 
     def _on_error(self, error: KafkaError) -> None:
         self.broker_error = error.str()
-        level = "error" if error.fatal() else "warning"
-        getattr(log, level)("kafka_error", code=error.name(), error=error.str())
+        # librdkafka repeats a connection error every few milliseconds; one line per code per interval.
+        now = time.monotonic()
+        if error.fatal() or now - self._error_logged.get(error.code(), -1e9) >= _ERROR_LOG_INTERVAL:
+            self._error_logged[error.code()] = now
+            level = "error" if error.fatal() else "warning"
+            getattr(log, level)("kafka_error", code=error.name(), error=error.str())
 
     def _on_message_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:

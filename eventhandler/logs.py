@@ -61,14 +61,14 @@ def configure_logging(
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info if fmt == "json" else _passthrough,
         redact_secrets,
-        renderer,
     ]
+    processors = [*shared, renderer]
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=processors,
@@ -79,8 +79,14 @@ def configure_logging(
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**context)
+    # Library logs (psycopg_pool, librdkafka, uvicorn) get the same format and redaction.
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

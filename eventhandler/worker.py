@@ -82,8 +82,9 @@ class Worker:
         self._started = True
         log.info("worker_started", topics=self.settings.topics, version=__version__)
         idle_since = time.monotonic()
-        # Before the first assignment the worker is joining its group, not idle: allow one session timeout.
-        join_grace = float(self.source.session_timeout_ms) / 1000
+        # Before the first assignment the worker is joining its group, not idle. A member that died
+        # without leaving holds the group for a session timeout, and then the group rebalances.
+        join_grace = 2.5 * self.source.session_timeout_ms / 1000
         try:
             while self.running:
                 records = self.source.consume(

@@ -117,3 +117,77 @@ class TestProducer:
         remaining = self._producer.flush(timeout)
         if remaining or self._errors:
             raise AssertionError(f"produce failed: {remaining} undelivered, errors: {self._errors[:5]}")
+
+
+class Stream:
+    """A steady stream of readings for registered devices, with a poison message every `poison_every`.
+
+    Runs in a thread; `expected_readings` and `expected_poison` say what the projections and the DLQ
+    must show once everything is processed.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        devices: int = 20,
+        total: int = 20_000,
+        rate: float = 2_000,
+        poison_every: int = 500,
+    ) -> None:
+        import threading
+
+        self.topic = topic
+        self.devices = [f"stream-{i}" for i in range(devices)]
+        self.total = total
+        self.rate = rate
+        self.poison_every = poison_every
+        self.expected_readings = 0
+        self.expected_poison = 0
+        self.sent = 0
+        self._producer = TestProducer(bootstrap)
+        self._thread = threading.Thread(target=self._run, name="stream", daemon=True)
+        self.error: BaseException | None = None
+
+    def register_devices(self) -> None:
+        self._producer.send_events(self.topic, [registered(d) for d in self.devices])
+        self._producer.flush()
+
+    def start(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import time
+
+        try:
+            started = time.monotonic()
+            for n in range(1, self.total + 1):
+                if n % self.poison_every == 0:
+                    if (n // self.poison_every) % 2:
+                        self._producer.send(self.topic, b"{not json " + str(n).encode(), key=b"poison")
+                    else:
+                        self._producer.send(self.topic, structured(reading(f"ghost-{n}")), key=b"poison")
+                    self.expected_poison += 1
+                else:
+                    device = self.devices[n % len(self.devices)]
+                    self._producer.send(self.topic, structured(reading(device, value=n)), key=device)
+                    self.expected_readings += 1
+                self.sent = n
+                ahead = n / self.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the stream, not waiting for a condition
+            self._producer.flush()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stream did not finish"
+        if self.error:
+            raise self.error
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()

@@ -66,14 +66,13 @@ def threaded_worker(settings: Settings, **kwargs: Any) -> Iterator[ThreadedWorke
 
 def spawn_worker(env: dict[str, str], *args: str, log_path: str | None = None) -> subprocess.Popen[bytes]:
     """`python -m eventhandler run …` as a separate process (its own process group)."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "eventhandler", "run", *args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "eventhandler", "run", *args]
+    if log_path is None:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill9(process: subprocess.Popen[bytes]) -> None:

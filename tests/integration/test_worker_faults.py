@@ -1,0 +1,183 @@
+"""The guarantees under faults, against the real broker and PostgreSQL: kill -9 at random moments,
+PostgreSQL cut mid-stream (refused and black-holed), a worker of two dying, SIGTERM."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from eventhandler.config import Settings
+from tests.conftest import settings_env
+from tests.support import kafka as k
+from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
+from tests.support.worker import kill9, run_until_idle, scalar, spawn_worker, threaded_worker
+
+pytestmark = pytest.mark.slow
+
+
+def assert_exact(db: psycopg.Connection[Any], stream: k.Stream) -> None:
+    """Every reading counted once, every poison message in the DLQ once."""
+    assert scalar(db, "SELECT sum(reading_count) FROM devices") == stream.expected_readings
+    assert scalar(db, "SELECT count(*) FROM dlq") == stream.expected_poison
+    assert scalar(db, "SELECT count(*) FROM dlq WHERE failure_count <> 1") == 0
+    assert scalar(db, "SELECT count(*) FROM applied_events") == stream.expected_readings + len(stream.devices)
+
+
+def processed(db: psycopg.Connection[Any]) -> int:
+    return int(scalar(db, "SELECT coalesce(sum(next_offset), 0) FROM consumer_positions"))
+
+
+@pytest.fixture
+def spawned() -> Iterator[Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]]:
+    """Track worker processes so none outlives its test, whatever the outcome."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def track(process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        processes.append(process)
+        return process
+
+    yield track
+    for process in processes:
+        if process.poll() is None:
+            kill9(process)
+
+
+def test_kill_9_at_random_moments_loses_nothing_and_counts_nothing_twice(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    tmp_path: Any,
+    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
+    # A restarted worker rejoins after the dead member's session times out (~12 s with Tansu), so the
+    # stream runs long enough for several kills while it is flowing.
+    stream = k.Stream(kafka_bootstrap, topic, total=20_000, rate=450, poison_every=400)
+    stream.register_devices()
+    stream.start()
+    env = settings_env(make_settings(batch_max_messages=500))
+    rng = random.Random(20261122)
+    kills = 0
+    log = str(tmp_path / "worker.log")
+    while not stream.done:
+        worker = spawned(spawn_worker(env, log_path=log))
+        before = processed(db)
+        # kill once the worker is making progress, at a random moment after that
+        wait_for(lambda: processed(db) > before or stream.done, timeout=90, message="worker progress")
+        time.sleep(rng.uniform(0.05, 2.0))  # the random moment of the kill
+        kill9(worker)
+        kills += 1
+    stream.join()
+    final = spawned(spawn_worker(env, "--stop-when-idle", "3", log_path=log))
+    assert final.wait(timeout=120) == 0
+    assert kills >= 3
+    assert_exact(db, stream)
+    print(f"kill -9 loop: {kills} kills, {stream.sent} events, {stream.expected_poison} poison, counts exact")
+
+
+@pytest.fixture
+def pg_proxy(db_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """This test's database reached through a proxy the test can cut."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(db_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+    try:
+        yield proxy, urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("cut", ["refuse", "blackhole"])
+def test_postgres_outage_mid_stream_is_retried_not_dead_lettered(
+    cut: str,
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    pg_proxy: tuple[TcpProxy, str],
+) -> None:
+    proxy, proxied_url = pg_proxy
+    stream = k.Stream(kafka_bootstrap, topic, total=12_000, rate=400, poison_every=1_000)
+    stream.register_devices()
+    settings = make_settings(database_url=proxied_url, batch_max_messages=200)
+    with threaded_worker(settings) as worker:
+        stream.start()
+        wait_for(lambda: processed(db) > 2_000, timeout=60, message="progress before the outage")
+        getattr(proxy, cut)()
+        cut_at = time.monotonic()
+        position_at_cut = processed(db)
+        time.sleep(15)  # the outage itself: PostgreSQL stays unreachable this long
+        stalled = processed(db) - position_at_cut
+        retries_during = worker.app.worker.stats.retries
+        proxy.forward()
+        restored_at = time.monotonic()
+        wait_for(
+            lambda: processed(db) > position_at_cut + 200, timeout=60, message="recovery after the outage"
+        )
+        recovery = time.monotonic() - restored_at
+        stream.join()
+        wait_for(lambda: processed(db) >= stream.sent + len(stream.devices), timeout=90, message="catch up")
+        stats = worker.stop()
+    assert stalled <= 200, "the position moved while PostgreSQL was unreachable"
+    assert retries_during >= 3
+    assert stats.failed == stream.expected_poison
+    assert_exact(db, stream)
+    print(
+        f"outage ({cut}): {time.monotonic() - cut_at:.0f}s run, recovered {recovery:.1f}s after restore, "
+        f"{retries_during} retries, counts exact"
+    )
+
+
+def test_two_workers_one_killed_mid_stream_lose_nothing(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    tmp_path: Any,
+    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
+    stream = k.Stream(kafka_bootstrap, topic, total=20_000, rate=1_500, poison_every=500)
+    stream.register_devices()
+    env = settings_env(make_settings(batch_max_messages=300))
+    log = str(tmp_path / "workers.log")
+    first = spawned(spawn_worker(env, log_path=log))
+    second = spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=log))
+    stream.start()
+    wait_for(lambda: processed(db) > 5_000, timeout=90, message="both workers progressing")
+    kill9(first)
+    stream.join()
+    assert second.wait(timeout=180) == 0
+    assert_exact(db, stream)
+
+
+def test_sigterm_finishes_the_batch_commits_and_exits_zero(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    tmp_path: Any,
+    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
+    stream = k.Stream(kafka_bootstrap, topic, total=6_000, rate=1_000, poison_every=300)
+    stream.register_devices()
+    settings = make_settings(batch_max_messages=200)
+    worker = spawned(spawn_worker(settings_env(settings), log_path=str(tmp_path / "w.log")))
+    stream.start()
+    wait_for(lambda: processed(db) > 1_000, timeout=60, message="progress")
+    worker.send_signal(signal.SIGTERM)
+    asked = time.monotonic()
+    assert worker.wait(timeout=30) == 0
+    assert time.monotonic() - asked < 15
+    stream.join()
+    run_until_idle(settings, idle=3)
+    assert_exact(db, stream)
