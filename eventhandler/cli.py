@@ -99,6 +99,32 @@ def run(
         fail(str(exc))
 
 
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8080,
+) -> None:
+    """Serve the admin REST API (bearer tokens from EVENTHANDLER_ADMIN_TOKEN / _ADMIN_READ_TOKEN)."""
+    from eventhandler.api import serve
+
+    settings = settings_or_exit()
+    if settings.admin_token is None and settings.admin_read_token is None:
+        fail(
+            "set EVENTHANDLER_ADMIN_TOKEN (and optionally EVENTHANDLER_ADMIN_READ_TOKEN) to serve the API", 2
+        )
+    serve(settings, host, port)
+
+
+def _register_dlq_commands() -> None:
+    from eventhandler.dlqcli import dlq_app, replay
+
+    app.command(help="Republish DLQ rows to their original topic (or --to-topic), byte for byte.")(replay)
+    app.add_typer(dlq_app, name="dlq")
+
+
+_register_dlq_commands()
+
+
 def main() -> None:
     try:
         app()

@@ -373,6 +373,18 @@ class PostgresDLQRepository:
         with self._transaction() as conn:
             self._audit(conn, actor, action, ids, detail)
 
+    def audit_in(
+        self,
+        conn: psycopg.Connection[Any],
+        actor: str,
+        action: str,
+        ids: Sequence[int],
+        detail: dict[str, Any],
+    ) -> None:
+        """Record an audit row inside the caller's transaction (a replay chunk)."""
+        with translate_db_errors():
+            self._audit(conn, actor, action, ids, detail)
+
     @staticmethod
     def _audit(
         conn: psycopg.Connection[Any], actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]

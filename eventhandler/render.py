@@ -1,0 +1,162 @@
+"""How DLQ rows and reports look to a person (rich tables) and to a program (JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from eventhandler.models import DLQEntry, DLQSummary
+from eventhandler.service import Stats
+
+
+def payload_text(payload: bytes | None) -> tuple[str, str]:
+    """(kind, text): the payload as pretty JSON when it is JSON, else as escaped bytes."""
+    if payload is None:
+        return "null", "(null value: a tombstone)"
+    try:
+        return "json", json.dumps(json.loads(payload.decode("utf-8")), indent=2, ensure_ascii=False)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes", repr(payload)[2:-1]
+    return "text", text.encode("unicode_escape").decode("ascii") if "\x00" in text else text
+
+
+def _age(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = (datetime.now(UTC) - moment).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{max(seconds, 0):.0f}s ago"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def rows_table(rows: Sequence[DLQSummary]) -> Table:
+    table = Table(show_lines=False, header_style="bold")
+    for column in (
+        "id",
+        "status",
+        "stage",
+        "event type",
+        "topic[part]@offset",
+        "retries",
+        "last failed",
+        "error",
+    ):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row.dlq_id),
+            row.status,
+            row.stage,
+            row.event_type or "-",
+            f"{row.source_topic}[{row.source_partition}]@{row.source_offset}",
+            str(row.retry_count),
+            _age(row.last_failed_at),
+            _short(row.error_message),
+        )
+    return table
+
+
+def print_entry(console: Console, entry: DLQEntry) -> None:
+    fields: list[tuple[str, Any]] = [
+        ("dlq_id", entry.dlq_id),
+        ("status", entry.status),
+        ("consumer", entry.consumer),
+        ("stage", entry.stage),
+        ("event id", entry.event_id),
+        ("event type", entry.event_type),
+        ("event source", entry.event_source),
+        ("origin", f"{entry.source_topic}[{entry.source_partition}]@{entry.source_offset}"),
+        ("message time", entry.message_timestamp),
+        ("key", repr(entry.message_key)),
+        ("first failed", entry.failed_at),
+        ("last failed", entry.last_failed_at),
+        ("failures", entry.failure_count),
+        ("retries", entry.retry_count),
+        ("replays", entry.replay_count),
+        ("last replayed", entry.last_replayed_at),
+        ("replayed to", entry.replayed_to_topic),
+        ("resolved", f"{entry.resolved_at} by {entry.resolved_by}" if entry.resolved_at else None),
+        ("note", entry.resolution_note),
+        ("fingerprint", entry.fingerprint),
+        ("worker version", entry.worker_version),
+    ]
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in fields:
+        if value is not None:
+            table.add_row(name, str(value))
+    console.print(table)
+    console.print("[bold]headers[/bold]")
+    for key, value in entry.headers:
+        console.print(f"  {key}: {value!r}", markup=False, highlight=False)
+    console.print(f"[bold]error[/bold] {entry.error_type}: ", end="")
+    console.print(entry.error_message, markup=False, highlight=False)
+    if entry.error_traceback:
+        console.print("[bold]traceback[/bold]")
+        console.print(entry.error_traceback, markup=False, highlight=False)
+    kind, text = payload_text(entry.event_payload)
+    console.print(f"[bold]payload[/bold] ({kind}, {entry.payload_size or 0} bytes)")
+    console.print(
+        text if len(text) < 20_000 else text[:20_000] + "\n… (truncated)", markup=False, highlight=False
+    )
+
+
+def entry_json(entry: DLQEntry) -> dict[str, Any]:
+    data = entry.model_dump(mode="json", exclude={"event_payload", "message_key", "headers"})
+    kind, text = payload_text(entry.event_payload)
+    data["payload"] = {"kind": kind, "text": text}
+    data["message_key"] = None if entry.message_key is None else repr(entry.message_key)[2:-1]
+    data["headers"] = [[k, None if v is None else repr(v)[2:-1]] for k, v in entry.headers]
+    return data
+
+
+def print_stats(console: Console, stats: Stats) -> None:
+    console.print(
+        f"[bold]{stats.total}[/bold] rows: "
+        + ", ".join(f"{s} {n}" for s, n in sorted(stats.by_status.items()))
+    )
+    for title, items in (
+        ("consumer", stats.by_consumer),
+        ("stage", stats.by_stage),
+        ("event type", stats.by_event_type),
+    ):
+        table = Table(title=f"by {title}", title_justify="left", header_style="bold")
+        table.add_column(title)
+        table.add_column("status")
+        table.add_column("rows", justify="right")
+        for key, status, count in items:
+            table.add_row(key or "-", status, str(count))
+        console.print(table)
+    for consumer, age in sorted(stats.oldest_pending_age_seconds.items()):
+        console.print(f"oldest pending for {consumer}: {age:.0f}s")
+    table = Table(title="top error groups", title_justify="left", header_style="bold")
+    for column in ("fingerprint", "rows", "stage", "error", "first seen", "last seen"):
+        table.add_column(column, overflow="fold")
+    for group in stats.top_groups:
+        table.add_row(
+            group.fingerprint,
+            str(group.count),
+            group.stage,
+            _short(f"{group.error_type}: {group.sample_message}", 70),
+            _age(group.first_seen),
+            _age(group.last_seen),
+        )
+    console.print(table)

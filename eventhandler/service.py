@@ -1,0 +1,186 @@
+"""The DLQ operations that operators run, shared by the command line and the admin API.
+
+One place for the rules: which rows an operation may touch, the audit record of every change, and the
+log line that goes with it. The CLI and the API only parse input and render output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg_pool
+
+from eventhandler.config import Settings
+from eventhandler.db import create_pool
+from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.errors import InvalidOperation, NotFound
+from eventhandler.logs import get_logger
+from eventhandler.metrics import Metrics
+from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, FingerprintGroup
+from eventhandler.replay import Replayer, ReplayReport
+
+log = get_logger("eventhandler.audit")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `15m`, `2h`, `7d`, `1w` → seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30m, 2h or 7d")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC if no offset is given) or an age such as `2h` (meaning 2 hours ago)."""
+    try:
+        return (now or datetime.now(UTC)) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age like 2h") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Stats:
+    total: int
+    by_status: dict[str, int]
+    by_consumer: list[tuple[str | None, str, int]]
+    by_stage: list[tuple[str | None, str, int]]
+    by_event_type: list[tuple[str | None, str, int]]
+    oldest_pending_age_seconds: dict[str, float]
+    top_groups: list[FingerprintGroup]
+
+    def as_dict(self) -> dict[str, Any]:
+        def rows(items: list[tuple[str | None, str, int]], name: str) -> list[dict[str, Any]]:
+            return [{name: key, "status": status, "count": count} for key, status, count in items]
+
+        return {
+            "total": self.total,
+            "by_status": self.by_status,
+            "by_consumer": rows(self.by_consumer, "consumer"),
+            "by_stage": rows(self.by_stage, "stage"),
+            "by_event_type": rows(self.by_event_type, "event_type"),
+            "oldest_pending_age_seconds": self.oldest_pending_age_seconds,
+            "top_groups": [g.model_dump(mode="json") for g in self.top_groups],
+        }
+
+
+class DLQService:
+    def __init__(
+        self,
+        repository: PostgresDLQRepository,
+        replayer: Replayer,
+        *,
+        default_consumer: str | None = None,
+    ) -> None:
+        self.repository = repository
+        self.replayer = replayer
+        self.default_consumer = default_consumer
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def list_rows(self, flt: DLQFilter, *, limit: int = 50, after_id: int | None = None) -> list[DLQSummary]:
+        return self.repository.list_rows(flt, limit=limit, after_id=after_id)
+
+    def count(self, flt: DLQFilter) -> int:
+        return self.repository.count(flt)
+
+    def get(self, dlq_id: int) -> DLQEntry:
+        return self.repository.get(dlq_id)
+
+    def stats(self, flt: DLQFilter, *, top: int = 10) -> Stats:
+        by_consumer = self.repository.counts_by("consumer", flt)
+        by_status: dict[str, int] = {}
+        for _, status, count in by_consumer:
+            by_status[status] = by_status.get(status, 0) + count
+        return Stats(
+            total=sum(by_status.values()),
+            by_status=by_status,
+            by_consumer=by_consumer,
+            by_stage=self.repository.counts_by("stage", flt),
+            by_event_type=self.repository.counts_by("event_type", flt),
+            oldest_pending_age_seconds=self.repository.oldest_pending_age(),
+            top_groups=self.repository.fingerprint_groups(flt, limit=top),
+        )
+
+    # -- changing (each audited) ------------------------------------------------------------------------
+
+    def _require(self, ids: Sequence[int]) -> None:
+        missing = sorted(
+            set(ids)
+            - {r.dlq_id for r in self.repository.list_rows(DLQFilter(ids=tuple(ids)), limit=len(ids))}
+        )
+        if missing:
+            raise NotFound(f"no DLQ row with id {', '.join(map(str, missing))}")
+
+    def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        self._require(ids)
+        changed = self.repository.resolve(ids, actor=actor, note=note)
+        log.info("dlq_resolved", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
+        return changed
+
+    def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        self._require(ids)
+        changed = self.repository.discard(ids, actor=actor, note=note)
+        log.info("dlq_discarded", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
+        return changed
+
+    def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
+        self._require(ids)
+        deleted = self.repository.delete(ids, actor=actor)
+        log.info("dlq_deleted", actor=actor, dlq_ids=deleted)
+        return deleted
+
+    def purge(self, *, older_than_seconds: float, actor: str, consumer: str | None = None) -> list[int]:
+        if older_than_seconds <= 0:
+            raise InvalidOperation("purge needs a positive age")
+        deleted = self.repository.purge(older_than_seconds=older_than_seconds, actor=actor, consumer=consumer)
+        log.info("dlq_purged", actor=actor, count=len(deleted), older_than_seconds=older_than_seconds)
+        return deleted
+
+    def replay(
+        self,
+        flt: DLQFilter,
+        *,
+        actor: str,
+        limit: int | None = None,
+        to_topic: str | None = None,
+        rate: float | None = None,
+        dry_run: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> ReplayReport:
+        if flt.ids:
+            self._require(flt.ids)
+        report = self.replayer.replay(
+            flt, limit=limit, to_topic=to_topic, rate=rate, dry_run=dry_run, actor=actor, progress=progress
+        )
+        if not dry_run:
+            log.info(
+                "dlq_replayed",
+                actor=actor,
+                matched=report.matched,
+                published=report.published,
+                failed=report.failed,
+                to_topic=to_topic,
+            )
+        return report
+
+
+def build_service(
+    settings: Settings, *, metrics: Metrics | None = None
+) -> tuple[DLQService, psycopg_pool.ConnectionPool]:
+    """The composition root of the operator side (CLI and API). The caller closes the pool."""
+    pool = create_pool(settings, min_size=1, name="eventhandler-admin")
+    repository = PostgresDLQRepository(pool)
+    replayer = Replayer(repository, settings.producer_config(), metrics=metrics)
+    return DLQService(repository, replayer, default_consumer=settings.consumer_group), pool

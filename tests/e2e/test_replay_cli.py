@@ -1,0 +1,241 @@
+"""Replay from the command line, with the loop closed by the worker: real broker, real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from eventhandler.config import Settings
+from eventhandler.events import DLQ_ID_HEADER, REPLAY_COUNT_HEADER
+from tests.conftest import settings_env
+from tests.support import kafka as k
+from tests.support.cli import cli_json, consume_all, run_cli
+from tests.support.waiting import wait_for
+from tests.support.worker import run_until_idle, scalar
+
+
+@pytest.fixture
+def producer(kafka_bootstrap: str) -> k.TestProducer:
+    return k.TestProducer(kafka_bootstrap)
+
+
+def statuses(db: psycopg.Connection[Any]) -> dict[str, int]:
+    return dict(db.execute("SELECT status, count(*) FROM dlq GROUP BY status").fetchall())
+
+
+def seed_unregistered_readings(producer: k.TestProducer, topic: str, settings: Settings, count: int) -> None:
+    """`count` readings for a device nobody registered yet, run through the worker into the DLQ."""
+    producer.send_events(topic, [k.reading("late-device", value=i) for i in range(count)])
+    producer.flush()
+    run_until_idle(settings, idle=2)
+
+
+def test_the_full_story_fix_the_cause_then_replay(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    settings = make_settings()
+    env = settings_env(settings)
+    producer.send_events(
+        topic, [k.registered("ok-1"), k.reading("ok-1"), k.cloud_event("device.reading", "nope")]
+    )
+    seed_unregistered_readings(producer, topic, settings, 5)
+    assert statuses(db) == {"pending": 6}
+
+    # the cause is fixed: the device gets registered
+    producer.send_events(topic, [k.registered("late-device")])
+    producer.flush()
+    run_until_idle(settings, idle=2)
+
+    report = cli_json(env, "replay", "--event-type", "device.reading", "--stage", "handler", "--yes")
+    assert (report["matched"], report["published"], report["failed"]) == (5, 5, 0)
+    assert statuses(db) == {"pending": 1, "replayed": 5}
+
+    run_until_idle(settings, idle=2)
+    assert statuses(db) == {"pending": 1, "resolved": 5}
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-device'") == 5
+    assert (
+        scalar(db, "SELECT count(*) FROM dlq WHERE resolved_by = 'replay' AND resolved_at IS NOT NULL") == 5
+    )
+    audit = db.execute("SELECT actor, action, cardinality(dlq_ids) FROM dlq_audit").fetchall()
+    assert len(audit) == 1
+    assert audit[0][0].startswith("cli:")
+    assert audit[0][1:] == ("replay", 5)
+
+
+def test_dry_run_changes_nothing(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 3)
+    before = db.execute("SELECT * FROM dlq ORDER BY dlq_id").fetchall()
+    result = cli_json(settings_env(settings), "replay", "--dry-run")
+    assert result["matched"] == 3
+    assert result["dry_run"] is True
+    assert db.execute("SELECT * FROM dlq ORDER BY dlq_id").fetchall() == before
+    assert scalar(db, "SELECT count(*) FROM dlq_audit") == 0
+
+
+def test_replay_republishes_byte_for_byte_with_dlq_headers(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    settings = make_settings()
+    headers = [("trace", b"\xff\x00abc"), ("dup", b"1"), ("dup", b"2")]
+    producer.send(topic, b"\xfe\xff not even utf-8", key=b"\x00key", headers=headers)
+    producer.flush()
+    run_until_idle(settings, idle=2)
+    (dlq_id,) = [r[0] for r in db.execute("SELECT dlq_id FROM dlq").fetchall()]
+    target = f"{topic}-replayed"
+    k.create_topic(kafka_bootstrap, target, partitions=1)
+
+    report = cli_json(settings_env(settings), "replay", "--id", str(dlq_id), "--to-topic", target, "--yes")
+    assert report["published"] == 1
+
+    (message,) = consume_all(kafka_bootstrap, target, 1)
+    assert message.value() == b"\xfe\xff not even utf-8"
+    assert message.key() == b"\x00key"
+    assert message.headers() == [*headers, (DLQ_ID_HEADER, str(dlq_id).encode()), (REPLAY_COUNT_HEADER, b"1")]
+    assert scalar(db, "SELECT replayed_to_topic FROM dlq") == target
+
+
+def test_a_poison_row_replayed_comes_back_pending_with_retry_count_one(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    settings = make_settings()
+    producer.send(topic, b"{broken json")
+    producer.flush()
+    run_until_idle(settings, idle=2)
+    assert cli_json(settings_env(settings), "replay", "--yes")["published"] == 1
+    run_until_idle(settings, idle=2)
+    row = db.execute("SELECT status, retry_count, replay_count, failure_count FROM dlq").fetchall()
+    assert row == [("pending", 1, 1, 2)]
+
+
+def test_two_replays_at_once_publish_each_row_once(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 300)
+    target = f"{topic}-twice"
+    k.create_topic(kafka_bootstrap, target, partitions=1)
+    env = settings_env(settings)
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def replay() -> None:
+        results.append(run_cli(env, "replay", "--to-topic", target, "--yes", "--json", "--rate", "400"))
+
+    threads = [threading.Thread(target=replay) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    import json
+
+    published = [json.loads(r.stdout)["published_ids"] for r in results]
+    assert not set(published[0]) & set(published[1])
+    assert sorted(published[0] + published[1]) == sorted(r[0] for r in db.execute("SELECT dlq_id FROM dlq"))
+    messages = consume_all(kafka_bootstrap, target, 300)
+    ids = [dict(m.headers())[DLQ_ID_HEADER] for m in messages]
+    assert len(ids) == len(set(ids)) == 300
+
+
+def test_a_replay_killed_midway_and_rerun_loses_nothing(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 400)
+    producer.send_events(topic, [k.registered("late-device")])
+    producer.flush()
+    env = settings_env(settings)
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "eventhandler", "replay", "--yes", "--rate", "100"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for(
+        lambda: scalar(db, "SELECT count(*) FROM dlq WHERE status = 'replayed'") >= 200,
+        timeout=60,
+        message="the replay to be part-way",
+    )
+    os.killpg(slow.pid, signal.SIGKILL)
+    slow.wait(timeout=30)
+    part_way = statuses(db)
+    assert 0 < part_way.get("pending", 0) < 400
+
+    rerun = cli_json(env, "replay", "--yes")
+    assert rerun["published"] == part_way["pending"]
+    assert statuses(db) == {"replayed": 400}
+
+    run_until_idle(settings, idle=2)  # the worker applies them, duplicates of an unknown outcome once
+    assert statuses(db) == {"resolved": 400}
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-device'") == 400
+
+
+def test_rate_holds_within_twenty_percent(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, kafka_bootstrap: str
+) -> None:
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 120)
+    target = f"{topic}-rate"
+    k.create_topic(kafka_bootstrap, target, partitions=1)
+    assert (
+        cli_json(settings_env(settings), "replay", "--to-topic", target, "--rate", "40", "--yes")["published"]
+        == 120
+    )
+    stamps = sorted(m.timestamp()[1] for m in consume_all(kafka_bootstrap, target, 120))
+    achieved = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000)
+    assert 32 <= achieved <= 48, f"achieved {achieved:.1f}/s for --rate 40"
+
+
+def test_filters_select_exactly_the_right_rows(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    settings = make_settings()
+    producer.send_events(topic, [k.reading("ghost-a"), k.reading("ghost-b")])
+    producer.send(topic, b"not json")
+    producer.send_events(topic, [k.decommissioned("ghost-c")])
+    producer.flush()
+    run_until_idle(settings, idle=2)
+    env = settings_env(settings)
+
+    def matched(*args: str) -> set[int]:
+        return set(cli_json(env, "replay", "--dry-run", *args)["ids"])
+
+    rows = dict(db.execute("SELECT error_message, dlq_id FROM dlq").fetchall())
+    a, b = rows["device 'ghost-a' is not registered"], rows["device 'ghost-b' is not registered"]
+    c = rows["device 'ghost-c' is not registered"]
+    bad = next(v for key, v in rows.items() if "JSON" in key)
+    assert matched() == {a, b, c, bad}
+    assert matched("--stage", "deserialize") == {bad}
+    assert matched("--event-type", "device.reading") == {a, b}
+    assert matched("--error-contains", "GHOST-B") == {b}
+    assert matched("--id", str(a), "--id", str(c)) == {a, c}
+    assert matched("--limit", "2") == set(sorted([a, b, c, bad])[:2])  # oldest first
+    assert matched("--since", "1h") == {a, b, c, bad}
+    assert matched("--until", "1h") == set()
+    assert matched("--consumer", "someone-else") == set()
+    fingerprint = scalar(db, "SELECT fingerprint FROM dlq WHERE dlq_id = %s", a)
+    assert matched("--fingerprint", fingerprint) == {a, b, c}  # one error group: ids normalised away
+    assert matched("--status", "resolved") == set()
