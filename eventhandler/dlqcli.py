@@ -10,12 +10,11 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from eventhandler.errors import EventHandlerError
 from eventhandler.models import STAGES, STATUSES, DLQFilter
-from eventhandler.render import entry_json, print_entry, print_stats, rows_table
+from eventhandler.render import entry_json, make_console, print_entry, print_stats, rows_table
 from eventhandler.service import DLQService, build_service, parse_duration, parse_time
 
 dlq_app = typer.Typer(help="Inspect and change the dead letter queue.", no_args_is_help=True)
@@ -166,8 +165,10 @@ def replay(
         fingerprint,
         topic,
     )
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     with service() as svc:
+        if ids:
+            svc.require_ids(ids)
         matched = svc.count(flt)
         matched = min(matched, limit) if limit else matched
         if dry_run:
@@ -250,7 +251,7 @@ def list_rows(
             }
         )
         return
-    console = Console()
+    console = make_console()
     console.print(rows_table(rows))
     more = f"; next page: --after {rows[-1].dlq_id}" if len(rows) == limit and total > len(rows) else ""
     console.print(f"{len(rows)} of {total} matching rows{more}")
@@ -266,7 +267,7 @@ def show(
     if as_json:
         _print_json(entry_json(entry))
     else:
-        print_entry(Console(), entry)
+        print_entry(make_console(), entry)
 
 
 @dlq_app.command()
@@ -287,7 +288,7 @@ def stats(
     if as_json:
         _print_json(result.as_dict())
     else:
-        print_stats(Console(), result)
+        print_stats(make_console(), result)
 
 
 def _change(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,12 @@ from rich.table import Table
 
 from eventhandler.models import DLQEntry, DLQSummary
 from eventhandler.service import Stats
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for people: the terminal's width, or a wide one when output goes to a pipe or file."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
 def payload_text(payload: bytes | None) -> tuple[str, str]:

@@ -115,7 +115,8 @@ class DLQService:
 
     # -- changing (each audited) ------------------------------------------------------------------------
 
-    def _require(self, ids: Sequence[int]) -> None:
+    def require_ids(self, ids: Sequence[int]) -> None:
+        """Raise `NotFound` naming the ids that do not exist."""
         missing = sorted(
             set(ids)
             - {r.dlq_id for r in self.repository.list_rows(DLQFilter(ids=tuple(ids)), limit=len(ids))}
@@ -124,19 +125,19 @@ class DLQService:
             raise NotFound(f"no DLQ row with id {', '.join(map(str, missing))}")
 
     def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
-        self._require(ids)
+        self.require_ids(ids)
         changed = self.repository.resolve(ids, actor=actor, note=note)
         log.info("dlq_resolved", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
         return changed
 
     def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
-        self._require(ids)
+        self.require_ids(ids)
         changed = self.repository.discard(ids, actor=actor, note=note)
         log.info("dlq_discarded", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
         return changed
 
     def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
-        self._require(ids)
+        self.require_ids(ids)
         deleted = self.repository.delete(ids, actor=actor)
         log.info("dlq_deleted", actor=actor, dlq_ids=deleted)
         return deleted
@@ -160,7 +161,7 @@ class DLQService:
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
         if flt.ids:
-            self._require(flt.ids)
+            self.require_ids(flt.ids)
         report = self.replayer.replay(
             flt, limit=limit, to_topic=to_topic, rate=rate, dry_run=dry_run, actor=actor, progress=progress
         )
