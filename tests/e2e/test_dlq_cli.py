@@ -48,9 +48,12 @@ def seeded(db_url: str, group: str) -> list[int]:
             value=b'{"specversion": "1.0", "id": "x"}',
         ),
     ]
-    with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=1) as pool, pool.connection() as conn:
-        with conn.transaction():
-            return PostgresDLQRepository(pool).record_failures(conn, failures)
+    with (
+        psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=1) as pool,
+        pool.connection() as conn,
+        conn.transaction(),
+    ):
+        return PostgresDLQRepository(pool).record_failures(conn, failures)
 
 
 def test_list_as_json_and_as_a_table(env: dict[str, str], seeded: list[int]) -> None:
