@@ -115,6 +115,25 @@ def api(
     serve(settings, host, port)
 
 
+@app.command()
+def demo() -> None:
+    """The whole story in a minute: bad events land in the DLQ, the cause is fixed, they are replayed."""
+    from eventhandler.demo import run_demo
+    from eventhandler.render import make_console
+
+    try:
+        code = run_demo(make_console())
+    except EventHandlerError as exc:
+        fail(str(exc))
+    except Exception as exc:  # a demo that cannot reach PostgreSQL should say so in one line
+        import psycopg
+
+        if isinstance(exc, psycopg.OperationalError):
+            fail(f"cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}")
+        raise
+    raise typer.Exit(code)
+
+
 def _register_dlq_commands() -> None:
     from eventhandler.dlqcli import dlq_app, replay
 

