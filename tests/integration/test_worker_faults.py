@@ -71,7 +71,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_counts_nothing_twice(
         worker = spawned(spawn_worker(env, log_path=log))
         before = processed(db)
         # kill once the worker is making progress, at a random moment after that
-        wait_for(lambda: processed(db) > before or stream.done, timeout=90, message="worker progress")
+        wait_for(lambda b=before: processed(db) > b or stream.done, timeout=90, message="worker progress")
         time.sleep(rng.uniform(0.05, 2.0))  # the random moment of the kill
         kill9(worker)
         kills += 1
@@ -181,3 +181,41 @@ def test_sigterm_finishes_the_batch_commits_and_exits_zero(
     stream.join()
     run_until_idle(settings, idle=3)
     assert_exact(db, stream)
+
+
+def test_partitions_assigned_while_postgres_is_down_wait_for_their_positions(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    pg_proxy: tuple[TcpProxy, str],
+) -> None:
+    proxy, proxied_url = pg_proxy
+    settings = make_settings(database_url=proxied_url)
+    stream = k.Stream(kafka_bootstrap, topic, total=3_000, rate=3_000, poison_every=500)
+    stream.register_devices()
+    stream.start()
+    stream.join()
+    run_until_idle(settings, idle=2)  # a first worker processes everything and stores its positions
+    first = processed(db)
+    assert first == stream.sent + len(stream.devices)
+    more = k.Stream(kafka_bootstrap, topic, total=1_000, rate=5_000, poison_every=250)
+    more.devices = stream.devices
+    proxy.refuse()
+    with threaded_worker(settings) as worker:
+        # the new worker is assigned its partitions while PostgreSQL is unreachable: it must neither
+        # fall back to an earlier offset nor dead-letter anything
+        wait_for(lambda: worker.app.worker.source.assignment, timeout=60, message="assignment")
+        assert worker.app.worker.source.unpositioned
+        more.start()
+        more.join()
+        time.sleep(3)  # PostgreSQL stays away a while after the assignment
+        proxy.forward()
+        wait_for(lambda: processed(db) >= first + more.sent, timeout=60, message="the new events")
+        stats = worker.stop()
+    assert stats.consumed == more.sent  # nothing before the stored positions was read again
+    assert (
+        scalar(db, "SELECT sum(reading_count) FROM devices")
+        == stream.expected_readings + more.expected_readings
+    )
+    assert scalar(db, "SELECT count(*) FROM dlq") == stream.expected_poison + more.expected_poison
