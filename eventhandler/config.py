@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     db_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     db_statement_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     dlq_refresh_seconds: float = Field(default=15.0, gt=0, le=3600)
+    ledger_retention_hours: float = Field(default=168.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

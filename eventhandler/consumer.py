@@ -51,6 +51,8 @@ class KafkaSource:
         self.assigned_at = 0.0  # time.monotonic() of the last assignment
         self.session_timeout_ms = int(self._config.get("session.timeout.ms", 45000))
         self._error_logged: dict[int, float] = {}
+        # With cooperative-sticky, rebalance callbacks carry only the partitions that move.
+        self._cooperative = "cooperative" in str(self._config.get("partition.assignment.strategy", ""))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -167,7 +169,10 @@ class KafkaSource:
             positions, unknown = {}, set(tps)
         for partition in partitions:
             partition.offset = positions.get((partition.topic, partition.partition), OFFSET_INVALID)
-        consumer.assign(partitions)
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         self.assignment |= set(tps)
         self.unpositioned |= unknown
         self.assigned_at = time.monotonic()
@@ -181,7 +186,10 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, "revoke")
-        consumer.unassign()
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, "lost")

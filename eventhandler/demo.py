@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
@@ -132,7 +132,10 @@ def _produce(bootstrap: str, topic: str) -> dict[str, int]:
     sent = {"registrations": 0, "readings": 0, "late readings": 0, "poison": 0}
 
     def send(
-        value: bytes | None, key: str | None, kind: str, headers: list[tuple[str, bytes]] | None = None
+        value: bytes | None,
+        key: str | None,
+        kind: str,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
         producer.produce(topic, value=value, key=key, headers=headers or [])
         producer.poll(0)
@@ -169,7 +172,7 @@ def _produce(bootstrap: str, topic: str) -> dict[str, int]:
                 LATE_DEVICE,
                 "late readings",
             )
-    poison: list[tuple[bytes | None, list[tuple[str, bytes]]]] = [
+    poison: list[tuple[bytes | None, list[tuple[str, str | bytes | None]]]] = [
         (b"temperature=21.5;device=boiler-1", []),  # not JSON at all
         (b"\xff\xfe\x00\x01 binary garbage", []),  # not even UTF-8
         (None, []),  # a tombstone
@@ -197,7 +200,7 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 def _scalar(url: str, query: sql.SQL | str, *params: Any) -> Any:
     with psycopg.connect(url) as conn:
-        row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+        row = conn.execute(query, params).fetchone()
         return row[0] if row else None
 
 
@@ -247,14 +250,16 @@ def run_demo(console: Console, *, log_level: str = "warning") -> int:
         )
         total = sum(sent.values())
 
-        settings = Settings(
-            database_url=url,
-            kafka_bootstrap_servers=bootstrap,
-            topics=[topic],  # type: ignore[arg-type]
-            consumer_group=group,
-            metrics_port=0,
-            log_level=log_level,
-            kafka_consumer_options={"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+        settings = Settings.model_validate(
+            {
+                "database_url": url,
+                "kafka_bootstrap_servers": bootstrap,
+                "topics": [topic],
+                "consumer_group": group,
+                "metrics_port": 0,
+                "log_level": log_level,
+                "kafka_consumer_options": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+            }
         )
         app = build(settings, serve_http=False)
         worker_thread = threading.Thread(target=app.run, name="demo-worker", daemon=True)

@@ -9,12 +9,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
+import psycopg_pool
 
 from eventhandler.db import translate_db_errors
+from eventhandler.errors import EventHandlerError
+from eventhandler.logs import get_logger
+
+log = get_logger("eventhandler.ledger")
 
 CLAIM_EVENTS = """
 INSERT INTO applied_events (consumer, event_source, event_id)
@@ -35,6 +41,14 @@ ON CONFLICT (consumer, topic, partition) DO UPDATE SET
 LOAD_POSITIONS = """
 SELECT topic, partition, next_offset FROM consumer_positions
 WHERE consumer = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))
+"""
+
+PRUNE = """
+DELETE FROM applied_events WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM applied_events
+    WHERE consumer = %s AND applied_at < now() - make_interval(secs => %s)
+    LIMIT %s
+))
 """
 
 EventKey = tuple[str, str]  # (source, id): unique per CloudEvents 1.0
@@ -65,6 +79,11 @@ class Ledger:
             with translate_db_errors():
                 conn.execute(RELEASE_EVENTS, (self.consumer, [k[0] for k in keys], [k[1] for k in keys]))
 
+    def prune(self, conn: psycopg.Connection[Any], older_than_seconds: float, batch: int = 10_000) -> int:
+        """Forget applied events older than the retention, a bounded batch at a time."""
+        with translate_db_errors():
+            return conn.execute(PRUNE, (self.consumer, older_than_seconds, batch)).rowcount
+
     def save_positions(self, conn: psycopg.Connection[Any], positions: dict[tuple[str, int], int]) -> None:
         if positions:
             with translate_db_errors():
@@ -88,3 +107,50 @@ class Ledger:
                 LOAD_POSITIONS, (self.consumer, [t for t, _ in partitions], [p for _, p in partitions])
             ).fetchall()
         return {(topic, partition): offset for topic, partition, offset in rows}
+
+
+class LedgerPruner:
+    """Keeps `applied_events` bounded: a duplicate older than the retention is no longer recognised,
+    which is why the default (7 days) is far longer than any producer retry or replay takes."""
+
+    def __init__(
+        self,
+        pool: psycopg_pool.ConnectionPool,
+        ledger: Ledger,
+        retention_seconds: float,
+        interval: float = 600.0,
+    ) -> None:
+        self._pool = pool
+        self._ledger = ledger
+        self._retention = retention_seconds
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-pruner", daemon=True)
+        self.pruned = 0
+
+    def prune_once(self) -> int:
+        total = 0
+        try:
+            while not self._stop.is_set():
+                with self._pool.connection(timeout=10) as conn:
+                    deleted = self._ledger.prune(conn, self._retention)
+                total += deleted
+                if deleted < 10_000:
+                    break
+        except (EventHandlerError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.warning("ledger_prune_failed", error=str(exc))
+        if total:
+            log.info("ledger_pruned", rows=total)
+        self.pruned += total
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.prune_once()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -102,6 +102,7 @@ class BatchResult:
     skipped: int = 0
     failed: Counter[Stage] = field(default_factory=Counter)
     dlq_ids: list[int] = field(default_factory=list)
+    dead_letters: list[FailedMessage] = field(default_factory=list)  # parallel to dlq_ids
     resolved: list[int] = field(default_factory=list)
 
 
@@ -167,7 +168,9 @@ class BatchProcessor:
                 if rejected:
                     self.ledger.release(conn, [r_key for r in rejected if (r_key := _event_key(r))])
                 rejected = batch.rejected + rejected
-                result.dlq_ids = self.dlq.record_failures(conn, [self._failed(r) for r in rejected])
+                failed = [self._failed(r) for r in rejected]
+                result.dlq_ids = self.dlq.record_failures(conn, failed)
+                result.dead_letters = failed
                 replayed = [d.replay_of for d in (*applied, *duplicates) if d.replay_of is not None]
                 result.resolved = self.dlq.resolve_replayed(conn, self.consumer, replayed)
                 self.ledger.save_positions(conn, batch.positions())

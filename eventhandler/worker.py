@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 import psycopg_pool
+import structlog
 
 from eventhandler import __version__
 from eventhandler.config import Settings
@@ -27,7 +28,7 @@ from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import TransientError
 from eventhandler.handlers import Registry, load_registry
 from eventhandler.health import DepthRefresher, HealthServer
-from eventhandler.ledger import Ledger
+from eventhandler.ledger import Ledger, LedgerPruner
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record
@@ -78,6 +79,9 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, stop_when_idle: float | None = None) -> WorkerStats:
+        structlog.contextvars.bind_contextvars(
+            consumer_group=self.settings.consumer_group, worker_id=self.worker_id
+        )
         self.source.start()
         self._started = True
         log.info("worker_started", topics=self.settings.topics, version=__version__)
@@ -232,12 +236,20 @@ class Worker:
             self._log_dead_letters(result)
 
     def _log_dead_letters(self, result: BatchResult) -> None:
-        log.warning(
-            "events_dead_lettered",
-            count=len(result.dlq_ids),
-            dlq_ids=result.dlq_ids[:50],
-            stages=dict(result.failed),
-        )
+        """One line per DLQ row: the failure path, never the hot path."""
+        for dlq_id, failure in zip(result.dlq_ids, result.dead_letters, strict=False):
+            log.warning(
+                "event_dead_lettered",
+                dlq_id=dlq_id,
+                event_id=failure.event_id,
+                event_type=failure.event_type,
+                stage=failure.stage,
+                error_type=failure.error_type,
+                error=failure.error_message[:300],
+                topic=failure.topic,
+                partition=failure.partition,
+                offset=failure.offset,
+            )
 
     # -- health ---------------------------------------------------------------------------------------
 
@@ -268,14 +280,17 @@ class App:
     metrics: Metrics
     health: HealthServer | None
     refresher: DepthRefresher
+    pruner: LedgerPruner
 
     def run(self, stop_when_idle: float | None = None) -> WorkerStats:
         if self.health is not None:
             self.health.start()
         self.refresher.start()
+        self.pruner.start()
         try:
             return self.worker.run(stop_when_idle=stop_when_idle)
         finally:
+            self.pruner.stop()
             self.refresher.stop()
             if self.health is not None:
                 self.health.stop()
@@ -340,7 +355,8 @@ def build(
     health = None
     if serve_http and settings.metrics_port:
         health = HealthServer("0.0.0.0", settings.metrics_port, metrics, worker.is_ready)  # noqa: S104 - scraped from outside the container
-    return App(worker=worker, pool=pool, metrics=metrics, health=health, refresher=refresher)
+    pruner = LedgerPruner(pool, ledger, settings.ledger_retention_hours * 3600)
+    return App(worker=worker, pool=pool, metrics=metrics, health=health, refresher=refresher, pruner=pruner)
 
 
 def install_signal_handlers(worker: Worker) -> None:

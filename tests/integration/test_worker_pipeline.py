@@ -307,3 +307,14 @@ def test_positions_are_stored_with_the_batch_and_a_restart_reads_nothing_twice(
     assert stats.consumed == 0
     assert scalar(db, "SELECT reading_count FROM devices") == 100
     assert scalar(db, "SELECT failure_count FROM dlq") == 1
+
+
+def test_the_cooperative_sticky_assignor_works_too(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    producer.send_events(topic, [k.registered("coop-1"), *[k.reading("coop-1") for _ in range(50)]])
+    producer.flush()
+    options = k.TEST_CONSUMER_OPTIONS | {"partition.assignment.strategy": "cooperative-sticky"}
+    stats = run_until_idle(make_settings(kafka_consumer_options=options), idle=2)
+    assert stats.consumed == 51
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'coop-1'") == 50
