@@ -26,6 +26,7 @@ PositionLoader = Callable[[Sequence[TP]], dict[TP, int]]
 
 log = get_logger("eventhandler.consumer")
 _ERROR_LOG_INTERVAL = 30.0
+_PROBE_INTERVAL = 5.0
 
 
 class KafkaSource:
@@ -51,6 +52,7 @@ class KafkaSource:
         self.assigned_at = 0.0  # time.monotonic() of the last assignment
         self.session_timeout_ms = int(self._config.get("session.timeout.ms", 45000))
         self._error_logged: dict[int, float] = {}
+        self._last_probe = 0.0
         # With cooperative-sticky, rebalance callbacks carry only the partitions that move.
         self._cooperative = "cooperative" in str(self._config.get("partition.assignment.strategy", ""))
 
@@ -104,7 +106,21 @@ class KafkaSource:
             )
         if records:
             self.broker_error = None
+        elif self.broker_error is not None:
+            self._probe_broker()
         return records
+
+    def _probe_broker(self) -> None:
+        """An idle worker learns that the broker is back (librdkafka reports errors, not recoveries)."""
+        now = time.monotonic()
+        if now - self._last_probe < _PROBE_INTERVAL:
+            return
+        self._last_probe = now
+        try:
+            self.consumer.list_topics(timeout=2)
+        except KafkaException:
+            return
+        self.broker_error = None
 
     def poll_while_paused(self, timeout: float) -> None:
         """Serve group membership and rebalance callbacks while processing is held."""

@@ -94,7 +94,6 @@ def create_pool(
         max_size=settings.db_pool_size,
         kwargs=connection_kwargs(settings),
         timeout=settings.db_connect_timeout_seconds,
-        reconnect_timeout=0,  # never give up reconnecting; the worker decides when to stop
         name=name,
         open=False,
     )

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from eventhandler.db import translate_db_errors
+from eventhandler.db import deadline, translate_db_errors
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.models import (
     DepthRow,
@@ -303,6 +303,19 @@ class PostgresDLQRepository:
         """Seconds since the oldest pending row of each consumer failed."""
         with translate_db_errors(), self._pool.connection() as conn:
             return {consumer: float(age) for consumer, age in conn.execute(OLDEST_PENDING).fetchall()}
+
+    def depth_snapshot(self, timeout: float) -> tuple[list[DepthRow], dict[str, float]]:
+        """Depth and oldest pending age in one go, given up after `timeout` seconds whatever happens
+        (a silent network must not hang the metrics refresh)."""
+        with (
+            translate_db_errors(),
+            self._pool.connection(timeout=timeout) as conn,
+            deadline(conn, timeout),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            rows = [DepthRow.model_validate(r) for r in cur.execute(DEPTH).fetchall()]
+            oldest = {r["consumer"]: float(r["age"]) for r in cur.execute(OLDEST_PENDING).fetchall()}
+        return rows, oldest
 
     def counts_by(self, column: str, flt: DLQFilter) -> list[tuple[str | None, str, int]]:
         """Row counts by (`column`, status): column is one of consumer, stage, event_type."""

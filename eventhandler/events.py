@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eventhandler.errors import DeserializationError, UnknownEventType
 from eventhandler.models import Headers
@@ -36,7 +36,7 @@ class Envelope(BaseModel):
     id: str = Field(min_length=1)
     source: str = Field(min_length=1)
     type: str = Field(min_length=1)
-    time: datetime | None = None
+    time: AwareDatetime | None = None  # RFC 3339 requires the offset
     subject: str | None = None
     datacontenttype: str | None = None
     dataschema: str | None = None
@@ -111,6 +111,10 @@ class Deserializer:
         except ValidationError as exc:
             raise DeserializationError(_describe_envelope_error(exc, value)) from None
         if envelope.data_base64 is not None:
+            if "data" in envelope.model_fields_set:
+                raise DeserializationError(
+                    "the envelope has both data and data_base64; CloudEvents allows one"
+                )
             try:
                 raw = base64.b64decode(envelope.data_base64, validate=True)
             except (binascii.Error, ValueError):

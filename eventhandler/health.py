@@ -4,6 +4,7 @@ the background refresh of the DLQ depth gauges (one indexed query per interval).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -68,27 +69,42 @@ class DepthRefresher:
     """Keeps `eventhandler_dlq_depth` and the oldest pending age current from a background thread."""
 
     def __init__(
-        self, repository: PostgresDLQRepository, metrics: Metrics, consumers: list[str], interval: float
+        self,
+        repository: PostgresDLQRepository,
+        metrics: Metrics,
+        consumers: list[str],
+        interval: float,
+        timeout: float = 10.0,
     ) -> None:
         self._repository = repository
         self._metrics = metrics
         self._consumers = consumers
         self._interval = interval
+        self._timeout = timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dlq-depth", daemon=True)
-        self.last_ok: bool | None = None
+        self._last_success = 0.0
+        self._last_ok: bool | None = None
+
+    @property
+    def last_ok(self) -> bool | None:
+        """None before the first refresh; False after a failure, or when the last success is stale
+        (a refresh stuck longer than its deadline counts as a failure)."""
+        if self._last_ok and time.monotonic() - self._last_success > 2 * self._interval + 2 * self._timeout:
+            return False
+        return self._last_ok
 
     def refresh(self) -> bool:
         try:
-            rows = self._repository.depth()
-            oldest = self._repository.oldest_pending_age()
+            rows, oldest = self._repository.depth_snapshot(self._timeout)
         except EventHandlerError as exc:
-            if self.last_ok is not False:
+            if self._last_ok is not False:
                 log.warning("dlq_depth_refresh_failed", error=str(exc))
-            self.last_ok = False
+            self._last_ok = False
             return False
         self._metrics.set_dlq_depth(self._consumers, rows, oldest)
-        self.last_ok = True
+        self._last_ok = True
+        self._last_success = time.monotonic()
         return True
 
     def _run(self) -> None:

@@ -19,13 +19,15 @@ Headers = list[tuple[str, bytes | None]]
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 _HEX = re.compile(r"\b(0x)?[0-9a-fA-F]{12,}\b")
 _QUOTED = re.compile(r"('[^']*'|\"[^\"]*\")")
-_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(\.\d+)?([eE][-+]?\d+)?")
+_TIMESTAMP = re.compile(r"\b\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?")
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_])[-+]?\d+(\.\d+)?([eE][-+]?\d+)?(?![A-Za-z0-9_])")
 _SPACE = re.compile(r"\s+")
 
 
 def normalise_error(message: str) -> str:
     """An error message with its ids, quoted values and numbers replaced, so alike failures group."""
     text = _UUID.sub("<uuid>", message.splitlines()[0] if message else "")
+    text = _TIMESTAMP.sub("<time>", text)
     text = _HEX.sub("<hex>", text)
     text = _QUOTED.sub("<str>", text)
     text = _NUMBER.sub("<n>", text)

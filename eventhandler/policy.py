@@ -31,5 +31,6 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Full-jitter backoff: uniform in [base/2, base], base doubling per attempt up to `maximum`."""
-        base = min(self.maximum, self.initial * (2 ** max(0, attempt - 1)))
+        exponent = min(max(0, attempt - 1), 64)  # an outage of hours must not overflow the float
+        base = min(self.maximum, self.initial * 2**exponent)
         return (rng or random).uniform(base / 2, base)

@@ -340,7 +340,13 @@ def build(
         metrics=metrics,
         on_revoked=lambda tps: worker_holder[0].on_revoked(tps),
     )
-    refresher = DepthRefresher(dlq, metrics, [settings.consumer_group], settings.dlq_refresh_seconds)
+    refresher = DepthRefresher(
+        dlq,
+        metrics,
+        [settings.consumer_group],
+        settings.dlq_refresh_seconds,
+        timeout=settings.db_connect_timeout_seconds + settings.db_statement_timeout_seconds,
+    )
     worker = Worker(
         settings=settings,
         pool=pool,

@@ -93,7 +93,8 @@ class _SimpleBatch:
         self._writes: list[Write] = []
 
     def handle(self, event: Event) -> None:
-        self._writes.extend(self._functions[event.type](event))
+        writes = list(self._functions[event.type](event))  # all of an event's writes, or none of them
+        self._writes.extend(writes)
 
     def flush(self, conn: Conn) -> None:
         if not self._writes:
