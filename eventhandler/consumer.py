@@ -233,7 +233,10 @@ class KafkaSource:
             return
         if error.fatal():
             raise BrokerUnavailable(error.str())
-        log.warning("kafka_message_error", code=error.name(), error=error.str())
+        now = time.monotonic()
+        if now - self._error_logged.get(error.code(), -1e9) >= _ERROR_LOG_INTERVAL:
+            self._error_logged[error.code()] = now  # e.g. a topic that does not exist: once per interval
+            log.warning("kafka_message_error", code=error.name(), error=error.str())
 
     @staticmethod
     def _partitions(tps: set[TP] | Sequence[TP]) -> list[TopicPartition]:
