@@ -108,11 +108,10 @@ def api(
     from eventhandler.api import serve
 
     settings = settings_or_exit()
-    if settings.admin_token is None and settings.admin_read_token is None:
-        fail(
-            "set EVENTHANDLER_ADMIN_TOKEN (and optionally EVENTHANDLER_ADMIN_READ_TOKEN) to serve the API", 2
-        )
-    serve(settings, host, port)
+    try:
+        serve(settings, host, port)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
 
 
 @app.command()

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     batch_max_wait_seconds: float = Field(default=0.2, gt=0, le=60)
     unknown_event_policy: Literal["dead-letter", "skip"] = "dead-letter"
     handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Payload fields the admin API masks in responses, as dotted paths (e.g. data.password, data.*.secret).
+    api_redact_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     retry_initial_seconds: float = Field(default=0.2, gt=0, le=60)
     retry_max_seconds: float = Field(default=15.0, gt=0, le=600)
@@ -76,7 +78,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     worker_id: str | None = None
 
-    @field_validator("topics", "handlers", mode="before")
+    @field_validator("topics", "handlers", "api_redact_fields", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -41,11 +41,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (UTC if no offset is given) or an age such as `2h` (meaning 2 hours ago)."""
     try:
         return (now or datetime.now(UTC)) - timedelta(seconds=parse_duration(text))
+    except OverflowError:
+        raise ValueError(f"{text!r} reaches too far back") from None
     except ValueError:
         pass
     try:
         value = datetime.fromisoformat(text.strip())
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age like 2h") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 

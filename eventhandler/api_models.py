@@ -1,0 +1,455 @@
+"""What the admin API takes and gives: every input is validated here, before any query runs, and a DLQ
+row becomes a response here, with its bytes shown safely and the configured payload fields masked.
+
+Filters mirror the CLI's (`--consumer`, `--event-type`, `--stage`, `--status`, `--since`, `--until`,
+`--error-contains`, `--fingerprint`, `--topic`, `--id`) and all become one `DLQFilter`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
+
+from eventhandler.logs import redact_text
+from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, FingerprintGroup, Headers, Stage, Status
+from eventhandler.service import parse_time
+
+MAX_ID = 2**63 - 1  # dlq_id is a bigint
+MASK = "***"
+MAX_JSON_DEPTH = 64  # deeper documents are shown as base64: rendering them is not worth the risk
+MAX_PAGE = 500
+MAX_REPLAY = 10_000
+MAX_IDS = 1_000
+
+
+def _storable(text: str) -> str:
+    """Text PostgreSQL can take as a parameter: no NUL character, no lone surrogate."""
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return text
+
+
+def _topic_name(text: str) -> str:
+    if text in (".", ".."):
+        raise ValueError("is not a valid Kafka topic name")
+    return text
+
+
+def _time(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_time(value)
+        except (ValueError, OverflowError) as exc:
+            message = str(exc) if isinstance(exc, ValueError) else f"{value!r} is out of range"
+            raise ValueError(message) from None
+    return value
+
+
+def encode_cursor(dlq_id: int) -> str:
+    return base64.urlsafe_b64encode(f"dlq:{dlq_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    prefix, _, number = text.partition(":")
+    if prefix != "dlq" or not number.isdigit() or not 0 < int(number) <= MAX_ID:
+        raise ValueError("is not a cursor returned by this API")
+    return int(number)
+
+
+def _cursor(cursor: str) -> str:
+    decode_cursor(cursor)
+    return cursor
+
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_storable)]
+LongText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
+DlqId = Annotated[int, Field(ge=1, le=MAX_ID)]
+TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$"), AfterValidator(_topic_name)]
+Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+TimeBound = Annotated[
+    datetime,
+    BeforeValidator(_time),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "string", "pattern": r"^\d{1,5}[smhdw]$"},
+            ],
+            "description": "An ISO 8601 time (UTC without an offset) or an age: 90s, 15m, 2h, 7d.",
+        }
+    ),
+]
+Cursor = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_cursor)]
+
+
+class _Filters(BaseModel):
+    """The filters shared by every operation that selects rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    consumer: Text | None = Field(default=None, description="Consumer group.")
+    event_type: Text | None = Field(default=None, description="CloudEvents type, e.g. device.reading.")
+    stage: Stage | None = Field(default=None, description="Where the message failed.")
+    since: TimeBound | None = Field(default=None, description="Last failed at or after this time.")
+    until: TimeBound | None = Field(default=None, description="Last failed before this time.")
+    error_contains: Text | None = Field(default=None, description="Case-insensitive substring of the error.")
+    fingerprint: Fingerprint | None = Field(default=None, description="Failure group (see stats).")
+    topic: TopicName | None = Field(default=None, description="Original topic.")
+
+    @model_validator(mode="after")
+    def _ordered_times(self) -> _Filters:
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError("since must be earlier than until")
+        return self
+
+    def _filter(self, ids: list[int], statuses: list[Status]) -> DLQFilter:
+        return DLQFilter(
+            ids=tuple(dict.fromkeys(ids)),
+            consumer=self.consumer,
+            event_type=self.event_type,
+            stage=self.stage,
+            statuses=tuple(dict.fromkeys(statuses)),
+            since=self.since,
+            until=self.until,
+            error_contains=self.error_contains,
+            fingerprint=self.fingerprint,
+            topic=self.topic,
+        )
+
+
+class StatsQuery(_Filters):
+    id: list[DlqId] = Field(default_factory=list, max_length=MAX_IDS, description="DLQ ids (repeatable).")
+    status: list[Status] = Field(default_factory=list, max_length=4, description="Statuses (repeatable).")
+
+    def dlq_filter(self) -> DLQFilter:
+        return self._filter(self.id, self.status)
+
+
+class ListQuery(StatsQuery):
+    limit: int = Field(default=50, ge=1, le=MAX_PAGE, description="Rows per page.")
+    cursor: Cursor | None = Field(default=None, description="`next_cursor` of the previous page.")
+
+    @property
+    def after_id(self) -> int | None:
+        return None if self.cursor is None else decode_cursor(self.cursor)
+
+
+class RetryAllRequest(_Filters):
+    """Replay every row matching the filters, at most `limit` of them, oldest first."""
+
+    ids: list[DlqId] = Field(default_factory=list, max_length=MAX_IDS)
+    statuses: list[Status] = Field(
+        default_factory=list, max_length=4, description="Statuses to replay; pending when empty."
+    )
+    limit: int = Field(ge=1, le=MAX_REPLAY, description="The most rows this request may replay.")
+    all: bool = Field(default=False, description="Needed to replay without any other filter.")
+    to_topic: TopicName | None = Field(
+        default=None, description="Publish here instead of the original topic."
+    )
+    dry_run: bool = Field(default=False, description="Count what would be replayed, change nothing.")
+
+    @model_validator(mode="after")
+    def _narrowed(self) -> RetryAllRequest:
+        if not self.all and self._filter(self.ids, []).is_empty():
+            raise ValueError(
+                "refusing to replay without a filter: give at least one of ids, consumer, event_type, "
+                "stage, since, until, error_contains, fingerprint, topic — or set all to true"
+            )
+        return self
+
+    def dlq_filter(self) -> DLQFilter:
+        return self._filter(self.ids, self.statuses or ["pending"])
+
+
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    force: bool = Field(default=False, description="Replay a resolved or discarded row too.")
+    to_topic: TopicName | None = Field(
+        default=None, description="Publish here instead of the original topic."
+    )
+
+
+class ResolveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    note: LongText | None = Field(default=None, description="Why the row is resolved (kept for audit).")
+
+
+# -- responses ------------------------------------------------------------------------------------------
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationIssue]
+    message: str = Field(description="All the problems, in one line.")
+
+
+class DLQPage(BaseModel):
+    items: list[DLQSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
+    total: int = Field(description="Rows matching the filters, on all pages.")
+
+
+class Header(BaseModel):
+    key: str
+    value: str | None = Field(description="UTF-8 text, or base64 when `encoding` says so; null if none.")
+    encoding: Literal["text", "base64"] | None
+
+
+class DLQDetail(DLQSummary):
+    """A whole DLQ row. Bytes are shown as JSON or text when they are, else as base64."""
+
+    event_source: str | None
+    payload: JsonValue = Field(description="The message value: parsed JSON, base64 text, or null.")
+    payload_encoding: Literal["json", "base64", "withheld"] | None = Field(
+        description="json: `payload` is the parsed value; base64: the raw bytes; withheld: not JSON, so "
+        "redaction cannot be applied and the bytes are not shown; null: the value was null."
+    )
+    payload_redacted: bool = Field(description="True when fields of the payload were masked.")
+    key: str | None
+    key_encoding: Literal["text", "base64"] | None
+    headers: list[Header]
+    message_timestamp: datetime | None
+    error_traceback: str | None
+    replayed_to_topic: str | None
+    resolved_by: str | None
+    resolution_note: str | None
+    worker_version: str
+    updated_at: datetime
+
+
+class StatusCount(BaseModel):
+    status: Status
+    count: int
+
+
+class ConsumerCount(StatusCount):
+    consumer: str | None
+
+
+class StageCount(StatusCount):
+    stage: str | None
+
+
+class EventTypeCount(StatusCount):
+    event_type: str | None
+
+
+class StatsResponse(BaseModel):
+    total: int
+    by_status: dict[str, int]
+    by_consumer: list[ConsumerCount]
+    by_stage: list[StageCount]
+    by_event_type: list[EventTypeCount]
+    oldest_pending_age_seconds: dict[str, float]
+    top_groups: list[FingerprintGroup]
+
+
+class ReplayResponse(BaseModel):
+    matched: int = Field(description="Rows the filters matched (at most `limit`).")
+    published: int = Field(description="Rows the broker confirmed; they are now `replayed`.")
+    failed: int = Field(description="Rows the broker did not confirm; they keep their status.")
+    dry_run: bool
+    published_ids: list[int]
+    failures: dict[str, str] = Field(description="dlq_id → why the broker refused it.")
+
+
+class ResolveResponse(BaseModel):
+    dlq_id: int
+    status: Status
+    changed: bool = Field(description="False when the row was already resolved.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "unavailable"]
+
+
+# -- rendering rows: bytes as JSON, text or base64, with redaction ------------------------------------------
+
+
+class Redactor:
+    """Masks payload fields named by dotted paths (`data.password`, `*.token`), case-insensitively.
+
+    Lists on the way are searched element by element. In the CloudEvents binary binding the body
+    *is* `data`, so a path starting with `data.` applies to the body's top level.
+    """
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.paths: list[tuple[str, ...]] = []
+        for field in fields:
+            if not field.strip():
+                continue
+            segments = tuple(part.strip().lower() for part in field.strip().split("."))
+            if not all(segments):
+                raise ValueError(f"redaction field {field!r} has an empty segment")
+            self.paths.append(segments)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.paths)
+
+    def apply(self, document: JsonValue, *, binary_binding: bool) -> bool:
+        """Mask in place; True when anything was masked."""
+        masked = False
+        for path in self.paths:
+            if binary_binding:
+                if path[0] in ("data", "*") and len(path) > 1:
+                    masked |= _mask(document, path[1:])
+            else:
+                masked |= _mask(document, path)
+        return masked
+
+
+def _mask(document: JsonValue, path: tuple[str, ...]) -> bool:
+    if isinstance(document, list):
+        masks = [_mask(item, path) for item in document]  # every element, not up to the first match
+        return any(masks)
+    if not isinstance(document, dict):
+        return False
+    head, rest = path[0], path[1:]
+    masked = False
+    for key in list(document):
+        if head not in ("*", key.lower()):
+            continue
+        if rest:
+            masked |= _mask(document[key], rest)
+        else:
+            document[key] = MASK
+            masked = True
+    return masked
+
+
+class _NotJson(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(text)
+    return value
+
+
+def _parse_json(raw: bytes) -> JsonValue:
+    """The payload as a JSON value that renders safely, or `_NotJson`."""
+    try:
+        value: JsonValue = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _NotJson(type(exc).__name__) from None
+    stack: list[tuple[JsonValue, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _NotJson("too deep")
+        if isinstance(node, str):
+            _check_text(node)
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                _check_text(key)
+                stack.append((child, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return value
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a `\ud800` escape cannot be sent back
+        raise _NotJson("surrogate") from None
+
+
+def _text_or_base64(raw: bytes | None) -> tuple[str | None, Literal["text", "base64"] | None]:
+    if raw is None:
+        return None, None
+    try:
+        return raw.decode("utf-8"), "text"
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _is_binary_binding(headers: Headers) -> bool:
+    return any(key == "ce_specversion" for key, _ in headers)
+
+
+def render_payload(
+    entry: DLQEntry, redactor: Redactor
+) -> tuple[JsonValue, Literal["json", "base64", "withheld"] | None, bool]:
+    raw = entry.event_payload
+    if raw is None:
+        return None, None, False
+    try:
+        document = _parse_json(raw)
+    except _NotJson:
+        if redactor.active:
+            return None, "withheld", False  # fields cannot be found in bytes that are not JSON
+        return base64.b64encode(raw).decode("ascii"), "base64", False
+    masked = redactor.apply(document, binary_binding=_is_binary_binding(entry.headers))
+    return document, "json", masked
+
+
+def render_summary(row: DLQSummary) -> DLQSummary:
+    return row.model_copy(update={"error_message": redact_text(row.error_message)})
+
+
+def render_entry(entry: DLQEntry, redactor: Redactor) -> DLQDetail:
+    payload, encoding, masked = render_payload(entry, redactor)
+    key, key_encoding = _text_or_base64(entry.message_key)
+    headers = []
+    for name, raw in entry.headers:
+        value, value_encoding = _text_or_base64(raw)
+        headers.append(Header(key=name, value=value, encoding=value_encoding))
+    fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
+    fields["error_message"] = redact_text(entry.error_message)
+    if entry.error_traceback is not None:
+        fields["error_traceback"] = redact_text(entry.error_traceback)
+    return DLQDetail(
+        **fields,
+        payload=payload,
+        payload_encoding=encoding,
+        payload_redacted=masked,
+        key=key,
+        key_encoding=key_encoding,
+        headers=headers,
+    )

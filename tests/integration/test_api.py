@@ -1,0 +1,786 @@
+"""The admin REST API against a real PostgreSQL and broker: every endpoint, the auth matrix, validation,
+error bodies that leak nothing, the audit trail, and a retry the worker then resolves."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+import psycopg_pool
+import pytest
+from fastapi import FastAPI
+
+from eventhandler.api import create_app, serve
+from eventhandler.api_models import encode_cursor
+from eventhandler.config import Settings
+from eventhandler.errors import ConfigError
+from eventhandler.logs import configure_logging
+from eventhandler.metrics import Metrics
+from eventhandler.models import FailedMessage
+from eventhandler.service import DLQService, build_service
+from tests.conftest import settings_env
+from tests.support import kafka as k
+from tests.support.factories import failed_message
+from tests.support.services import free_port
+from tests.support.waiting import wait_for
+from tests.support.worker import run_until_idle, scalar
+
+with warnings.catch_warnings():
+    # Starlette 1.x prefers httpx2 for its test client and warns on import when it finds only httpx.
+    from starlette.exceptions import StarletteDeprecationWarning
+
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from fastapi.testclient import TestClient
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+READ_TOKEN = "reader-token-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+READER = {"Authorization": f"Bearer {READ_TOKEN}"}
+DLQ = "/api/v1/events/dlq"
+
+
+@dataclass
+class Api:
+    client: TestClient
+    app: FastAPI
+    service: DLQService
+    pool: psycopg_pool.ConnectionPool
+    settings: Settings
+    metrics: Metrics
+
+    def record(self, *failures: FailedMessage) -> list[int]:
+        with self.pool.connection() as conn, conn.transaction():
+            return self.service.repository.record_failures(conn, list(failures))
+
+
+@pytest.fixture
+def make_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Api]]:
+    """An app on its own service and pool, with the lifespan running; keyword arguments go to settings."""
+    made: list[tuple[TestClient, psycopg_pool.ConnectionPool]] = []
+
+    def make(redact_fields: tuple[str, ...] = ("data.password",), **overrides: Any) -> Api:
+        values: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "admin_read_token": READ_TOKEN}
+        values.update(overrides)
+        settings = make_settings(**values)
+        metrics = Metrics()
+        service, pool = build_service(settings, metrics=metrics)
+        app = create_app(service, settings, metrics, redact_fields=redact_fields)
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        made.append((client, pool))
+        return Api(client, app, service, pool, settings, metrics)
+
+    yield make
+    for client, pool in made:
+        client.__exit__(None, None, None)
+        pool.close()
+
+
+@pytest.fixture
+def api(make_api: Callable[..., Api]) -> Api:
+    return make_api()
+
+
+def failure(api: Api, **overrides: Any) -> FailedMessage:
+    values: dict[str, Any] = {"consumer": api.settings.consumer_group, "topic": api.settings.topics[0]}
+    values.update(overrides)
+    return failed_message(**values)
+
+
+def status_of(db: psycopg.Connection[Any], dlq_id: int) -> str | None:
+    return scalar(db, "SELECT status FROM dlq WHERE dlq_id = %s", dlq_id)  # type: ignore[no-any-return]
+
+
+def audit(db: psycopg.Connection[Any]) -> list[tuple[str, str, list[int]]]:
+    return db.execute("SELECT actor, action, dlq_ids FROM dlq_audit ORDER BY audit_id").fetchall()
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+def test_list_pages_with_an_opaque_cursor_until_the_end(api: Api) -> None:
+    ids = api.record(*(failure(api) for _ in range(7)))
+    seen: list[int] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        response = api.client.get(DLQ, params=params, headers=READER)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["total"] == 7
+        seen += [item["dlq_id"] for item in body["items"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert str(body["items"][-1]["dlq_id"]) not in cursor  # opaque, not the bare id
+    assert seen == sorted(ids)
+    assert pages == 3
+    item = api.client.get(DLQ, params={"id": ids[0]}, headers=READER).json()["items"][0]
+    assert item["status"] == "pending"
+    assert item["stage"] == "handler"
+    assert item["payload_size"] == len(b'{"specversion":"1.0"}')
+    assert "event_payload" not in item
+
+
+def test_a_full_page_at_the_end_has_no_next_cursor(api: Api) -> None:
+    api.record(*(failure(api) for _ in range(4)))
+    body = api.client.get(DLQ, params={"limit": 4}, headers=READER).json()
+    assert len(body["items"]) == 4
+    assert body["next_cursor"] is None
+
+
+def test_list_filters_like_the_cli(api: Api, db: psycopg.Connection[Any]) -> None:
+    reading, bad_json, projection, other_group, other_topic = api.record(
+        failure(api, event_type="device.reading", error_message="device 'd1' is not registered"),
+        failure(api, stage="deserialize", event_type=None, error_message="message value is not valid JSON"),
+        failure(api, stage="projection", event_type="device.registered", error_message="NUL in name"),
+        failure(api, consumer="another-group"),
+        failure(api, topic="other-topic"),
+    )
+    db.execute("UPDATE dlq SET status = 'discarded' WHERE dlq_id = %s", (projection,))
+    db.execute("UPDATE dlq SET last_failed_at = now() - interval '3 days' WHERE dlq_id = %s", (bad_json,))
+
+    def ids(**params: Any) -> list[int]:
+        response = api.client.get(DLQ, params=params, headers=READER)
+        assert response.status_code == 200, response.text
+        return [item["dlq_id"] for item in response.json()["items"]]
+
+    everything = [reading, bad_json, projection, other_group, other_topic]
+    assert ids() == everything
+    assert ids(consumer="another-group") == [other_group]
+    assert ids(event_type="device.registered") == [projection]
+    assert ids(stage="deserialize") == [bad_json]
+    assert ids(status="discarded") == [projection]
+    assert ids(status=["pending", "discarded"]) == everything
+    assert ids(status="resolved") == []
+    assert ids(error_contains="NOT VALID json") == [bad_json]
+    assert ids(error_contains="100%") == []  # a LIKE wildcard is taken literally
+    assert ids(topic="other-topic") == [other_topic]
+    assert ids(id=[other_topic, reading]) == [reading, other_topic]
+    assert ids(since="1d") == [reading, projection, other_group, other_topic]
+    assert ids(until="2d") == [bad_json]
+    assert ids(since="2000-01-01T00:00:00", until="2000-01-02T00:00:00Z") == []
+    fingerprint = api.client.get(f"{DLQ}/{bad_json}", headers=READER).json()["fingerprint"]
+    assert ids(fingerprint=fingerprint) == [bad_json]
+
+
+def test_stats_by_consumer_stage_status(api: Api, db: psycopg.Connection[Any]) -> None:
+    group = api.settings.consumer_group
+    first, *_ = api.record(
+        failure(api),
+        failure(api),
+        failure(api, stage="deserialize", event_type=None),
+        failure(api, consumer="another-group"),
+    )
+    db.execute("UPDATE dlq SET status = 'resolved' WHERE dlq_id = %s", (first,))
+    response = api.client.get(f"{DLQ}/stats", headers=READER)
+    assert response.status_code == 200, response.text
+    stats = response.json()
+    assert stats["total"] == 4
+    assert stats["by_status"] == {"pending": 3, "resolved": 1}
+    assert {"consumer": group, "status": "pending", "count": 2} in stats["by_consumer"]
+    assert {"consumer": "another-group", "status": "pending", "count": 1} in stats["by_consumer"]
+    assert {"stage": "deserialize", "status": "pending", "count": 1} in stats["by_stage"]
+    assert set(stats["oldest_pending_age_seconds"]) == {group, "another-group"}
+    assert stats["top_groups"][0]["count"] == 3
+    narrowed = api.client.get(f"{DLQ}/stats", params={"consumer": "another-group"}, headers=READER).json()
+    assert narrowed["total"] == 1
+
+
+def test_detail_shows_the_message_with_redacted_fields(api: Api) -> None:
+    payload = k.structured(k.cloud_event("user.created", {"name": "ann", "password": "hunter2"}))
+    (dlq_id,) = api.record(
+        failure(
+            api,
+            value=payload,
+            key=b"user-1",
+            headers=[("trace", b"abc"), ("raw", b"\xff\x00"), ("empty", None)],
+            traceback="Traceback: connecting to postgresql://app:pa55word@db/app failed",
+        )
+    )
+    response = api.client.get(f"{DLQ}/{dlq_id}", headers=READER)
+    assert response.status_code == 200, response.text
+    row = response.json()
+    assert row["payload_encoding"] == "json"
+    assert row["payload_redacted"] is True
+    assert row["payload"]["data"] == {"name": "ann", "password": "***"}
+    assert "hunter2" not in response.text
+    assert row["key"] == "user-1"
+    assert row["key_encoding"] == "text"
+    assert row["headers"] == [
+        {"key": "trace", "value": "abc", "encoding": "text"},
+        {"key": "raw", "value": base64.b64encode(b"\xff\x00").decode(), "encoding": "base64"},
+        {"key": "empty", "value": None, "encoding": None},
+    ]
+    assert "pa55word" not in row["error_traceback"]
+    assert row["worker_version"] == "test"
+
+
+def test_redaction_applies_to_the_binary_binding_and_withholds_what_is_not_json(api: Api) -> None:
+    binary, not_json, tombstone = api.record(
+        failure(
+            api,
+            value=json.dumps({"device_id": "d", "password": "swordfish"}).encode(),
+            headers=[("ce_specversion", b"1.0"), ("ce_type", b"user.created")],
+        ),
+        failure(api, value=b"\xff\xfe password=swordfish"),
+        failure(api, value=None),
+    )
+    row = api.client.get(f"{DLQ}/{binary}", headers=READER).json()
+    assert row["payload"] == {"device_id": "d", "password": "***"}
+    row = api.client.get(f"{DLQ}/{not_json}", headers=READER).json()
+    assert (row["payload"], row["payload_encoding"]) == (None, "withheld")
+    row = api.client.get(f"{DLQ}/{tombstone}", headers=READER).json()
+    assert (row["payload"], row["payload_encoding"]) == (None, None)
+
+
+def test_without_redaction_bytes_that_are_not_json_come_back_as_base64(make_api: Callable[..., Api]) -> None:
+    api = make_api(redact_fields=())
+    raw = b"\xff\xfe\x00 not json"
+    odd = [b'{"a": NaN}', b'{"a": 1e400}', b"[" * 100 + b"]" * 100, b'"\\ud800"']
+    ids = api.record(failure(api, value=raw), *(failure(api, value=value) for value in odd))
+    for dlq_id, value in zip(ids, [raw, *odd], strict=True):
+        response = api.client.get(f"{DLQ}/{dlq_id}", headers=READER)
+        assert response.status_code == 200, (value, response.text)
+        row = response.json()
+        assert row["payload_encoding"] == "base64", value
+        assert base64.b64decode(row["payload"]) == value
+
+
+def test_unknown_ids_are_404(api: Api) -> None:
+    for method, path in [
+        ("GET", f"{DLQ}/424242"),
+        ("POST", f"{DLQ}/424242/retry"),
+        ("DELETE", f"{DLQ}/424242"),
+        ("PUT", f"{DLQ}/424242/resolve"),
+    ]:
+        response = api.client.request(method, path, headers=ADMIN)
+        assert response.status_code == 404, (method, path, response.text)
+        assert response.json() == {"detail": "no DLQ row with id 424242"}
+    response = api.client.post(f"{DLQ}/retry-all", json={"ids": [424242], "limit": 1}, headers=ADMIN)
+    assert response.status_code == 404
+
+
+# -- changing --------------------------------------------------------------------------------------------------
+
+
+def test_retry_really_republishes_and_the_worker_then_resolves_the_row(
+    make_api: Callable[..., Api], kafka_bootstrap: str, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    api = make_api()
+    producer = k.TestProducer(kafka_bootstrap)
+    producer.send(topic, k.structured(k.reading("api-dev", value=7.0)), key="api-dev")
+    producer.flush()
+    run_until_idle(api.settings, idle=2)
+    dlq_id = scalar(db, "SELECT dlq_id FROM dlq WHERE stage = 'handler'")
+    assert dlq_id is not None
+    assert status_of(db, dlq_id) == "pending"
+
+    producer.send(topic, k.structured(k.registered("api-dev")), key="api-dev")
+    producer.flush()
+    run_until_idle(api.settings, idle=2)
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'api-dev'") == 0
+
+    response = api.client.post(f"{DLQ}/{dlq_id}/retry", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.json() | {"failures": {}} == {
+        "matched": 1,
+        "published": 1,
+        "failed": 0,
+        "dry_run": False,
+        "published_ids": [dlq_id],
+        "failures": {},
+    }
+    assert api.client.get(f"{DLQ}/{dlq_id}", headers=READER).json()["status"] == "replayed"
+
+    run_until_idle(api.settings, idle=2)
+    row = api.client.get(f"{DLQ}/{dlq_id}", headers=READER).json()
+    assert row["status"] == "resolved"
+    assert row["replay_count"] == 1
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'api-dev'") == 1
+    assert ("api:admin", "replay", [dlq_id]) in audit(db)
+
+
+def test_retry_of_a_resolved_or_discarded_row_needs_force(api: Api, db: psycopg.Connection[Any]) -> None:
+    resolved, discarded, replayed = api.record(failure(api), failure(api), failure(api))
+    db.execute("UPDATE dlq SET status = 'resolved' WHERE dlq_id = %s", (resolved,))
+    db.execute("UPDATE dlq SET status = 'discarded' WHERE dlq_id = %s", (discarded,))
+    db.execute("UPDATE dlq SET status = 'replayed' WHERE dlq_id = %s", (replayed,))
+    for dlq_id, status in [(resolved, "resolved"), (discarded, "discarded")]:
+        response = api.client.post(f"{DLQ}/{dlq_id}/retry", headers=ADMIN)
+        assert response.status_code == 409
+        assert status in response.json()["detail"]
+        assert status_of(db, dlq_id) == status
+    response = api.client.post(f"{DLQ}/{discarded}/retry", json={"force": True}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.json()["published"] == 1
+    assert status_of(db, discarded) == "replayed"
+    # a row already replayed (outcome unknown) may be replayed again without force
+    response = api.client.post(f"{DLQ}/{replayed}/retry", json={}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert scalar(db, "SELECT replay_count FROM dlq WHERE dlq_id = %s", replayed) == 1
+
+
+def test_retry_to_another_topic(api: Api, kafka_bootstrap: str, db: psycopg.Connection[Any]) -> None:
+    other = f"{api.settings.topics[0]}-retry"
+    k.create_topic(kafka_bootstrap, other, partitions=1)
+    (dlq_id,) = api.record(failure(api))
+    response = api.client.post(f"{DLQ}/{dlq_id}/retry", json={"to_topic": other}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert scalar(db, "SELECT replayed_to_topic FROM dlq WHERE dlq_id = %s", dlq_id) == other
+
+
+def test_retry_all_needs_a_filter_or_all_and_a_limit(api: Api, db: psycopg.Connection[Any]) -> None:
+    readings = api.record(*(failure(api, event_type="device.reading") for _ in range(3)))
+    (other,) = api.record(failure(api, event_type="device.registered"))
+
+    refused = api.client.post(f"{DLQ}/retry-all", json={"limit": 100}, headers=ADMIN)
+    assert refused.status_code == 422
+    assert "all" in refused.json()["message"]
+    only_status = api.client.post(
+        f"{DLQ}/retry-all", json={"limit": 100, "statuses": ["pending"]}, headers=ADMIN
+    )
+    assert only_status.status_code == 422
+    no_limit = api.client.post(f"{DLQ}/retry-all", json={"all": True}, headers=ADMIN)
+    assert no_limit.status_code == 422
+    assert "limit" in no_limit.json()["message"]
+    assert all(status_of(db, i) == "pending" for i in [*readings, other])
+
+    dry = api.client.post(
+        f"{DLQ}/retry-all",
+        json={"event_type": "device.reading", "limit": 100, "dry_run": True},
+        headers=ADMIN,
+    )
+    assert dry.status_code == 200, dry.text
+    assert dry.json() | {"published_ids": []} == {
+        "matched": 3,
+        "published": 0,
+        "failed": 0,
+        "dry_run": True,
+        "published_ids": [],
+        "failures": {},
+    }
+    assert all(status_of(db, i) == "pending" for i in readings)
+
+    limited = api.client.post(
+        f"{DLQ}/retry-all", json={"event_type": "device.reading", "limit": 2}, headers=ADMIN
+    )
+    assert limited.status_code == 200, limited.text
+    assert limited.json()["matched"] == 2
+    assert limited.json()["published_ids"] == readings[:2]
+    assert [status_of(db, i) for i in readings] == ["replayed", "replayed", "pending"]
+
+    everything = api.client.post(f"{DLQ}/retry-all", json={"all": True, "limit": 100}, headers=ADMIN)
+    assert everything.status_code == 200, everything.text
+    assert everything.json()["published_ids"] == [readings[2], other]  # only pending rows by default
+    again = api.client.post(
+        f"{DLQ}/retry-all", json={"all": True, "limit": 100, "statuses": ["replayed"]}, headers=ADMIN
+    )
+    assert again.json()["published"] == 4
+    assert {(actor, action) for actor, action, _ in audit(db)} == {("api:admin", "replay")}
+
+
+def test_resolve_with_a_note_is_idempotent_and_refuses_discarded_rows(
+    api: Api, db: psycopg.Connection[Any]
+) -> None:
+    row, discarded = api.record(failure(api), failure(api))
+    db.execute("UPDATE dlq SET status = 'discarded' WHERE dlq_id = %s", (discarded,))
+    response = api.client.put(f"{DLQ}/{row}/resolve", json={"note": "fixed upstream"}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"dlq_id": row, "status": "resolved", "changed": True}
+    detail = api.client.get(f"{DLQ}/{row}", headers=READER).json()
+    assert (detail["resolved_by"], detail["resolution_note"]) == ("api:admin", "fixed upstream")
+    again = api.client.put(f"{DLQ}/{row}/resolve", headers=ADMIN)
+    assert again.json() == {"dlq_id": row, "status": "resolved", "changed": False}
+    refused = api.client.put(f"{DLQ}/{discarded}/resolve", headers=ADMIN)
+    assert refused.status_code == 409
+    assert "discarded" in refused.json()["detail"]
+    assert ("api:admin", "resolve", [row]) in audit(db)
+
+
+def test_delete_removes_the_row_and_is_audited(api: Api, db: psycopg.Connection[Any]) -> None:
+    keep, gone = api.record(failure(api), failure(api))
+    response = api.client.delete(f"{DLQ}/{gone}", headers=ADMIN)
+    assert response.status_code == 204
+    assert response.content == b""
+    assert api.client.get(f"{DLQ}/{gone}", headers=READER).status_code == 404
+    assert status_of(db, keep) == "pending"
+    assert audit(db) == [("api:admin", "delete", [gone])]
+
+
+# -- authorization ------------------------------------------------------------------------------------------
+
+# (name, method, path, JSON body, is a change)
+ROUTES: list[tuple[str, str, str, dict[str, Any] | None, bool]] = [
+    ("list", "GET", DLQ, None, False),
+    ("stats", "GET", f"{DLQ}/stats", None, False),
+    ("get", "GET", f"{DLQ}/{{id}}", None, False),
+    ("retry", "POST", f"{DLQ}/{{id}}/retry", None, True),
+    ("retry_all", "POST", f"{DLQ}/retry-all", {"all": True, "limit": 10}, True),
+    ("delete", "DELETE", f"{DLQ}/{{id}}", None, True),
+    ("resolve", "PUT", f"{DLQ}/{{id}}/resolve", {"note": "done"}, True),
+]
+ROUTE_IDS = [route[0] for route in ROUTES]
+BAD_CREDENTIALS: dict[str, dict[str, str | bytes]] = {
+    "no header": {},
+    "wrong token": {"Authorization": "Bearer " + "x" * len(ADMIN_TOKEN)},
+    "token prefix": {"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"},
+    "token and more": {"Authorization": f"Bearer {ADMIN_TOKEN}x"},
+    "empty bearer": {"Authorization": "Bearer "},
+    "basic scheme": {"Authorization": "Basic " + base64.b64encode(f"admin:{ADMIN_TOKEN}".encode()).decode()},
+    "bare token": {"Authorization": ADMIN_TOKEN},
+    "non-ascii": {"Authorization": "Bearer tökén-0123456789abcdef".encode()},
+}
+
+
+def test_the_matrix_covers_every_api_route(api: Api) -> None:
+    served = {
+        (method.upper(), path)
+        for path, operations in api.app.openapi()["paths"].items()
+        if path.startswith("/api/")
+        for method in operations
+    }
+    listed = {(method, path.replace("{id}", "{dlq_id}")) for _, method, path, _, _ in ROUTES}
+    assert served == listed
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "change"), ROUTES, ids=ROUTE_IDS)
+def test_auth_matrix(
+    api: Api, db: psycopg.Connection[Any], name: str, method: str, path: str, body: Any, change: bool
+) -> None:
+    (dlq_id,) = api.record(failure(api))
+    url = path.format(id=dlq_id)
+    for label, headers in BAD_CREDENTIALS.items():
+        response = api.client.request(method, url, json=body, headers=headers)
+        assert response.status_code == 401, (label, response.text)
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert response.json() == {"detail": "a valid bearer token is required"}
+
+    response = api.client.request(method, url, json=body, headers=READER)
+    if change:
+        assert response.status_code == 403, response.text
+        assert "read" in response.json()["detail"]
+    else:
+        assert response.status_code == 200, response.text
+    assert status_of(db, dlq_id) == "pending"
+    assert audit(db) == []
+
+    response = api.client.request(method, url, json=body, headers=ADMIN)
+    assert response.status_code == (204 if name == "delete" else 200), response.text
+    if change:
+        assert audit(db)[0][0] == "api:admin"
+
+
+def test_unauthenticated_requests_are_refused_before_their_input_is_read(api: Api) -> None:
+    for method, path, content in [
+        ("POST", f"{DLQ}/retry-all", b"{not json"),
+        ("GET", f"{DLQ}/not-an-id", None),
+        ("GET", "/api/v1/unknown", None),
+    ]:
+        response = api.client.request(
+            method, path, content=content, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 401, (path, response.text)
+    response = api.client.post(f"{DLQ}/retry-all", content=b"{not json", headers=READER)
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "change"), ROUTES, ids=ROUTE_IDS)
+def test_without_configured_tokens_nothing_is_reachable(
+    make_api: Callable[..., Api], name: str, method: str, path: str, body: Any, change: bool
+) -> None:
+    api = make_api(admin_token=None, admin_read_token=None)
+    for headers in [{}, ADMIN, READER, {"Authorization": "Bearer "}]:
+        response = api.client.request(method, path.format(id=1), json=body, headers=headers)
+        assert response.status_code == 401, response.text
+
+
+def test_a_read_only_deployment_can_read_but_never_change(make_api: Callable[..., Api]) -> None:
+    api = make_api(admin_token=None)
+    (dlq_id,) = api.record(failure(api))
+    assert api.client.get(f"{DLQ}/{dlq_id}", headers=READER).status_code == 200
+    assert api.client.put(f"{DLQ}/{dlq_id}/resolve", headers=READER).status_code == 403
+    assert api.client.put(f"{DLQ}/{dlq_id}/resolve", headers=ADMIN).status_code == 401
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+
+# (method, path, query, JSON body, a word the message must contain)
+INVALID: list[tuple[str, str, dict[str, Any] | None, Any, str]] = [
+    ("GET", f"{DLQ}/0", None, None, "dlq_id"),
+    ("GET", f"{DLQ}/-3", None, None, "dlq_id"),
+    ("GET", f"{DLQ}/abc", None, None, "dlq_id"),
+    ("GET", f"{DLQ}/99999999999999999999", None, None, "dlq_id"),
+    ("DELETE", f"{DLQ}/1.5", None, None, "dlq_id"),
+    ("GET", DLQ, {"limit": 0}, None, "limit"),
+    ("GET", DLQ, {"limit": 501}, None, "limit"),
+    ("GET", DLQ, {"limit": "many"}, None, "limit"),
+    ("GET", DLQ, {"status": "lost"}, None, "status"),
+    ("GET", DLQ, {"status": ["pending", "lost"]}, None, "status"),
+    ("GET", DLQ, {"stage": "parse"}, None, "stage"),
+    ("GET", DLQ, {"since": "yesterday"}, None, "since"),
+    ("GET", DLQ, {"until": "2026-13-45"}, None, "until"),
+    ("GET", DLQ, {"since": "99999999w"}, None, "since"),
+    ("GET", DLQ, {"since": "1h", "until": "2h"}, None, "since must be earlier than until"),
+    ("GET", DLQ, {"cursor": "not-a-cursor"}, None, "cursor"),
+    ("GET", DLQ, {"cursor": encode_cursor(1)[:-2]}, None, "cursor"),
+    ("GET", DLQ, {"fingerprint": "xyz"}, None, "fingerprint"),
+    ("GET", DLQ, {"topic": "bad/topic"}, None, "topic"),
+    ("GET", DLQ, {"consumer": "nul\x00byte"}, None, "consumer"),
+    ("GET", DLQ, {"consumer": ""}, None, "consumer"),
+    ("GET", DLQ, {"error_contains": "x" * 300}, None, "error_contains"),
+    ("GET", DLQ, {"id": "0"}, None, "id"),
+    ("GET", DLQ, {"stauts": "pending"}, None, "stauts"),
+    ("GET", f"{DLQ}/stats", {"status": "lost"}, None, "status"),
+    ("POST", f"{DLQ}/retry-all", None, {}, "limit"),
+    ("POST", f"{DLQ}/retry-all", None, {"all": True, "limit": 10_001}, "limit"),
+    ("POST", f"{DLQ}/retry-all", None, {"all": True, "limit": 0}, "limit"),
+    ("POST", f"{DLQ}/retry-all", None, {"all": True, "limit": 5, "statuses": ["lost"]}, "statuses"),
+    ("POST", f"{DLQ}/retry-all", None, {"all": True, "limit": 5, "to_topic": ".."}, "to_topic"),
+    ("POST", f"{DLQ}/retry-all", None, {"all": True, "limit": 5, "ids": [0]}, "ids"),
+    ("POST", f"{DLQ}/retry-all", None, {"consumer": "g", "limit": 5, "surprise": 1}, "surprise"),
+    ("POST", f"{DLQ}/retry-all", None, {"consumer": "g", "limit": 5, "since": "soon"}, "since"),
+    ("POST", f"{DLQ}/retry-all", None, [1, 2], "body"),
+    ("POST", f"{DLQ}/1/retry", None, {"force": "maybe"}, "force"),
+    ("POST", f"{DLQ}/1/retry", None, {"to_topic": "a" * 250}, "to_topic"),
+    ("PUT", f"{DLQ}/1/resolve", None, {"note": 5}, "note"),
+    ("PUT", f"{DLQ}/1/resolve", None, {"note": "x" * 2001}, "note"),
+    ("PUT", f"{DLQ}/1/resolve", None, {"note": "\ud800"}, "note"),
+]
+
+
+@pytest.fixture
+def dsn_parts(api: Api) -> list[str]:
+    parts = urlsplit(api.settings.dsn)
+    return [api.settings.dsn, parts.path.strip("/"), f"{parts.hostname}:{parts.port}", "postgresql://"]
+
+
+@pytest.mark.parametrize(("method", "path", "query", "body", "word"), INVALID)
+def test_invalid_input_is_422_with_a_clear_message(
+    api: Api, dsn_parts: list[str], method: str, path: str, query: Any, body: Any, word: str
+) -> None:
+    content = None if body is None else json.dumps(body).encode()
+    response = api.client.request(
+        method, path, params=query, content=content, headers=ADMIN | {"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert word in error["message"], error
+    assert error["detail"]
+    assert all(set(issue) == {"loc", "msg", "type"} for issue in error["detail"])
+    assert "Traceback" not in response.text
+    assert not any(part in response.text for part in dsn_parts)
+
+
+def test_a_body_that_is_not_json_is_422(api: Api) -> None:
+    response = api.client.post(
+        f"{DLQ}/retry-all", content=b"{not json", headers=ADMIN | {"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "JSON" in response.json()["message"]
+
+
+# -- failures leak nothing --------------------------------------------------------------------------------------
+
+
+def test_database_down_is_503_without_details(make_settings: Callable[..., Settings]) -> None:
+    dead = f"postgresql://operator:s3cr3t-pw@127.0.0.1:{free_port()}/secret_db_name"
+    settings = make_settings(
+        database_url=dead, admin_token=ADMIN_TOKEN, db_connect_timeout_seconds=1, dlq_refresh_seconds=60
+    )
+    metrics = Metrics()
+    service, pool = build_service(settings, metrics=metrics)
+    try:
+        with TestClient(create_app(service, settings, metrics), raise_server_exceptions=False) as client:
+            for method, path in [("GET", DLQ), ("GET", f"{DLQ}/1"), ("PUT", f"{DLQ}/1/resolve")]:
+                response = client.request(method, path, headers=ADMIN)
+                assert response.status_code == 503, response.text
+                assert response.json() == {"detail": "the database is unavailable; try again later"}
+                assert response.headers["Retry-After"] == "5"
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json() == {"status": "unavailable"}
+            assert client.get("/healthz").json() == {"status": "ok"}
+    finally:
+        pool.close()
+
+
+def test_broker_down_is_503_without_details(
+    make_api: Callable[..., Api], db: psycopg.Connection[Any]
+) -> None:
+    port = free_port()
+    api = make_api(kafka_bootstrap_servers=f"127.0.0.1:{port}")
+    (dlq_id,) = api.record(failure(api))
+    response = api.client.post(f"{DLQ}/{dlq_id}/retry", headers=ADMIN)
+    assert response.status_code == 503, response.text
+    assert response.json() == {"detail": "the Kafka broker is unavailable; try again later"}
+    assert str(port) not in response.text
+    assert status_of(db, dlq_id) == "pending"
+
+
+def test_an_unexpected_error_is_a_bare_500_and_a_log_line(
+    api: Api, dsn_parts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+
+    def explode(*_: Any, **__: Any) -> Any:
+        raise RuntimeError(f"cannot use {api.settings.dsn}")
+
+    monkeypatch.setattr(api.service, "stats", explode)
+    response = api.client.get(f"{DLQ}/stats", headers=ADMIN | {"X-Request-ID": "req-42"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error"}
+    assert response.headers["X-Request-ID"] == "req-42"
+    assert not any(part in response.text for part in dsn_parts)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = next(line for line in lines if line["event"] == "api_unhandled_error")
+    assert failed["request_id"] == "req-42"
+    assert "RuntimeError" in failed["exception"]
+
+
+def test_requests_are_logged_without_tokens(api: Api) -> None:
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    (dlq_id,) = api.record(failure(api))
+    api.client.get(DLQ, headers=READER)
+    api.client.put(f"{DLQ}/{dlq_id}/resolve", json={"note": "n"}, headers=ADMIN)
+    api.client.get(DLQ, headers={"Authorization": "Bearer wrong-token-1234567890"})
+    output = stream.getvalue()
+    assert ADMIN_TOKEN not in output
+    assert READ_TOKEN not in output
+    assert "wrong-token-1234567890" not in output
+    lines = [json.loads(line) for line in output.splitlines()]
+    requests = [line for line in lines if line["event"] == "api_request"]
+    assert [(r["method"], r["status"], r["role"]) for r in requests] == [
+        ("GET", 200, "reader"),
+        ("PUT", 200, "admin"),
+        ("GET", 401, None),
+    ]
+    resolved = next(line for line in lines if line["event"] == "dlq_resolved")
+    assert resolved["actor"] == "api:admin"
+    assert resolved["request_id"] == requests[1]["request_id"]
+
+
+# -- operations ------------------------------------------------------------------------------------------------
+
+
+def test_health_readiness_and_metrics_need_no_token(api: Api) -> None:
+    api.record(failure(api), failure(api))
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    assert api.client.get("/readyz").json() == {"status": "ready"}
+    group = api.settings.consumer_group
+    sample = f'eventhandler_dlq_depth{{consumer="{group}",status="pending"}} 2.0'
+    wait_for(lambda: sample in api.client.get("/metrics").text, timeout=10, message="the depth gauge")
+    metrics = api.client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def test_the_openapi_document_names_the_endpoints_and_the_bearer_scheme(api: Api) -> None:
+    document = api.client.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["BearerToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["BearerToken"]["description"],
+    }
+    paths = document["paths"]
+    assert set(paths[DLQ]) == {"get"}
+    assert set(paths[f"{DLQ}/{{dlq_id}}"]) == {"get", "delete"}
+    assert set(paths[f"{DLQ}/{{dlq_id}}/retry"]) == {"post"}
+    assert set(paths[f"{DLQ}/retry-all"]) == {"post"}
+    assert set(paths[f"{DLQ}/{{dlq_id}}/resolve"]) == {"put"}
+    for path, operations in paths.items():
+        if path.startswith("/api/"):
+            for operation in operations.values():
+                assert operation["security"] == [{"BearerToken": []}]
+                assert "401" in operation["responses"]
+
+
+# -- the real server --------------------------------------------------------------------------------------------
+
+SERVE = (
+    "import sys; from eventhandler.api import serve; from eventhandler.config import load_settings; "
+    "serve(load_settings(), '127.0.0.1', int(sys.argv[1]))"
+)
+
+
+def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
+    make_settings: Callable[..., Settings], db_url: str, tmp_path: Any
+) -> None:
+    settings = make_settings(admin_token=ADMIN_TOKEN, admin_read_token=READ_TOKEN)
+    metrics = Metrics()
+    service, pool = build_service(settings, metrics=metrics)
+    try:
+        with pool.connection() as conn, conn.transaction():
+            payload = k.structured(k.cloud_event("user.created", {"password": "hunter2"}))
+            (dlq_id,) = service.repository.record_failures(
+                conn, [failed_message(consumer=settings.consumer_group, value=payload)]
+            )
+    finally:
+        pool.close()
+    port = free_port()
+    env = settings_env(settings) | {
+        "EVENTHANDLER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "EVENTHANDLER_ADMIN_READ_TOKEN": READ_TOKEN,
+        "EVENTHANDLER_API_REDACT_FIELDS": "data.password, data.secret",
+    }
+    log_path = tmp_path / "api.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=5) as client:
+
+            def healthy() -> bool:
+                assert process.poll() is None, log_path.read_text()
+                try:
+                    return client.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_for(healthy, timeout=30, message="the API to listen")
+            assert client.get(DLQ).status_code == 401
+            row = client.get(f"{DLQ}/{dlq_id}", headers=READER)
+            assert row.status_code == 200, row.text
+            assert row.json()["payload"]["data"] == {"password": "***"}
+            assert "server" not in row.headers
+            assert client.get("/readyz").json() == {"status": "ready"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert ADMIN_TOKEN not in output
+    assert READ_TOKEN not in output
+    events = [json.loads(line)["event"] for line in output.splitlines() if line.startswith("{")]
+    assert "api_starting" in events
+    assert "api_request" in events
+    assert events.index("api_started") < events.index("api_stopped")
+
+
+def test_serve_refuses_to_start_without_a_token(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ConfigError, match="EVENTHANDLER_ADMIN_TOKEN"):
+        serve(make_settings(), "127.0.0.1", free_port())
+
+
+def test_serve_refuses_a_malformed_redaction_setting(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVENTHANDLER_API_REDACT_FIELDS", "data..password")
+    with pytest.raises(ConfigError, match="EVENTHANDLER_API_REDACT_FIELDS"):
+        serve(make_settings(admin_token=ADMIN_TOKEN), "127.0.0.1", free_port())
