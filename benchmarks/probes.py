@@ -1,0 +1,176 @@
+"""Measuring the real worker from outside, without changing it.
+
+Rates are taken from the end of the first batch to the end of the last, counting the events of every
+batch but the first: that leaves out the consumer group join (seconds on Tansu) and the idle wait
+before `stop_when_idle` ends the run, and it is the same rule for the worker and the baselines.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from eventhandler.pipeline import Record
+from eventhandler.worker import App
+
+
+@dataclass
+class Clock:
+    """Events per second between the first and the last `mark`."""
+
+    total: int = 0
+    first_count: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+    def mark(self, count: int, at: float | None = None) -> None:
+        at = time.perf_counter() if at is None else at
+        if self.first_at is None:
+            self.first_at, self.first_count = at, count
+        self.last_at = at
+        self.total += count
+
+    @property
+    def seconds(self) -> float:
+        if self.first_at is None or self.last_at is None:
+            return 0.0
+        return self.last_at - self.first_at
+
+    @property
+    def rate(self) -> float | None:
+        if not self.seconds:
+            return None
+        return (self.total - self.first_count) / self.seconds
+
+
+# (method owner, method name, label, nested inside another timed step)
+_STEPS: tuple[tuple[str, str, str, bool], ...] = (
+    ("source", "consume", "consume (librdkafka → Record)", False),
+    ("processor", "decode", "decode (JSON + pydantic)", False),
+    ("worker", "_commit", "PostgreSQL transaction (incl. pool, deadline timer)", False),
+    ("processor", "commit", "… of which BatchProcessor.commit", True),
+    ("source", "commit", "Kafka offset commit", False),
+    ("worker", "_record", "Worker._record (metrics + batch log line)", False),
+)
+
+
+@dataclass
+class WorkerProbe:
+    """Wraps a few methods of one built `App`'s objects (instance attributes, so the classes and any
+    other worker stay untouched): each batch's end time and size, the time spent in each step, and
+    optionally the produce-to-commit latency of every record.
+
+    Step times count only inside the clock's window (after the first batch, up to the last), so
+    they add up with the rate: the group join and the idle tail are left out of both."""
+
+    app: App
+    latency_after_ms: float | None = None  # collect latencies of records produced after this
+    clock: Clock = field(default_factory=Clock)
+    steps: dict[str, float] = field(default_factory=dict)
+    nested: set[str] = field(default_factory=set)
+    latencies_ms: list[float] = field(default_factory=list)
+    _pending: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        worker = self.app.worker
+        original = worker.process
+
+        def process(records: list[Record]) -> Any:
+            result = original(records)
+            first = self.clock.first_at is None
+            self.clock.mark(len(records))
+            if not first:
+                for label, seconds in self._pending.items():
+                    self.steps[label] += seconds
+            self._pending = dict.fromkeys(self.steps, 0.0)
+            if self.latency_after_ms is not None:
+                self._latencies(records)
+            return result
+
+        worker.process = process  # type: ignore[method-assign]
+        owners = {"worker": worker, "source": worker.source, "processor": worker.processor}
+        for owner, name, label, nested in _STEPS:
+            self._time(owners[owner], name, label)
+            if nested:
+                self.nested.add(label)
+        self._pending = dict.fromkeys(self.steps, 0.0)
+
+    def _time(self, target: object, name: str, label: str) -> None:
+        method = getattr(target, name, None)
+        if method is None:  # the worker changed under us: report what is still there
+            return
+        self.steps[label] = 0.0
+
+        @functools.wraps(method)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._pending[label] = self._pending.get(label, 0.0) + time.perf_counter() - started
+
+        setattr(target, name, timed)
+
+    @property
+    def unaccounted(self) -> float:
+        """Window time outside every timed step (the loop itself, positions, Records → batch…)."""
+        timed = sum(seconds for label, seconds in self.steps.items() if label not in self.nested)
+        return self.clock.seconds - timed
+
+    @property
+    def window_events(self) -> int:
+        return self.clock.total - self.clock.first_count
+
+    def _latencies(self, records: list[Record]) -> None:
+        committed_ms = time.time() * 1000
+        after = self.latency_after_ms or 0.0
+        for record in records:
+            if record.timestamp_ms is not None and record.timestamp_ms >= after:
+                self.latencies_ms.append(committed_ms - record.timestamp_ms)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (nearest rank), None when there is nothing to rank."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class PeakRss:
+    """The peak resident set of a child process: its `VmHWM` (the kernel's high-water mark of this
+    address space, reset at exec) read from /proc until the process exits. Not `wait4`'s
+    `ru_maxrss`: Linux folds the forked parent's RSS (this benchmark's) into it at exec."""
+
+    process: subprocess.Popen[bytes]
+    peak_kib: int = 0
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            self.peak_kib = max(self.peak_kib, self._hwm_kib())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"process {self.process.pid} still running after {timeout:.0f}s")
+            time.sleep(0.1)  # sampling a monotonic high-water mark: only the last 0.1 s can be missed
+        return self.process.returncode
+
+    def _hwm_kib(self) -> int:
+        try:
+            with open(f"/proc/{self.process.pid}/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass  # exited between poll() and the read
+        return 0

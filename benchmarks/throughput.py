@@ -1,0 +1,181 @@
+"""Throughput: the happy path against its two baselines, the cost of the extras (metrics endpoint,
+JSON logs) on the same topic, and failure storms against the happy-path rate."""
+
+from __future__ import annotations
+
+from benchmarks.baselines import naive_worker, raw_ceiling
+from benchmarks.probes import WorkerProbe
+from benchmarks.report import Row, Target
+from benchmarks.runner import Bench, WorkerRun, run_worker
+from benchmarks.workload import Workload, produce
+from eventhandler.config import Settings
+
+RATE = "ev/s"
+MEASURED = (
+    "Throughput (ev/s) of the worker and of both baselines: events of every batch but the first, over "
+    "the time from the end of the first batch to the end of the last (for the worker: when "
+    "Worker.process returned, i.e. the batch's PostgreSQL transaction and Kafka commit were done). "
+    "This leaves out the consumer group join and the idle wait before stop_when_idle."
+)
+
+
+def happy_path(bench: Bench) -> None:
+    profile, services = bench.profile, bench.services
+    topic = services.topic("happy", profile.partitions)
+    workload = Workload(profile.devices, profile.happy_events, tag="happy")
+    bench.say(f"happy path: producing {workload.messages:,} messages to {profile.partitions} partitions")
+    produced = produce(services.bootstrap, topic, workload)
+    average = produced.bytes / produced.messages
+
+    bench.say("happy path: the worker (log_level=info, JSON logs, no HTTP endpoint)")
+    worker = run_worker(bench, "happy", topic, workload)
+    bench.happy_rate = worker.rate
+    bench.say(f"happy path: worker {worker.rate or 0:,.0f} ev/s; now the raw ceiling")
+    batch = Settings.model_fields["batch_max_messages"].default  # the worker's own batch size
+    raw = max(
+        (
+            raw_ceiling(services.bootstrap, topic, profile.partitions, workload.messages, batch)
+            for _ in range(2)
+        ),
+        key=lambda clock: clock.rate or 0.0,
+    )
+    bench.say(f"happy path: raw ceiling {raw.rate or 0:,.0f} ev/s; now the naive worker")
+    with services.database() as url:
+        naive = naive_worker(services.bootstrap, topic, profile.partitions, url, profile.naive_events)
+    bench.say(f"happy path: naive {naive.rate or 0:,.0f} ev/s")
+
+    scenario = "1 happy path"
+    bench.report.note(MEASURED)
+    bench.report.note(
+        "Raw ceiling: confluent-kafka consume(num_messages=batch_max_messages) + the worker's "
+        "Deserializer (same pydantic models), no database; best of 2 runs."
+    )
+    bench.report.note(
+        "Naive worker: poll() one message, one INSERT … ON CONFLICT statement (count + latest value), one "
+        "PostgreSQL commit, offsets auto-committed; no ledger, DLQ or stored positions."
+    )
+    events = f"{workload.messages:,} msgs ({workload.registrations:,} registrations), ~{average:.0f} B"
+    bench.report.add(
+        Row(
+            scenario,
+            "worker vs raw ceiling",
+            worker.rate,
+            RATE,
+            raw.rate,
+            "raw consume+validate",
+            Target("≥ 0.40x", minimum_ratio=0.40),
+            worker.note or events,
+            status="WRONG" if worker.problems else "INFO",
+        )
+    )
+    bench.report.add(
+        Row(
+            scenario,
+            "worker vs naive worker",
+            worker.rate,
+            RATE,
+            naive.rate,
+            "naive",
+            Target("≥ 10x", minimum_ratio=10),
+            f"naive measured on the first {profile.naive_events:,} messages only",
+            status="WRONG" if worker.problems else "INFO",
+        )
+    )
+    _breakdown(bench, scenario, worker)
+    _extras(bench, topic, workload, worker)
+
+
+def _breakdown(bench: Bench, scenario: str, run: WorkerRun) -> None:
+    """Where the worker's time went, per event, inside the measured window."""
+    probe: WorkerProbe = run.probe
+    events = max(probe.window_events, 1)
+    window = probe.clock.seconds or 1.0
+    steps = [*probe.steps.items(), ("other (loop, positions, …)", probe.unaccounted)]
+    for label, seconds in steps:
+        bench.report.add(
+            Row(
+                scenario,
+                f"  {label}",
+                seconds / events * 1e6,
+                "µs/ev",
+                note=f"{100 * seconds / window:.0f}% of the window",
+            )
+        )
+
+
+def _extras(bench: Bench, topic: str, workload: Workload, base: WorkerRun) -> None:
+    scenario = "6 extras"
+    bench.report.note(
+        "Extras: each ratio compares two separate worker runs; on a shared 2-CPU machine identical runs "
+        "differ by up to ±20%, so a small ratio is noise. Their exact hot-path cost is the time measured "
+        "inside Worker._record (all metric updates plus the batch_committed log line)."
+    )
+    bench.say("extras: the worker with its /metrics endpoint on, scraped every second")
+    served = run_worker(bench, "extras-http", topic, workload, serve_http=True, scrape_every=1.0)
+    bench.report.add(
+        Row(
+            scenario,
+            "metrics endpoint on (scraped 1/s)",
+            served.rate,
+            RATE,
+            base.rate,
+            "endpoint off",
+            note=served.note
+            or "metrics themselves cannot be turned off (Worker always records them); see _record below",
+            status="WRONG" if served.problems else "INFO",
+        )
+    )
+    bench.say("extras: the worker with log_level=warning (no per-batch JSON line)")
+    quiet = run_worker(bench, "extras-quiet", topic, workload, log_level="warning")
+    bench.report.add(
+        Row(
+            scenario,
+            "JSON logs off (log_level=warning)",
+            quiet.rate,
+            RATE,
+            base.rate,
+            "log_level=info",
+            note=quiet.note or "info writes one batch_committed line per batch",
+            status="WRONG" if quiet.problems else "INFO",
+        )
+    )
+    label = "Worker._record (metrics + batch log line)"
+    for run, level in ((base, "info"), (quiet, "warning")):
+        seconds = run.probe.steps.get(label)
+        if seconds is None:
+            continue
+        batches = max(run.stats.batches - 1, 1)
+        share = 100 * seconds / (run.probe.clock.seconds or 1.0)
+        bench.report.add(
+            Row(
+                scenario,
+                f"time in Worker._record, log_level={level}",
+                seconds / max(run.probe.window_events, 1) * 1e6,
+                "µs/ev",
+                note=f"{share:.1f}% of the window, {seconds / batches * 1e3:.2f} ms per batch",
+            )
+        )
+
+
+def failure_storms(bench: Bench) -> None:
+    profile, services = bench.profile, bench.services
+    for percent, every in ((10, 10), (100, 1)):
+        topic = services.topic(f"storm{percent}", profile.partitions)
+        workload = Workload(profile.devices, profile.storm_events, poison_every=every, tag=f"storm{percent}")
+        bench.say(f"failure storm {percent}%: producing {workload.messages:,} messages")
+        produce(services.bootstrap, topic, workload)
+        run = run_worker(bench, f"storm{percent}", topic, workload)
+        bench.say(f"failure storm {percent}%: {run.rate or 0:,.0f} ev/s")
+        bench.report.add(
+            Row(
+                "2 failure storm",
+                f"{percent}% poison ({workload.poison:,} to the DLQ)",
+                run.rate,
+                RATE,
+                bench.happy_rate,
+                "happy path",
+                Target("≥ 0.50x", minimum_ratio=0.5),
+                run.note or "poison: half not JSON, half readings of unregistered devices",
+                status="WRONG" if run.problems else "INFO",
+            )
+        )
