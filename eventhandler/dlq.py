@@ -32,7 +32,40 @@ from eventhandler.models import (
 # One statement per failure, sent pipelined (executemany) so a batch costs one round trip.
 # A replayed message that fails again updates the row it came from (its dlq_id header);
 # a redelivered message updates the row of its (consumer, topic, partition, offset).
-INSERT_FAILURE = """
+_INSERT_COLUMNS = """
+    consumer, event_id, event_type, event_source, event_payload, message_key,
+    header_keys, header_values, source_topic, source_partition, source_offset,
+    message_timestamp, stage, error_type, error_message, error_traceback, fingerprint,
+    worker_version
+"""
+_INSERT_VALUES = """
+    %(consumer)s, %(event_id)s, %(event_type)s, %(event_source)s, %(value)s, %(key)s,
+    %(header_keys)s::text[], %(header_values)s::bytea[], %(topic)s, %(partition)s, %(offset)s,
+    %(timestamp)s, %(stage)s, %(error_type)s, %(error_message)s, %(traceback)s,
+    %(fingerprint)s, %(worker_version)s
+"""
+# A redelivered message updates the row of its (consumer, topic, partition, offset).
+_ON_CONFLICT = """
+ON CONFLICT ON CONSTRAINT dlq_message_identity DO UPDATE SET
+    failure_count = dlq.failure_count + 1,
+    status = CASE WHEN dlq.status = 'replayed' THEN 'pending' ELSE dlq.status END,
+    stage = EXCLUDED.stage,
+    error_type = EXCLUDED.error_type,
+    error_message = EXCLUDED.error_message,
+    error_traceback = EXCLUDED.error_traceback,
+    fingerprint = EXCLUDED.fingerprint,
+    last_failed_at = now(),
+    worker_version = EXCLUDED.worker_version,
+    updated_at = now()
+RETURNING dlq_id
+"""
+# One statement per failure, sent pipelined (executemany) so a batch costs one round trip.
+INSERT_FAILURE = "INSERT INTO dlq (" + _INSERT_COLUMNS + ") VALUES (" + _INSERT_VALUES + ")" + _ON_CONFLICT
+
+# A replayed message that fails again updates the row it came from (its dlq_id header), if that row
+# belongs to this consumer; otherwise it gets a row of its own.
+INSERT_REPLAY_FAILURE = (
+    """
 WITH replayed AS (
     UPDATE dlq SET
         status = 'pending',
@@ -49,33 +82,16 @@ WITH replayed AS (
     WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s
     RETURNING dlq_id
 ), inserted AS (
-    INSERT INTO dlq (
-        consumer, event_id, event_type, event_source, event_payload, message_key,
-        header_keys, header_values, source_topic, source_partition, source_offset,
-        message_timestamp, stage, error_type, error_message, error_traceback, fingerprint,
-        worker_version
-    )
-    SELECT
-        %(consumer)s, %(event_id)s, %(event_type)s, %(event_source)s, %(value)s, %(key)s,
-        %(header_keys)s::text[], %(header_values)s::bytea[], %(topic)s, %(partition)s, %(offset)s,
-        %(timestamp)s, %(stage)s, %(error_type)s, %(error_message)s, %(traceback)s,
-        %(fingerprint)s, %(worker_version)s
-    WHERE NOT EXISTS (SELECT 1 FROM replayed)
-    ON CONFLICT ON CONSTRAINT dlq_message_identity DO UPDATE SET
-        failure_count = dlq.failure_count + 1,
-        status = CASE WHEN dlq.status = 'replayed' THEN 'pending' ELSE dlq.status END,
-        stage = EXCLUDED.stage,
-        error_type = EXCLUDED.error_type,
-        error_message = EXCLUDED.error_message,
-        error_traceback = EXCLUDED.error_traceback,
-        fingerprint = EXCLUDED.fingerprint,
-        last_failed_at = now(),
-        worker_version = EXCLUDED.worker_version,
-        updated_at = now()
-    RETURNING dlq_id
-)
+    INSERT INTO dlq ("""
+    + _INSERT_COLUMNS
+    + ") SELECT "
+    + _INSERT_VALUES
+    + " WHERE NOT EXISTS (SELECT 1 FROM replayed)"
+    + _ON_CONFLICT
+    + """)
 SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted
 """
+)
 
 RESOLVE_REPLAYED = """
 UPDATE dlq SET status = 'resolved', resolved_at = now(), resolved_by = 'replay',
@@ -245,18 +261,19 @@ class PostgresDLQRepository:
     # -- the worker's side, inside its batch transaction ------------------------------------
 
     def record_failures(self, conn: psycopg.Connection[Any], failures: Sequence[FailedMessage]) -> list[int]:
-        if not failures:
-            return []
+        ids: dict[int, int] = {}  # position in `failures` → dlq_id
+        fresh = [i for i, f in enumerate(failures) if f.replay_of is None]
+        replays = [i for i, f in enumerate(failures) if f.replay_of is not None]
         with translate_db_errors(), conn.cursor() as cur:
-            cur.executemany(INSERT_FAILURE, [_failure_params(f) for f in failures], returning=True)
-            ids: list[int] = []
-            while True:
-                row = cur.fetchone()
-                if row is not None:
-                    ids.append(row[0])
-                if not cur.nextset():
-                    break
-            return ids
+            for statement, positions in ((INSERT_FAILURE, fresh), (INSERT_REPLAY_FAILURE, replays)):
+                if not positions:
+                    continue
+                cur.executemany(statement, [_failure_params(failures[i]) for i in positions], returning=True)
+                for position in positions:
+                    row = cur.fetchone()
+                    ids[position] = row[0] if row else -1
+                    cur.nextset()
+        return [ids[i] for i in range(len(failures))]
 
     def resolve_replayed(
         self, conn: psycopg.Connection[Any], consumer: str, dlq_ids: Sequence[int]

@@ -24,23 +24,23 @@ log = get_logger("eventhandler.ledger")
 
 CLAIM_EVENTS = """
 INSERT INTO applied_events (consumer, event_source, event_id)
-SELECT %s, * FROM unnest(%s::text[], %s::text[])
+SELECT %s, * FROM unnest(%b::text[], %b::text[])
 ON CONFLICT DO NOTHING
 RETURNING event_source, event_id
 """
 RELEASE_EVENTS = """
 DELETE FROM applied_events
-WHERE consumer = %s AND (event_source, event_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+WHERE consumer = %s AND (event_source, event_id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))
 """
 SAVE_POSITIONS = """
 INSERT INTO consumer_positions (consumer, topic, partition, next_offset)
-SELECT %s, * FROM unnest(%s::text[], %s::int[], %s::bigint[])
+SELECT %s, * FROM unnest(%b::text[], %b::int[], %b::bigint[])
 ON CONFLICT (consumer, topic, partition) DO UPDATE SET
     next_offset = EXCLUDED.next_offset, updated_at = now()
 """
 LOAD_POSITIONS = """
 SELECT topic, partition, next_offset FROM consumer_positions
-WHERE consumer = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))
+WHERE consumer = %s AND (topic, partition) IN (SELECT * FROM unnest(%b::text[], %b::int[]))
 """
 
 PRUNE = """

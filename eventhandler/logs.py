@@ -6,6 +6,7 @@ passes: `SecretStr` values, passwords inside connection URLs, and keys that name
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -21,16 +22,28 @@ _SECRET_KEYS = re.compile(r"(?i)(password|passwd|secret|token|authorization|api[
 _REDACTED = "**********"
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_secret_key(key: str) -> bool:
+    return _SECRET_KEYS.search(key) is not None
+
+
 def redact_text(text: str) -> str:
     """Mask passwords embedded in URLs and libpq key=value strings."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{_REDACTED}@", text)
-    return _KV_PASSWORD.sub(lambda m: f"{m[1]}={_REDACTED}", text)
+    if "@" in text and "://" in text:
+        text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{_REDACTED}@", text)
+    if "=" in text:
+        lowered = text.lower()
+        if "pass" in lowered or "pwd" in lowered:
+            text = _KV_PASSWORD.sub(lambda m: f"{m[1]}={_REDACTED}", text)
+    return text
 
 
 def _redact_value(key: str, value: Any) -> Any:
+    if isinstance(value, int | float | bool) or value is None:
+        return value
     if isinstance(value, SecretStr):
         return _REDACTED
-    if _SECRET_KEYS.search(key) and value not in (None, ""):
+    if _is_secret_key(key) and value not in (None, ""):
         return _REDACTED
     if isinstance(value, str):
         return redact_text(value)

@@ -44,10 +44,8 @@ CREATE INDEX dlq_consumer_status_idx ON dlq (consumer, status, dlq_id);
 CREATE INDEX dlq_pending_failed_at_idx ON dlq (consumer, failed_at) WHERE status = 'pending';
 CREATE INDEX dlq_status_id_idx ON dlq (status, dlq_id);
 CREATE INDEX dlq_event_type_idx ON dlq (event_type, dlq_id);
-CREATE INDEX dlq_stage_idx ON dlq (stage, dlq_id);
 CREATE INDEX dlq_fingerprint_idx ON dlq (fingerprint, dlq_id);
 CREATE INDEX dlq_last_failed_at_idx ON dlq (last_failed_at);
-CREATE INDEX dlq_event_id_idx ON dlq (event_id);
 
 -- Who changed what in the DLQ, for audit: every CLI and API change writes here.
 CREATE TABLE dlq_audit (

@@ -44,25 +44,25 @@ class DeviceDecommissioned(BaseModel):
     device_id: str = Field(min_length=1, max_length=64)
 
 
-LOAD_STATUS = "SELECT device_id, status FROM devices WHERE device_id = ANY(%s)"
+LOAD_STATUS = "SELECT device_id, status FROM devices WHERE device_id = ANY(%b)"
 UPSERT_DEVICES = """
 INSERT INTO devices (device_id, name, site, status, registered_at)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[])
 ON CONFLICT (device_id) DO UPDATE SET
     name = EXCLUDED.name, site = EXCLUDED.site, status = EXCLUDED.status,
     registered_at = coalesce(devices.registered_at, EXCLUDED.registered_at), updated_at = now()
 """
 DECOMMISSION = """
-UPDATE devices SET status = 'decommissioned', updated_at = now() WHERE device_id = ANY(%s)
+UPDATE devices SET status = 'decommissioned', updated_at = now() WHERE device_id = ANY(%b)
 """
 ADD_READINGS = """
 UPDATE devices SET reading_count = devices.reading_count + d.n, updated_at = now()
-FROM unnest(%s::text[], %s::bigint[]) AS d(device_id, n)
+FROM unnest(%b::text[], %b::bigint[]) AS d(device_id, n)
 WHERE devices.device_id = d.device_id
 """
 UPSERT_LATEST = """
 INSERT INTO device_latest_readings (device_id, metric, value, unit, observed_at, event_id)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::text[], %s::timestamptz[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::float8[], %b::text[], %b::timestamptz[], %b::text[])
 ON CONFLICT (device_id, metric) DO UPDATE SET
     value = EXCLUDED.value, unit = EXCLUDED.unit, observed_at = EXCLUDED.observed_at,
     event_id = EXCLUDED.event_id
