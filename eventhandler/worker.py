@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -50,6 +51,13 @@ class WorkerStats:
     failed_by_stage: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _InFlight:
+    future: futures.Future[BatchResult]
+    records: list[Record]
+    started: float
+
+
 class Worker:
     def __init__(
         self,
@@ -72,7 +80,9 @@ class Worker:
         self.backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
         self.running = True
         self.stats = WorkerStats()
-        self._pending: DecodedBatch | None = None
+        self._pending: DecodedBatch | None = None  # the batch committing or being retried
+        self._in_flight: _InFlight | None = None
+        self._committer: futures.ThreadPoolExecutor | None = None
         self._db_ok: bool | None = None
         self._started = False
 
@@ -95,13 +105,21 @@ class Worker:
                     self.settings.batch_max_messages, self.settings.batch_max_wait_seconds
                 )
                 if records:
-                    self.process(records)
+                    self.submit(records)
                     idle_since = time.monotonic()
-                elif stop_when_idle is not None and self._idle_for(idle_since, join_grace) >= stop_when_idle:
+                    continue
+                self.settle()  # nothing new: make the batch in flight durable now
+                if stop_when_idle is not None and self._idle_for(idle_since, join_grace) >= stop_when_idle:
                     log.info("worker_idle_stop", idle_seconds=stop_when_idle)
                     break
         finally:
-            self.source.close()
+            try:
+                self.settle()
+            finally:
+                if self._committer is not None:
+                    self._committer.shutdown(wait=True)
+                    self._committer = None
+                self.source.close()
             self._started = False
             log.info("worker_stopped", **vars(self.stats))
         return self.stats
@@ -116,18 +134,42 @@ class Worker:
         self.running = False
 
     def process(self, records: list[Record]) -> BatchResult | None:
+        """One batch, start to end (the loop overlaps batches with `submit` and `settle`)."""
+        self.submit(records)
+        return self.settle()
+
+    def submit(self, records: list[Record]) -> None:
+        """Decode a batch while the previous one commits, then hand it to the committer thread.
+
+        Batches commit one at a time and in order, so positions only move forward; decoding the next
+        batch meanwhile keeps the CPU busy while PostgreSQL works.
+        """
         started = time.perf_counter()
-        self._pending = self.processor.decode(records)
-        result = self._commit_with_retry()
+        batch = self.processor.decode(records)
+        self.settle()
+        self._pending = batch
+        if self._committer is None:
+            self._committer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-commit")
+        self._in_flight = _InFlight(self._committer.submit(self._commit, batch), records, started)
+
+    def settle(self) -> BatchResult | None:
+        """Wait for the batch in flight to be durable (retrying a transient failure), then tell Kafka."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return None
+        try:
+            result: BatchResult | None = in_flight.future.result()
+            self._set_db_ok(True)
+        except TransientError as exc:
+            result = self._commit_with_retry(failed=exc)
         self._pending = None
         if result is None:
             return None
-        positions = DecodedBatch(records).positions()
-        self.source.commit(positions)
-        self._record(records, result, time.perf_counter() - started)
+        self.source.commit(DecodedBatch(in_flight.records).positions())
+        self._record(in_flight.records, result, time.perf_counter() - in_flight.started)
         return result
 
-    def _commit_with_retry(self) -> BatchResult | None:
+    def _commit_with_retry(self, failed: TransientError | None = None) -> BatchResult | None:
         attempt = 0
         outage_started = 0.0
         while True:
@@ -135,6 +177,9 @@ class Worker:
             if batch is None or not batch.records:
                 return None  # every partition of the batch was revoked while we waited
             try:
+                if failed is not None:
+                    error, failed = failed, None
+                    raise error
                 result = self._commit(batch)
             except TransientError as exc:
                 attempt += 1
@@ -192,6 +237,10 @@ class Worker:
             self.source.poll_while_paused(min(remaining, 0.2))
 
     def on_revoked(self, partitions: set[TP]) -> None:
+        # The batch in flight may hold positions of these partitions: they must be durable (or
+        # abandoned) before another worker is given the partitions and reads the positions.
+        if self._in_flight is not None:
+            futures.wait([self._in_flight.future])
         if self._pending is not None:
             self._pending = self._pending.without_partitions(partitions)
 

@@ -11,10 +11,11 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-# Tansu (the local broker) makes a new group's first join wait about half the session timeout.
+# Tansu (the local broker) makes a new group's first join wait about half the session timeout, and a
+# killed member holds its partitions for a session timeout: keep it short so tests don't wait.
 TEST_CONSUMER_OPTIONS: dict[str, Any] = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
+    "session.timeout.ms": 3000,
+    "heartbeat.interval.ms": 300,
     "topic.metadata.refresh.interval.ms": 2000,
 }
 
