@@ -2,8 +2,9 @@
 
 Method: every record's Kafka timestamp (CreateTime, stamped by the producer when `produce()` is
 called, in ms) is subtracted from the wall-clock time at which the worker's batch transaction
-committed — measured right after `Worker.process` returns, i.e. when the projection is visible in
-PostgreSQL. Producer, broker and worker share one host and one clock.
+committed — measured when the worker records the batch (after its transaction and Kafka
+commit), i.e. when the projection is visible in PostgreSQL. Producer, broker and worker share one
+host and one clock.
 
 Baseline: a bare consumer on the same stream at the same time, calling `consume()` with the worker's
 own batch size and wait, timing when each record reaches Python. The difference is what processing
@@ -72,7 +73,7 @@ def latency(bench: Bench) -> None:
     scenario = "4 latency"
     bench.report.note(
         "Latency: Kafka CreateTime of each record (stamped at produce()) to the wall clock right after "
-        "Worker.process returned (batch committed in PostgreSQL); one host, one clock, ms resolution. "
+        "the worker recorded the batch (committed in PostgreSQL); one host, one clock, ms resolution. "
         "Producer and bare consumer run in a child process. Baseline: a bare consumer calling consume() "
         "with the worker's batch_max_messages/batch_max_wait_seconds on the same stream at the same time."
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 Stage = Literal["deserialize", "handler", "projection"]
 Status = Literal["pending", "replayed", "resolved", "discarded"]
@@ -34,33 +36,36 @@ def normalise_error(message: str) -> str:
     return _SPACE.sub(" ", text).strip()[:500]
 
 
+@functools.lru_cache(maxsize=8192)  # a storm repeats the same few messages
 def fingerprint(stage: str, error_type: str, message: str) -> str:
     """A short stable id of a failure group: stage, error type and the normalised message."""
     basis = f"{stage}\x00{error_type}\x00{normalise_error(message)}"
     return hashlib.sha256(basis.encode("utf-8", "backslashreplace")).hexdigest()[:16]
 
 
-class FailedMessage(BaseModel):
-    """A Kafka message that failed, with everything needed to store and later replay it."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailedMessage:
+    """A Kafka message that failed, with everything needed to store and later replay it.
 
-    model_config = ConfigDict(frozen=True)
+    A plain dataclass, not a pydantic model: it is built from values the worker already typed, once
+    per failure, and a failure storm builds thousands a second."""
 
     consumer: str
     topic: str
     partition: int
     offset: int
-    timestamp: datetime | None = None
-    key: bytes | None = None
-    value: bytes | None = None
-    headers: Headers = Field(default_factory=list)
     stage: Stage
     error_type: str
     error_message: str
+    worker_version: str
+    timestamp: datetime | None = None
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: Headers = field(default_factory=list)
     traceback: str | None = None
     event_id: str | None = None
     event_type: str | None = None
     event_source: str | None = None
-    worker_version: str
     replay_of: int | None = None  # the dlq_id header of a replayed message
 
     @property

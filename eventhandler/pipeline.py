@@ -4,7 +4,7 @@ transaction. Each step is a function you can call alone; the worker loop only st
 
 from __future__ import annotations
 
-import traceback
+import linecache
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,10 +115,14 @@ def _format_traceback(exc: BaseException) -> str:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         lines = ["Traceback (most recent call last):\n"]
-        for frame in traceback.extract_tb(current.__traceback__):
-            lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
-            if frame.line:
-                lines.append(f"    {frame.line.strip()}\n")
+        tb = current.__traceback__
+        while tb is not None:  # walked by hand: traceback.extract_tb computes column positions too
+            code = tb.tb_frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
+            source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+            if source:
+                lines.append(f"    {source}\n")
+            tb = tb.tb_next
         lines.append(f"{type(current).__qualname__}: {current}\n")
         text = "".join(lines) + text
         if current.__cause__ is not None:
