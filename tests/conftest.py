@@ -3,6 +3,7 @@ consumer group per test. `EVENTHANDLER_*` variables from the developer's shell n
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -120,6 +121,7 @@ def pg_proxy(db_url: str) -> Iterator[tuple[TcpProxy, str]]:
 def kafka_bootstrap() -> Iterator[str]:
     with kafka_broker() as bootstrap:
         yield bootstrap
+        gc.collect()  # destroy leftover clients before the broker goes, so none logs a refused connect
 
 
 @pytest.fixture

@@ -76,9 +76,9 @@ class TestProducer:
     __test__ = False  # not a test class, despite the name
 
     def __init__(self, bootstrap: str, **config: Any) -> None:
-        self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True} | config
-        )
+        # librdkafka's own stderr log only for critical errors: delivery failures are raised by flush().
+        base = {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True, "log_level": 2}
+        self._producer = Producer(base | config)
         self._errors: list[str] = []
 
     def send(
