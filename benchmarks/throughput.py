@@ -14,7 +14,7 @@ RATE = "ev/s"
 MEASURED = (
     "Throughput (ev/s) of the worker and of both baselines: events of every batch but the first, over "
     "the time from the end of the first batch to the end of the last (for the worker: when "
-    "the worker recorded the batch, i.e. its's PostgreSQL transaction and Kafka commit were done). "
+    "the worker recorded the batch, i.e. its PostgreSQL transaction and Kafka commit were done). "
     "This leaves out the consumer group join and the idle wait before stop_when_idle."
 )
 

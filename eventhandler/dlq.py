@@ -297,6 +297,13 @@ class PostgresDLQRepository:
             rows = cur.execute(query, params | {"limit": limit}).fetchall()
         return [DLQSummary.model_validate(r) for r in rows]
 
+    def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]:
+        """The ids of the rows matching `flt`, oldest first (NULL limit: all of them)."""
+        where, params = _where(flt)
+        query = sql.SQL("SELECT dlq_id FROM dlq {} ORDER BY dlq_id LIMIT %(limit)s").format(where)
+        with translate_db_errors(), self._pool.connection() as conn:
+            return [r[0] for r in conn.execute(query, params | {"limit": limit}).fetchall()]
+
     def count(self, flt: DLQFilter) -> int:
         where, params = _where(flt)
         query = sql.SQL("SELECT count(*) FROM dlq {}").format(where)

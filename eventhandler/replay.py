@@ -112,44 +112,47 @@ class Replayer:
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
         report = ReplayReport(dry_run=dry_run)
-        matching = self._repository.count(flt)
-        report.matched = min(matching, limit) if limit is not None else matching
-        if dry_run or report.matched == 0:
+        if dry_run:
+            matching = self._repository.count(flt)
+            report.matched = min(matching, limit) if limit is not None else matching
+            return report
+        # The ids are read once, oldest first; each chunk is then claimed by id (an index lookup,
+        # whatever the table's statistics say) with the filter applied again, so a row another
+        # replayer took, or that changed meanwhile, is skipped.
+        ids = self._repository.matching_ids(flt, limit=limit)
+        report.matched = len(ids)
+        if not ids:
             return report
         producer = self.connect()
         limiter = RateLimiter(rate)
-        cursor: int | None = None
-        remaining = report.matched
         try:
-            while remaining > 0:
-                with self._repository.claim(flt, limit=min(CHUNK, remaining), after_id=cursor) as (
-                    conn,
-                    rows,
-                ):
-                    if not rows:
-                        break
-                    cursor = rows[-1].dlq_id
-                    delivered, failed = self._publish(producer, rows, to_topic, limiter)
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start : start + CHUNK]
+                claim = self._repository.claim(flt.model_copy(update={"ids": tuple(chunk)}), limit=len(chunk))
+                with claim as (conn, rows):
+                    delivered, failed = (
+                        self._publish(producer, rows, to_topic, limiter) if rows else (set(), {})
+                    )
                     by_topic: dict[str, list[int]] = {}
                     for row in rows:
                         if row.dlq_id in delivered:
                             by_topic.setdefault(to_topic or row.source_topic, []).append(row.dlq_id)
-                    for topic, ids in by_topic.items():
-                        self._repository.mark_replayed(conn, ids, topic)
+                    for topic, published in by_topic.items():
+                        self._repository.mark_replayed(conn, published, topic)
                     done = [row.dlq_id for row in rows if row.dlq_id in delivered]
-                    self._repository.audit_in(
-                        conn, actor, "replay", done, {"to_topic": to_topic, "failed": len(failed)}
-                    )
+                    if rows:
+                        self._repository.audit_in(
+                            conn, actor, "replay", done, {"to_topic": to_topic, "failed": len(failed)}
+                        )
                 report.published_ids += done
                 report.published += len(done)
                 report.failed += len(failed)
                 report.failures.update(failed)
-                remaining -= len(rows)
                 if self._metrics is not None:
                     self._metrics.replay_published.inc(len(done))
                     self._metrics.replay_failed.inc(len(failed))
                 if progress is not None:
-                    progress(len(rows))
+                    progress(len(chunk))
         finally:
             producer.flush(5)
         log.info(
