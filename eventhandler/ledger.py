@@ -3,13 +3,16 @@
 - `consumer_positions`: the next offset to read per partition. Because it commits together with the
   batch's projection writes and DLQ rows, a worker that restarts (or takes over a partition) resumes
   exactly after the last batch that took effect.
-- `applied_events`: the (source, id) of every event applied, so a duplicate published by a producer
-  retry or a replay is recognised and skipped.
+- `applied_events`: a digest of (consumer, source, id) of every event applied, so a duplicate published
+  by a producer retry or a replay is recognised and skipped. The 128-bit digest keeps the index small
+  and the claim fast; it is computed here, so the SQL never sees the text twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,15 +26,12 @@ from eventhandler.logs import get_logger
 log = get_logger("eventhandler.ledger")
 
 CLAIM_EVENTS = """
-INSERT INTO applied_events (consumer, event_source, event_id)
-SELECT %s, * FROM unnest(%b::text[], %b::text[])
+INSERT INTO applied_events (event_key, consumer)
+SELECT k, %s FROM unnest(%b::uuid[]) AS k
 ON CONFLICT DO NOTHING
-RETURNING event_source, event_id
+RETURNING event_key
 """
-RELEASE_EVENTS = """
-DELETE FROM applied_events
-WHERE consumer = %s AND (event_source, event_id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))
-"""
+RELEASE_EVENTS = "DELETE FROM applied_events WHERE event_key = ANY(%b::uuid[])"
 SAVE_POSITIONS = """
 INSERT INTO consumer_positions (consumer, topic, partition, next_offset)
 SELECT %s, * FROM unnest(%b::text[], %b::int[], %b::bigint[])
@@ -54,6 +54,12 @@ DELETE FROM applied_events WHERE ctid = ANY(ARRAY(
 EventKey = tuple[str, str]  # (source, id): unique per CloudEvents 1.0
 
 
+def digest(consumer: str, key: EventKey) -> uuid.UUID:
+    """The ledger's key of an event for a consumer group (MD5 as a 128-bit digest, not for secrecy)."""
+    text = f"{consumer}\x00{key[0]}\x00{key[1]}".encode("utf-8", "surrogatepass")
+    return uuid.UUID(bytes=hashlib.md5(text, usedforsecurity=False).digest())
+
+
 class Ledger:
     def __init__(self, consumer: str) -> None:
         self.consumer = consumer
@@ -66,18 +72,17 @@ class Ledger:
         """
         if not keys:
             return set()
+        by_digest = {digest(self.consumer, key): key for key in keys}
         with translate_db_errors():
-            rows = conn.execute(
-                CLAIM_EVENTS, (self.consumer, [k[0] for k in keys], [k[1] for k in keys])
-            ).fetchall()
-        return {(source, event_id) for source, event_id in rows}
+            rows = conn.execute(CLAIM_EVENTS, (self.consumer, list(by_digest))).fetchall()
+        return {by_digest[row[0]] for row in rows}
 
     def release(self, conn: psycopg.Connection[Any], keys: Iterable[EventKey]) -> None:
         """Forget claims of events that failed after all, so a replay of them can apply."""
-        keys = list(keys)
-        if keys:
+        digests = [digest(self.consumer, key) for key in keys]
+        if digests:
             with translate_db_errors():
-                conn.execute(RELEASE_EVENTS, (self.consumer, [k[0] for k in keys], [k[1] for k in keys]))
+                conn.execute(RELEASE_EVENTS, (digests,))
 
     def prune(self, conn: psycopg.Connection[Any], older_than_seconds: float, batch: int = 10_000) -> int:
         """Forget applied events older than the retention, a bounded batch at a time."""

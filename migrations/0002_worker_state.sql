@@ -10,12 +10,11 @@ CREATE TABLE consumer_positions (
 );
 
 -- Events whose effect has been applied, so a duplicate (from a producer retry or a replay whose
--- delivery outcome was unknown) is recognised and skipped.
+-- delivery outcome was unknown) is recognised and skipped. event_key is an MD5 digest of
+-- (consumer, CloudEvents source, CloudEvents id), computed by the worker.
 CREATE TABLE applied_events (
-    consumer     text        NOT NULL,
-    event_source text        NOT NULL,
-    event_id     text        NOT NULL,
-    applied_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer, event_source, event_id)
+    event_key  uuid        PRIMARY KEY,
+    consumer   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX applied_events_applied_at_idx ON applied_events (applied_at);

@@ -5,7 +5,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from eventhandler.ledger import Ledger, LedgerPruner
+from eventhandler.ledger import Ledger, LedgerPruner, digest
 
 
 def test_claim_recognises_duplicates_and_release_forgets_failures(db: psycopg.Connection[Any]) -> None:
@@ -16,8 +16,8 @@ def test_claim_recognises_duplicates_and_release_forgets_failures(db: psycopg.Co
         assert ledger.claim(db, [("/s", "2"), ("/s", "3"), ("/other", "2")]) == {("/s", "3"), ("/other", "2")}
         ledger.release(db, [("/s", "3")])
     assert Ledger("another-group").claim(db, [("/s", "1")]) == {("/s", "1")}  # per consumer group
-    keys = db.execute("SELECT event_source, event_id FROM applied_events WHERE consumer = 'g' ORDER BY 1, 2")
-    assert keys.fetchall() == [("/other", "2"), ("/s", "1"), ("/s", "2")]
+    stored = {r[0] for r in db.execute("SELECT event_key FROM applied_events WHERE consumer = 'g'")}
+    assert stored == {digest("g", key) for key in [("/other", "2"), ("/s", "1"), ("/s", "2")]}
 
 
 def test_positions_round_trip(db: psycopg.Connection[Any]) -> None:
@@ -34,9 +34,15 @@ def test_pruner_forgets_only_events_older_than_the_retention(
     ledger.claim(db, [("/s", str(i)) for i in range(25_000)])
     ledger.claim(db, [("/s", "fresh")])
     Ledger("other").claim(db, [("/s", "old-but-other-group")])
-    db.execute("UPDATE applied_events SET applied_at = now() - interval '8 days' WHERE event_id <> 'fresh'")
+    db.execute(
+        "UPDATE applied_events SET applied_at = now() - interval '8 days' WHERE event_key <> %s",
+        (digest("g", ("/s", "fresh")),),
+    )
     with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=1) as pool:
         pruned = LedgerPruner(pool, ledger, retention_seconds=7 * 86400).prune_once()
     assert pruned == 25_000  # in bounded batches, until nothing old is left
-    rows = db.execute("SELECT consumer, event_id FROM applied_events ORDER BY 1").fetchall()
-    assert rows == [("g", "fresh"), ("other", "old-but-other-group")]
+    rows = db.execute("SELECT consumer, event_key FROM applied_events ORDER BY 1").fetchall()
+    assert rows == [
+        ("g", digest("g", ("/s", "fresh"))),
+        ("other", digest("other", ("/s", "old-but-other-group"))),
+    ]
