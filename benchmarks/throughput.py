@@ -14,7 +14,8 @@ RATE = "ev/s"
 MEASURED = (
     "Throughput (ev/s) of the worker and of both baselines: events of every batch but the first, over "
     "the time from the end of the first batch to the end of the last (for the worker: when "
-    "the worker recorded the batch, i.e. its PostgreSQL transaction and Kafka commit were done). "
+    "the worker recorded the batch, i.e. its PostgreSQL transaction and Kafka commit were done); "
+    "the worker's happy path is the best of 2 runs, like the raw ceiling. "
     "This leaves out the consumer group join and the idle wait before stop_when_idle."
 )
 
@@ -27,8 +28,13 @@ def happy_path(bench: Bench) -> None:
     produced = produce(services.bootstrap, topic, workload)
     average = produced.bytes / produced.messages
 
-    bench.say("happy path: the worker (log_level=info, JSON logs, no HTTP endpoint)")
-    worker = run_worker(bench, "happy", topic, workload)
+    bench.say("happy path: the worker (log_level=info, JSON logs, no HTTP endpoint), best of 2 runs")
+    # Best of two, as for the raw ceiling: each run has a fresh database and consumer group, and on a
+    # shared 2-CPU machine one run alone swings by ±20%.
+    worker = max(
+        (run_worker(bench, "happy", topic, workload) for _ in range(2)),
+        key=lambda run: (not run.problems, run.rate or 0.0),
+    )
     bench.happy_rate = worker.rate
     bench.say(f"happy path: worker {worker.rate or 0:,.0f} ev/s; now the raw ceiling")
     batch = Settings.model_fields["batch_max_messages"].default  # the worker's own batch size
