@@ -19,11 +19,8 @@ from confluent_kafka import KafkaException, Producer
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import BrokerUnavailable
 from eventhandler.events import DLQ_ID_HEADER, REPLAY_COUNT_HEADER
-from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQEntry, DLQFilter, Headers
-
-log = get_logger("eventhandler.replay")
 
 CHUNK = 200
 _OUR_HEADERS = {DLQ_ID_HEADER, REPLAY_COUNT_HEADER}
@@ -155,15 +152,7 @@ class Replayer:
                     progress(len(chunk))
         finally:
             producer.flush(5)
-        log.info(
-            "replay_finished",
-            actor=actor,
-            matched=report.matched,
-            published=report.published,
-            failed=report.failed,
-            to_topic=to_topic,
-        )
-        return report
+        return report  # the service logs the outcome with the audit line
 
     def _publish(
         self, producer: Producer, rows: list[DLQEntry], to_topic: str | None, limiter: RateLimiter
