@@ -164,7 +164,7 @@ def _devices_table(url: str) -> Table:
     return table
 
 
-def run_demo(console: Console, *, log_level: str = "warning") -> int:
+def run_demo(console: Console, *, log_level: str = "error") -> int:
     """Run the demo; returns the process exit code."""
     from eventhandler.logs import configure_logging
 
