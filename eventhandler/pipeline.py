@@ -103,6 +103,7 @@ class BatchResult:
     failed: Counter[Stage] = field(default_factory=Counter)
     dlq_ids: list[int] = field(default_factory=list)
     dead_letters: list[FailedMessage] = field(default_factory=list)  # parallel to dlq_ids
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)  # what this commit stored
     resolved: list[int] = field(default_factory=list)
 
 
@@ -203,7 +204,8 @@ class BatchProcessor:
                 result.dead_letters = failed
                 replayed = [d.replay_of for d in (*applied, *duplicates) if d.replay_of is not None]
                 result.resolved = self.dlq.resolve_replayed(conn, self.consumer, replayed)
-                self.ledger.save_positions(conn, batch.positions())
+                result.positions = batch.positions()
+                self.ledger.save_positions(conn, result.positions)
         except (psycopg.Error, PermanentError) as exc:
             # The batch-level statements (ledger, DLQ, positions) never fail for one event's data;
             # a failure here is the situation, so hold the position and retry.

@@ -83,6 +83,8 @@ class Worker:
         self._pending: DecodedBatch | None = None  # the batch committing or being retried
         self._in_flight: _InFlight | None = None
         self._committer: futures.ThreadPoolExecutor | None = None
+        self._revocations: list[set[TP]] = []  # every revoke, in order (see `submit`)
+        self._abandoned = False
         self._db_ok: bool | None = None
         self._started = False
 
@@ -145,8 +147,21 @@ class Worker:
         batch meanwhile keeps the CPU busy while PostgreSQL works.
         """
         started = time.perf_counter()
+        epoch = len(self._revocations)
         batch = self.processor.decode(records)
         self.settle()
+        if self._abandoned:
+            # The batch before this one was given up (shutdown during an outage): committing this one
+            # would move positions past events that never took effect.
+            return
+        revoked = set().union(*self._revocations[epoch:])
+        if revoked:
+            # Partitions revoked while the previous batch settled belong to another worker now (or
+            # were assigned again and will be read again from their stored position).
+            batch = batch.without_partitions(revoked)
+            records = [r for r in records if (r.topic, r.partition) not in revoked]
+            if not batch.records:
+                return
         self._pending = batch
         if self._committer is None:
             self._committer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-commit")
@@ -162,10 +177,11 @@ class Worker:
             self._set_db_ok(True)
         except TransientError as exc:
             result = self._commit_with_retry(failed=exc)
+            self._abandoned = result is None and not self.running
         self._pending = None
         if result is None:
             return None
-        self.source.commit(DecodedBatch(in_flight.records).positions())
+        self.source.commit(result.positions)  # only what PostgreSQL now has
         self._record(in_flight.records, result, time.perf_counter() - in_flight.started)
         return result
 
@@ -241,6 +257,7 @@ class Worker:
         # abandoned) before another worker is given the partitions and reads the positions.
         if self._in_flight is not None:
             futures.wait([self._in_flight.future])
+        self._revocations.append(set(partitions))
         if self._pending is not None:
             self._pending = self._pending.without_partitions(partitions)
 

@@ -18,7 +18,7 @@ from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.proxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.support.worker import kill9, run_until_idle, scalar, spawn_worker, threaded_worker
+from tests.support.worker import ThreadedWorker, kill9, run_until_idle, scalar, spawn_worker, threaded_worker
 
 pytestmark = pytest.mark.slow
 
@@ -205,3 +205,26 @@ def test_partitions_assigned_while_postgres_is_down_wait_for_their_positions(
         == stream.expected_readings + more.expected_readings
     )
     assert scalar(db, "SELECT count(*) FROM dlq") == stream.expected_poison + more.expected_poison
+
+
+def test_a_stop_during_an_outage_commits_nothing_past_the_failed_batch(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    pg_proxy: tuple[TcpProxy, str],
+) -> None:
+    proxy, proxied_url = pg_proxy
+    stream = k.Stream(kafka_bootstrap, topic, total=8_000, rate=2_000, poison_every=400)
+    stream.register_devices()
+    settings = make_settings(database_url=proxied_url, batch_max_messages=300)
+    worker = ThreadedWorker(settings).start()
+    stream.start()
+    wait_for(lambda: processed(db) > 1_500, timeout=60, message="progress before the outage")
+    proxy.refuse()  # mid-stream: a batch is in flight or being decoded behind it
+    wait_for(lambda: worker.app.worker.stats.retries >= 2, timeout=30, message="retries")
+    worker.stop()  # shutdown while PostgreSQL is away: the batch in hand is given up, not skipped
+    stream.join()
+    proxy.forward()
+    run_until_idle(make_settings(), idle=3)
+    assert_exact(db, stream)

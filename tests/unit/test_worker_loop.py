@@ -1,0 +1,121 @@
+"""The pipelined loop's ordering rules, with fakes: a batch is never committed after the batch before
+it was given up, nor for partitions revoked while it waited."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from eventhandler.config import Settings
+from eventhandler.errors import DatabaseUnavailable
+from eventhandler.metrics import Metrics
+from eventhandler.pipeline import BatchResult, DecodedBatch, Record
+from eventhandler.worker import Worker
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.paused = False
+        self.assignment = {("t", 0), ("t", 1)}
+        self.unpositioned: set[tuple[str, int]] = set()
+        self.broker_error = None
+        self.committed: list[dict[tuple[str, int], int]] = []
+        self.on_poll: list[Any] = []
+
+    def pause_all(self) -> None:
+        self.paused = True
+
+    def resume_all(self) -> None:
+        self.paused = False
+
+    def poll_while_paused(self, timeout: float) -> None:
+        if self.on_poll:
+            self.on_poll.pop(0)()
+
+    def commit(self, positions: dict[tuple[str, int], int]) -> None:
+        self.committed.append(positions)
+
+
+class FakeProcessor:
+    """Commits fail while `down` is set, like PostgreSQL being away."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.committed: list[list[tuple[str, int, int]]] = []
+
+    def decode(self, records: list[Record]) -> DecodedBatch:
+        return DecodedBatch(records)
+
+    def commit(self, conn: Any, batch: DecodedBatch) -> BatchResult:
+        if self.down:
+            raise DatabaseUnavailable("connection refused")
+        self.committed.append([(r.topic, r.partition, r.offset) for r in batch.records])
+        return BatchResult(positions=batch.positions())
+
+
+class FakePool:
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        yield None
+
+
+def records(partition: int, *offsets: int) -> list[Record]:
+    return [Record("t", partition, offset, None, b"{}", None) for offset in offsets]
+
+
+def make_worker() -> tuple[Worker, FakeSource, FakeProcessor]:
+    source, processor = FakeSource(), FakeProcessor()
+    settings = Settings(retry_initial_seconds=0.001, retry_max_seconds=0.002, metrics_port=0)
+    worker = Worker(
+        settings=settings,
+        pool=FakePool(),
+        source=source,
+        processor=processor,  # type: ignore[arg-type]
+        metrics=Metrics(),
+        worker_id="test",
+    )
+    worker._commit = lambda batch: processor.commit(None, batch)  # type: ignore[method-assign]
+    return worker, source, processor
+
+
+def test_batches_commit_in_order_and_kafka_hears_only_what_postgres_has() -> None:
+    worker, source, processor = make_worker()
+    worker.submit(records(0, 1, 2))
+    worker.submit(records(0, 3, 4))
+    worker.settle()
+    assert processor.committed == [[("t", 0, 1), ("t", 0, 2)], [("t", 0, 3), ("t", 0, 4)]]
+    assert source.committed == [{("t", 0): 3}, {("t", 0): 5}]
+
+
+def test_nothing_is_committed_past_a_batch_given_up_at_shutdown() -> None:
+    worker, source, processor = make_worker()
+    processor.down = True
+    worker.submit(records(0, 1, 2))
+
+    def shutdown_then_postgres_returns() -> None:
+        worker.stop()
+        processor.down = False
+
+    source.on_poll.append(shutdown_then_postgres_returns)
+    worker.submit(records(0, 3, 4))  # settles the first batch: retried, then given up at shutdown
+    worker.settle()
+    assert processor.committed == []  # offsets 3-4 were not committed ahead of 1-2
+    assert source.committed == []
+
+
+def test_partitions_revoked_while_a_batch_waits_are_left_to_their_new_owner() -> None:
+    worker, source, processor = make_worker()
+    processor.down = True
+    worker.submit(records(0, 1) + records(1, 1))
+
+    def rebalance_then_postgres_returns() -> None:
+        source.assignment.discard(("t", 1))
+        worker.on_revoked({("t", 1)})
+        processor.down = False
+
+    source.on_poll.append(rebalance_then_postgres_returns)
+    worker.submit(records(0, 2) + records(1, 2))
+    worker.settle()
+    assert processor.committed == [[("t", 0, 1)], [("t", 0, 2)]]
+    assert all(("t", 1) not in positions for positions in source.committed)
