@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     kafka_consumer_options: KafkaOptions = Field(default_factory=dict)
     kafka_producer_options: KafkaOptions = Field(default_factory=dict)
 
-    batch_max_messages: int = Field(default=2000, ge=1, le=100_000)
+    batch_max_messages: int = Field(default=5000, ge=1, le=100_000)
     batch_max_wait_seconds: float = Field(default=0.2, gt=0, le=60)
     unknown_event_policy: Literal["dead-letter", "skip"] = "dead-letter"
     handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
