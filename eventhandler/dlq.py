@@ -320,15 +320,13 @@ class PostgresDLQRepository:
         return _entry(row)
 
     def depth(self) -> list[DepthRow]:
-        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            return [DepthRow.model_validate(r) for r in cur.execute(DEPTH).fetchall()]
+        return self.depth_snapshot()[0]
 
     def oldest_pending_age(self) -> dict[str, float]:
         """Seconds since the oldest pending row of each consumer failed."""
-        with translate_db_errors(), self._pool.connection() as conn:
-            return {consumer: float(age) for consumer, age in conn.execute(OLDEST_PENDING).fetchall()}
+        return self.depth_snapshot()[1]
 
-    def depth_snapshot(self, timeout: float) -> tuple[list[DepthRow], dict[str, float]]:
+    def depth_snapshot(self, timeout: float = 30.0) -> tuple[list[DepthRow], dict[str, float]]:
         """Depth and oldest pending age in one go, given up after `timeout` seconds whatever happens
         (a silent network must not hang the metrics refresh)."""
         with (

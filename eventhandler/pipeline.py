@@ -4,9 +4,9 @@ transaction. Each step is a function you can call alone; the worker loop only st
 
 from __future__ import annotations
 
+import json
 import linecache
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -321,8 +321,6 @@ def _peek_type(record: Record) -> str | None:
         if key == "ce_type" and value is not None:
             return value.decode("utf-8", "replace")[:200]
     if record.value and len(record.value) < 1_048_576:
-        import json
-
         try:
             parsed = json.loads(record.value)
         except (ValueError, RecursionError):
@@ -330,14 +328,3 @@ def _peek_type(record: Record) -> str | None:
         if isinstance(parsed, dict) and isinstance(parsed.get("type"), str):
             return str(parsed["type"])[:200]
     return None
-
-
-def decode_only(deserializer: Deserializer, records: Sequence[Record]) -> list[Event | None]:
-    """Deserialize without a database (benchmarks' raw ceiling uses the same code path)."""
-    out: list[Event | None] = []
-    for record in records:
-        try:
-            out.append(deserializer(record.value, record.headers))
-        except Exception:
-            out.append(None)
-    return out
