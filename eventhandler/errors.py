@@ -34,7 +34,15 @@ class DatabaseUnavailable(TransientError):
 
 
 class DeserializationError(PermanentError):
-    """The bytes of a message cannot become a valid event."""
+    """The bytes of a message cannot become a valid event.
+
+    `event_type` is the type the message claims, when it got that far; `json` is False when the value
+    is not JSON at all (so nothing in it is worth a second look)."""
+
+    def __init__(self, message: str, *, event_type: str | None = None, json: bool = True) -> None:
+        super().__init__(message)
+        self.event_type = event_type
+        self.json = json
 
 
 class UnknownEventType(PermanentError):

@@ -107,7 +107,9 @@ class Deserializer:
             return None
         try:
             envelope: Any = self._typed.validate_json(value)
-        except ValidationError:
+        except ValidationError as exc:
+            if exc.error_count() == 1 and _not_json(exc):
+                raise _envelope_error(exc, value) from None  # nothing the careful path could add
             return None
         if envelope.data_base64 is not None:
             return None
@@ -117,21 +119,21 @@ class Deserializer:
 
     def __call__(self, value: bytes | None, headers: Headers | None) -> Event:
         if value is None:
-            raise DeserializationError("message value is null (a tombstone), not a CloudEvent")
+            raise DeserializationError("message value is null (a tombstone), not a CloudEvent", json=False)
         if headers and any(k == "ce_specversion" for k, _ in headers):
             return self._binary(value, headers)
         return self._structured(value)
 
     def _structured(self, value: bytes) -> Event:
         if not value:
-            raise DeserializationError("message value is empty, not a CloudEvent")
+            raise DeserializationError("message value is empty, not a CloudEvent", json=False)
         event = self._fast(value)
         if event is not None:
             return event
         try:
             envelope = _ENVELOPE.validate_json(value)
         except ValidationError as exc:
-            raise DeserializationError(_describe_envelope_error(exc, value)) from None
+            raise _envelope_error(exc, value) from None
         if envelope.data_base64 is not None:
             if "data" in envelope.model_fields_set:
                 raise DeserializationError(
@@ -177,7 +179,8 @@ class Deserializer:
             )
         except ValidationError as exc:
             raise DeserializationError(
-                f"{envelope.type} payload invalid: " + describe_validation_error(exc, "data")
+                f"{envelope.type} payload invalid: " + describe_validation_error(exc, "data"),
+                event_type=envelope.type,
             ) from None
         return Event(
             id=envelope.id,
@@ -217,18 +220,25 @@ def _decode_header(key: str, raw: bytes | None) -> str:
         raise DeserializationError(f"header {key!r} is not valid UTF-8") from None
 
 
-def _describe_envelope_error(exc: ValidationError, value: bytes) -> str:
-    first = exc.errors()[0]
+def _not_json(exc: ValidationError) -> bool:
+    return (
+        exc.errors(include_url=False, include_context=False, include_input=False)[0]["type"] == "json_invalid"
+    )
+
+
+def _envelope_error(exc: ValidationError, value: bytes) -> DeserializationError:
+    first = exc.errors(include_url=False)[0]
     if first["type"] == "json_invalid":
         try:
             value.decode("utf-8")
         except UnicodeDecodeError:
-            return "message value is not valid UTF-8"
-        return f"message value is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
+            return DeserializationError("message value is not valid UTF-8", json=False)
+        reason = first["msg"].removeprefix("Invalid JSON: ")
+        return DeserializationError(f"message value is not valid JSON: {reason}", json=False)
     if first["type"] in ("model_type", "model_attributes_type", "dict_type"):
         kind = _json_kind(value)
-        return f"message value is JSON {kind}, not a CloudEvent object"
-    return "not a CloudEvent: " + describe_validation_error(exc)
+        return DeserializationError(f"message value is JSON {kind}, not a CloudEvent object", json=False)
+    return DeserializationError("not a CloudEvent: " + describe_validation_error(exc))
 
 
 def _json_kind(value: bytes) -> str:

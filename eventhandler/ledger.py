@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -64,25 +64,27 @@ class Ledger:
     def __init__(self, consumer: str) -> None:
         self.consumer = consumer
 
-    def claim(self, conn: psycopg.Connection[Any], keys: Sequence[EventKey]) -> set[EventKey]:
-        """Record `keys` as applied; returns the ones that were new (the rest are duplicates).
+    def key(self, source: str, event_id: str) -> uuid.UUID:
+        """The ledger key of an event for this consumer group (the worker computes it while decoding,
+        off the transaction's path)."""
+        return digest(self.consumer, (source, event_id))
+
+    def claim(self, conn: psycopg.Connection[Any], keys: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Record events (by `key`) as applied; returns the keys that were new (the rest are duplicates).
 
         Claiming first, in the batch's transaction, also makes a concurrent duplicate wait for the
         transaction that claimed it, instead of both applying it.
         """
         if not keys:
             return set()
-        by_digest = {digest(self.consumer, key): key for key in keys}
         with translate_db_errors():
-            rows = conn.execute(CLAIM_EVENTS, (self.consumer, list(by_digest))).fetchall()
-        return {by_digest[row[0]] for row in rows}
+            return {row[0] for row in conn.execute(CLAIM_EVENTS, (self.consumer, list(keys))).fetchall()}
 
-    def release(self, conn: psycopg.Connection[Any], keys: Iterable[EventKey]) -> None:
+    def release(self, conn: psycopg.Connection[Any], keys: Sequence[uuid.UUID]) -> None:
         """Forget claims of events that failed after all, so a replay of them can apply."""
-        digests = [digest(self.consumer, key) for key in keys]
-        if digests:
+        if keys:
             with translate_db_errors():
-                conn.execute(RELEASE_EVENTS, (digests,))
+                conn.execute(RELEASE_EVENTS, (list(keys),))
 
     def prune(self, conn: psycopg.Connection[Any], older_than_seconds: float, batch: int = 10_000) -> int:
         """Forget applied events older than the retention, a bounded batch at a time."""

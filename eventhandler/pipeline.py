@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import json
 import linecache
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 
 from eventhandler import __version__
 from eventhandler.db import classify
 from eventhandler.dlq import DLQRepository
-from eventhandler.errors import PermanentError, TransientError, UnknownEventType
+from eventhandler.errors import DeserializationError, PermanentError, TransientError, UnknownEventType
 from eventhandler.events import Deserializer, Event, replay_dlq_id
 from eventhandler.handlers import BatchHandler, Projection, Registry
-from eventhandler.ledger import EventKey, Ledger
+from eventhandler.ledger import Ledger
 from eventhandler.models import FailedMessage, Headers, Stage
 from eventhandler.policy import Decision, decide
 
@@ -48,21 +49,21 @@ class Decoded:
     record: Record
     event: Event
     replay_of: int | None
-
-    @property
-    def key(self) -> EventKey:
-        return (self.event.source, self.event.id)
+    key: uuid.UUID  # the event's ledger key (see `Ledger.key`)
 
 
 @dataclass(slots=True)
 class Rejected:
-    """A record that failed, with the stage and the exception that failed it."""
+    """A record that failed, as the DLQ row it becomes (built where it failed, so the exception
+    and its traceback, which hold the frames of the whole batch, are freed at once)."""
 
     record: Record
-    stage: Stage
-    error: BaseException
-    event: Event | None = None
-    traceback: str | None = None
+    failure: FailedMessage
+    key: uuid.UUID | None = None  # the ledger key of an event claimed before it failed
+
+    @property
+    def stage(self) -> Stage:
+        return self.failure.stage
 
 
 @dataclass
@@ -141,10 +142,6 @@ _CAUSE = "\nThe above exception was the direct cause of the following exception:
 _CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
 
 
-def _reject_message(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
 class BatchProcessor:
     def __init__(
         self,
@@ -168,7 +165,7 @@ class BatchProcessor:
 
     def decode(self, records: list[Record]) -> DecodedBatch:
         batch = DecodedBatch(records)
-        deserialize = self._deserialize
+        deserialize, key = self._deserialize, self.ledger.key
         for record in records:
             try:
                 event = deserialize(record.value, record.headers)
@@ -176,12 +173,12 @@ class BatchProcessor:
                 if self.skip_unknown:
                     batch.skipped += 1
                 else:
-                    batch.rejected.append(Rejected(record, "handler", exc, traceback=None))
+                    batch.rejected.append(self._reject(record, "handler", exc, traceback=None))
             except Exception as exc:  # any bad input is the message's fault, never the worker's
-                batch.rejected.append(Rejected(record, "deserialize", exc, traceback=_format_traceback(exc)))
+                batch.rejected.append(self._reject(record, "deserialize", exc))
             else:
                 replay_of = replay_dlq_id(record.headers) if record.headers else None
-                batch.events.append(Decoded(record, event, replay_of))
+                batch.events.append(Decoded(record, event, replay_of, key(event.source, event.id)))
         return batch
 
     # -- step 2: everything that touches PostgreSQL, in the caller's transaction ---------------
@@ -197,9 +194,9 @@ class BatchProcessor:
                 fresh, duplicates = self._claim(conn, batch.events)
                 applied, rejected = self._apply(conn, fresh)
                 if rejected:
-                    self.ledger.release(conn, [r_key for r in rejected if (r_key := _event_key(r))])
+                    self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
                 rejected = batch.rejected + rejected
-                failed = [self._failed(r) for r in rejected]
+                failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed
                 replayed = [d.replay_of for d in (*applied, *duplicates) if d.replay_of is not None]
@@ -220,7 +217,7 @@ class BatchProcessor:
         self, conn: psycopg.Connection[Any], events: list[Decoded]
     ) -> tuple[list[Decoded], list[Decoded]]:
         """Split events into those to apply now and duplicates of events applied before."""
-        first: dict[EventKey, Decoded] = {}
+        first: dict[uuid.UUID, Decoded] = {}
         duplicates: list[Decoded] = []
         for decoded in events:
             if decoded.key in first:
@@ -247,11 +244,10 @@ class BatchProcessor:
             if decide(exc) is Decision.RETRY:
                 raise
             if len(events) == 1:
-                return [], [
-                    Rejected(
-                        events[0].record, "projection", classify(exc), events[0].event, _format_traceback(exc)
-                    )
-                ]
+                decoded = events[0]
+                failure = classify(exc)
+                traceback = _format_traceback(exc)  # of the driver's error: where the write failed
+                return [], [self._reject(decoded.record, "projection", failure, decoded, traceback=traceback)]
         middle = len(events) // 2
         left_ok, left_bad = self._apply(conn, events[:middle])
         right_ok, right_bad = self._apply(conn, events[middle:])
@@ -278,19 +274,31 @@ class BatchProcessor:
             except Exception as exc:
                 if decide(exc) is Decision.RETRY:
                     raise
-                rejected.append(
-                    Rejected(decoded.record, "handler", exc, decoded.event, _format_traceback(exc))
-                )
+                rejected.append(self._reject(decoded.record, "handler", exc, decoded))
             else:
                 applied.append(decoded)
         for handler in handlers.values():
             handler.flush(conn)
         return applied, rejected
 
-    def _failed(self, rejected: Rejected) -> FailedMessage:
-        record, event = rejected.record, rejected.event
-        error = rejected.error
-        return FailedMessage(
+    def _reject(
+        self,
+        record: Record,
+        stage: Stage,
+        exc: BaseException,
+        decoded: Decoded | None = None,
+        *,
+        traceback: str | Literal[True] | None = True,
+    ) -> Rejected:
+        """The DLQ row of a record that failed with `exc` (traceback=True: format the exception's)."""
+        event = decoded.event if decoded else None
+        if event is not None:
+            event_type: str | None = event.type
+        elif isinstance(exc, DeserializationError):
+            event_type = exc.event_type or (_peek_type(record) if exc.json else None)
+        else:
+            event_type = _peek_type(record)
+        failure = FailedMessage(
             consumer=self.consumer,
             topic=record.topic,
             partition=record.partition,
@@ -299,20 +307,17 @@ class BatchProcessor:
             key=record.key,
             value=record.value,
             headers=list(record.headers or []),
-            stage=rejected.stage,
-            error_type=type(error).__name__,
-            error_message=_reject_message(error),
-            traceback=rejected.traceback,
+            stage=stage,
+            error_type=type(exc).__name__,
+            error_message=str(exc) or type(exc).__name__,
+            traceback=_format_traceback(exc) if traceback is True else traceback,
             event_id=event.id if event else None,
-            event_type=event.type if event else _peek_type(record),
+            event_type=event_type,
             event_source=event.source if event else None,
             worker_version=self.worker_version,
-            replay_of=replay_dlq_id(record.headers),
+            replay_of=decoded.replay_of if decoded else replay_dlq_id(record.headers),
         )
-
-
-def _event_key(rejected: Rejected) -> EventKey | None:
-    return (rejected.event.source, rejected.event.id) if rejected.event else None
+        return Rejected(record, failure, decoded.key if decoded else None)
 
 
 def _peek_type(record: Record) -> str | None:

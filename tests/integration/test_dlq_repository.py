@@ -100,6 +100,31 @@ def test_a_repeat_of_the_same_message_updates_its_row(repo: PostgresDLQRepositor
     assert repo.count(DLQFilter()) == 1
 
 
+def test_ids_come_back_in_the_order_of_the_failures_whatever_the_mix(
+    repo: PostgresDLQRepository, pool: Any
+) -> None:
+    (replayed_row,) = record(repo, pool, failed_message(offset=40, error_message="original"))
+    mixed = [
+        failed_message(offset=41, error_message="a"),
+        failed_message(offset=77, replay_of=replayed_row, error_message="replayed, failed again"),
+        failed_message(consumer="group-b", offset=41, error_message="other group, same offset"),
+        failed_message(offset=42, error_message="b"),
+        failed_message(offset=41, error_message="a, seen twice in one batch"),
+    ]
+    ids = record(repo, pool, *mixed)
+    assert ids[1] == replayed_row
+    assert ids[0] == ids[4], "one row per message, even within one batch"
+    assert len({ids[0], ids[1], ids[2], ids[3]}) == 4
+    for dlq_id, failure in zip(ids, mixed, strict=True):
+        entry = repo.get(dlq_id)
+        assert entry.consumer == failure.consumer
+        if failure.replay_of is None:
+            assert (entry.source_partition, entry.source_offset) == (failure.partition, failure.offset)
+    assert repo.get(ids[0]).error_message == "a, seen twice in one batch"
+    assert repo.get(replayed_row).retry_count == 1
+    assert repo.count(DLQFilter()) == 4
+
+
 def test_a_replayed_message_failing_again_returns_its_row_to_pending(
     repo: PostgresDLQRepository, pool: Any
 ) -> None:

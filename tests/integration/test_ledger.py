@@ -10,12 +10,21 @@ from eventhandler.ledger import Ledger, LedgerPruner, digest
 
 def test_claim_recognises_duplicates_and_release_forgets_failures(db: psycopg.Connection[Any]) -> None:
     ledger = Ledger("g")
+    s1, s2, s3, other2 = (
+        ledger.key("/s", "1"),
+        ledger.key("/s", "2"),
+        ledger.key("/s", "3"),
+        ledger.key("/other", "2"),
+    )
+    assert len({s1, s2, s3, other2}) == 4
     with db.transaction():
-        assert ledger.claim(db, [("/s", "1"), ("/s", "2")]) == {("/s", "1"), ("/s", "2")}
+        assert ledger.claim(db, [s1, s2]) == {s1, s2}
     with db.transaction():
-        assert ledger.claim(db, [("/s", "2"), ("/s", "3"), ("/other", "2")]) == {("/s", "3"), ("/other", "2")}
-        ledger.release(db, [("/s", "3")])
-    assert Ledger("another-group").claim(db, [("/s", "1")]) == {("/s", "1")}  # per consumer group
+        assert ledger.claim(db, [s2, s3, other2]) == {s3, other2}
+        ledger.release(db, [s3])
+    another = Ledger("another-group")
+    assert another.key("/s", "1") != s1
+    assert another.claim(db, [another.key("/s", "1")]) == {another.key("/s", "1")}  # per consumer group
     stored = {r[0] for r in db.execute("SELECT event_key FROM applied_events WHERE consumer = 'g'")}
     assert stored == {digest("g", key) for key in [("/other", "2"), ("/s", "1"), ("/s", "2")]}
 
@@ -31,9 +40,10 @@ def test_pruner_forgets_only_events_older_than_the_retention(
     db_url: str, db: psycopg.Connection[Any]
 ) -> None:
     ledger = Ledger("g")
-    ledger.claim(db, [("/s", str(i)) for i in range(25_000)])
-    ledger.claim(db, [("/s", "fresh")])
-    Ledger("other").claim(db, [("/s", "old-but-other-group")])
+    ledger.claim(db, [ledger.key("/s", str(i)) for i in range(25_000)])
+    ledger.claim(db, [ledger.key("/s", "fresh")])
+    other = Ledger("other")
+    other.claim(db, [other.key("/s", "old-but-other-group")])
     db.execute(
         "UPDATE applied_events SET applied_at = now() - interval '8 days' WHERE event_key <> %s",
         (digest("g", ("/s", "fresh")),),

@@ -3,7 +3,9 @@ and the good events around bad ones are all applied."""
 
 from __future__ import annotations
 
+import io
 import json
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +13,8 @@ import psycopg
 import pytest
 
 from eventhandler.config import Settings
+from eventhandler.logs import configure_logging
+from eventhandler.worker import LOGGED_DLQ_IDS
 from tests.support import kafka as k
 from tests.support.worker import run_until_idle, scalar
 
@@ -238,6 +242,46 @@ def test_a_reading_before_its_device_is_registered_is_a_handler_failure(
     )
     assert "Traceback" in row[5]
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-1'") == 1
+
+
+def test_dead_letters_are_logged_one_line_per_failure_group_per_batch(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    for n in range(60):  # two failure groups, interleaved, over several batches
+        producer.send(topic, b"{not json " + str(n).encode(), partition=0)
+        producer.send(topic, k.structured(k.reading(f"ghost-{n}")), partition=0)
+    producer.flush()
+    logs = io.StringIO()
+    configure_logging("info", "json", stream=logs)
+
+    stats = run_until_idle(make_settings(batch_max_messages=50), idle=2)
+
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    dead = [line for line in lines if line["event"] == "events_dead_lettered"]
+    batches = [line for line in lines if line["event"] == "batch_committed" and line["failed"]]
+    assert stats.failed == 120
+    assert len(batches) >= 3
+    assert len(dead) <= 2 * len(batches), "a line per failure group and batch, not per message"
+    assert sum(line["count"] for line in dead) == 120
+    groups = dict(db.execute("SELECT fingerprint, count(*) FROM dlq GROUP BY fingerprint").fetchall())
+    logged: Counter[str] = Counter()
+    for line in dead:
+        logged[line["fingerprint"]] += line["count"]
+        assert line["level"] == "warning"
+        assert len(line["dlq_ids"]) == min(line["count"], LOGGED_DLQ_IDS)
+        first = db.execute(
+            "SELECT stage, error_type, error_message, source_offset, fingerprint FROM dlq WHERE dlq_id = %s",
+            (line["dlq_ids"][0],),
+        ).fetchone()
+        assert first == (
+            line["stage"],
+            line["error_type"],
+            line["error"],
+            line["offset"],
+            line["fingerprint"],
+        )
+    assert logged == Counter(groups)
+    assert {line["stage"] for line in dead} == {"deserialize", "handler"}
 
 
 def test_a_projection_failure_sends_only_that_event_to_the_dlq(

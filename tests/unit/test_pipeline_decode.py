@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from eventhandler.errors import DeserializationError, UnknownEventType
 from eventhandler.events import DLQ_ID_HEADER
 from eventhandler.handlers import load_registry
 from eventhandler.handlers.devices import DeviceReading
@@ -66,7 +65,8 @@ def test_good_records_become_events_in_consumption_order() -> None:
     assert [d.event.id for d in batch.events] == [f"e-{i}" for i in range(5)]
     assert [d.record for d in batch.events] == records
     assert batch.events[3].event.data == DeviceReading(device_id="d", metric="t", value=3)
-    assert batch.events[0].key == ("/s", "e-0")
+    assert batch.events[0].key == Ledger("group").key("/s", "e-0")
+    assert len({d.key for d in batch.events}) == 5
     assert batch.events[0].replay_of is None
 
 
@@ -79,10 +79,11 @@ def test_bad_records_are_rejected_at_the_deserialize_stage_with_error_and_traceb
     assert [r.record for r in batch.rejected] == bad
     for rejected in batch.rejected:
         assert rejected.stage == "deserialize"
-        assert isinstance(rejected.error, DeserializationError)
-        assert rejected.event is None
-        assert rejected.traceback is not None
-        assert "DeserializationError" in rejected.traceback
+        assert rejected.failure.error_type == "DeserializationError"
+        assert rejected.failure.event_id is None
+        assert rejected.key is None
+        assert rejected.failure.traceback is not None
+        assert "DeserializationError" in rejected.failure.traceback
 
 
 def test_a_bug_in_deserialization_is_the_messages_failure_not_the_workers() -> None:
@@ -96,7 +97,9 @@ def test_a_bug_in_deserialization_is_the_messages_failure_not_the_workers() -> N
 
     proc._deserialize = explode  # type: ignore[assignment]
     batch = proc.decode([record(ce())])
-    assert [(r.stage, type(r.error)) for r in batch.rejected] == [("deserialize", Exploding)]
+    assert [(r.stage, r.failure.error_type, r.failure.error_message) for r in batch.rejected] == [
+        ("deserialize", "Exploding", "boom")
+    ]
 
 
 def test_unknown_types_are_dead_lettered_as_handler_failures_by_default() -> None:
@@ -108,8 +111,9 @@ def test_unknown_types_are_dead_lettered_as_handler_failures_by_default() -> Non
     [rejected] = batch.rejected
     assert rejected.record is unknown
     assert rejected.stage == "handler"
-    assert isinstance(rejected.error, UnknownEventType)
-    assert "order.created" in str(rejected.error)
+    assert rejected.failure.error_type == "UnknownEventType"
+    assert "order.created" in rejected.failure.error_message
+    assert rejected.failure.event_type == "order.created"
 
 
 def test_unknown_types_are_skipped_and_counted_under_the_skip_policy() -> None:
@@ -202,3 +206,21 @@ def test_an_empty_batch_has_no_positions() -> None:
 )
 def test_record_timestamp(timestamp_ms: int | None, expected: datetime | None) -> None:
     assert record(b"", timestamp_ms=timestamp_ms).timestamp == expected
+
+
+def test_the_dlq_row_of_bad_input_names_the_event_type_when_the_message_has_one() -> None:
+    cases = {
+        b"{not json": None,
+        b"\xff\xfe": None,
+        b"[1, 2]": None,
+        ce(data={"device_id": "d"}): "device.reading",  # a known type whose payload is invalid
+        json.dumps(
+            {"specversion": "1.0", "source": "/s", "type": "device.reading"}
+        ).encode(): "device.reading",
+        json.dumps({"specversion": "0.3", "id": "x", "source": "/s", "type": 7}).encode(): None,
+    }
+    batch = processor()[0].decode([record(value) for value in cases])
+    assert [r.failure.event_type for r in batch.rejected] == list(cases.values())
+    assert [r.stage for r in batch.rejected] == ["deserialize"] * len(cases)
+    assert "not valid JSON" in batch.rejected[0].failure.error_message
+    assert "not valid UTF-8" in batch.rejected[1].failure.error_message
