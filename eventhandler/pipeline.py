@@ -174,6 +174,9 @@ class BatchProcessor:
                     batch.skipped += 1
                 else:
                     batch.rejected.append(self._reject(record, "handler", exc, traceback=None))
+            except DeserializationError as exc:  # its message says all; a traceback would only
+                # show the deserializer's own frames
+                batch.rejected.append(self._reject(record, "deserialize", exc, traceback=None))
             except Exception as exc:  # any bad input is the message's fault, never the worker's
                 batch.rejected.append(self._reject(record, "deserialize", exc))
             else:
