@@ -22,6 +22,7 @@ from benchmarks.report import Report
 from benchmarks.runner import Bench
 from benchmarks.services import services
 from benchmarks.throughput import failure_storms, happy_path
+from eventhandler.worker import GC_THRESHOLDS, tune_gc
 
 # In table order; the failure storms and the memory run compare against the happy path's rate.
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
@@ -59,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         del os.environ[name]
     report = Report(profile=QUICK.name if args.quick else FULL.name)
+    # The worker tunes the interpreter's garbage collector when it starts (App.run); the baselines run
+    # in this same process, so set it before any of them runs: every figure gets the same interpreter.
+    tune_gc()
+    report.note(
+        f"Every figure runs with the worker's GC settings: thresholds {GC_THRESHOLDS}, start-up frozen."
+    )
     logdir = Path(tempfile.mkdtemp(prefix="eh-bench-"))
     started = time.monotonic()
     with ExitStack() as stack:
