@@ -281,28 +281,37 @@ def _identity(failure: FailedMessage) -> Identity:
     return (failure.consumer, failure.topic, failure.partition, failure.offset)
 
 
+def _copy_row(failure: FailedMessage) -> list[Any]:
+    """A failure's column values, in `_STAGED` order."""
+    headers = failure.headers
+    return [
+        failure.consumer,
+        clean_text(failure.event_id),
+        clean_text(failure.event_type),
+        clean_text(failure.event_source),
+        failure.value,
+        failure.key,
+        [clean_text(k) for k, _ in headers] if headers else [],
+        [v for _, v in headers] if headers else [],
+        failure.topic,
+        failure.partition,
+        failure.offset,
+        failure.timestamp,
+        failure.stage,
+        failure.error_type,
+        clean_text(failure.error_message),
+        clean_text(failure.traceback),
+        failure.fingerprint,
+        failure.worker_version,
+    ]
+
+
+_PARAM_KEYS = [key for _, _, key in _STAGED]
+
+
 def _failure_params(failure: FailedMessage) -> dict[str, Any]:
-    return {
-        "consumer": failure.consumer,
-        "event_id": clean_text(failure.event_id),
-        "event_type": clean_text(failure.event_type),
-        "event_source": clean_text(failure.event_source),
-        "value": failure.value,
-        "key": failure.key,
-        "header_keys": [clean_text(k) for k, _ in failure.headers],
-        "header_values": [v for _, v in failure.headers],
-        "topic": failure.topic,
-        "partition": failure.partition,
-        "offset": failure.offset,
-        "timestamp": failure.timestamp,
-        "stage": failure.stage,
-        "error_type": failure.error_type,
-        "error_message": clean_text(failure.error_message),
-        "traceback": clean_text(failure.traceback),
-        "fingerprint": failure.fingerprint,
-        "worker_version": failure.worker_version,
-        "replay_of": failure.replay_of,
-    }
+    """A failure's values by the names the statements use."""
+    return dict(zip(_PARAM_KEYS, _copy_row(failure), strict=True), replay_of=failure.replay_of)
 
 
 class PostgresDLQRepository:
@@ -353,8 +362,7 @@ class PostgresDLQRepository:
             with cur.connection.transaction(), cur.copy(COPY_ROWS) as copy:
                 copy.set_types(["int8", *_COPY_TYPES])
                 for dlq_id, failure in zip(ids, failures, strict=True):
-                    params = _failure_params(failure)
-                    copy.write_row([dlq_id, *[params[key] for _, _, key in _STAGED]])
+                    copy.write_row([dlq_id, *_copy_row(failure)])
             return {_identity(failure): dlq_id for dlq_id, failure in zip(ids, failures, strict=True)}
         except psycopg.errors.UniqueViolation:
             pass  # a message of the batch has a row already: upsert the batch instead
@@ -362,8 +370,7 @@ class PostgresDLQRepository:
         with cur.copy(COPY_STAGING) as copy:
             copy.set_types(_COPY_TYPES)
             for failure in failures:
-                params = _failure_params(failure)
-                copy.write_row([params[key] for _, _, key in _STAGED])
+                copy.write_row(_copy_row(failure))
         rows = cur.execute(UPSERT_STAGED).fetchall()
         return {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in rows}
 

@@ -108,8 +108,10 @@ class Deserializer:
         try:
             envelope: Any = self._typed.validate_json(value)
         except ValidationError as exc:
-            if exc.error_count() == 1 and _not_json(exc):
-                raise _envelope_error(exc, value) from None  # nothing the careful path could add
+            if exc.error_count() == 1:  # not JSON at all: nothing the careful path could add
+                first = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+                if first["type"] == "json_invalid":
+                    raise _not_json(value, first["msg"]) from None
             return None
         if envelope.data_base64 is not None:
             return None
@@ -220,21 +222,19 @@ def _decode_header(key: str, raw: bytes | None) -> str:
         raise DeserializationError(f"header {key!r} is not valid UTF-8") from None
 
 
-def _not_json(exc: ValidationError) -> bool:
-    return (
-        exc.errors(include_url=False, include_context=False, include_input=False)[0]["type"] == "json_invalid"
-    )
+def _not_json(value: bytes, reason: str) -> DeserializationError:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return DeserializationError("message value is not valid UTF-8", json=False)
+    reason = reason.removeprefix("Invalid JSON: ")
+    return DeserializationError(f"message value is not valid JSON: {reason}", json=False)
 
 
 def _envelope_error(exc: ValidationError, value: bytes) -> DeserializationError:
     first = exc.errors(include_url=False)[0]
     if first["type"] == "json_invalid":
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            return DeserializationError("message value is not valid UTF-8", json=False)
-        reason = first["msg"].removeprefix("Invalid JSON: ")
-        return DeserializationError(f"message value is not valid JSON: {reason}", json=False)
+        return _not_json(value, first["msg"])
     if first["type"] in ("model_type", "model_attributes_type", "dict_type"):
         kind = _json_kind(value)
         return DeserializationError(f"message value is JSON {kind}, not a CloudEvent object", json=False)

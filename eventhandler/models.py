@@ -28,10 +28,16 @@ _SPACE = re.compile(r"\s+")
 
 def normalise_error(message: str) -> str:
     """An error message with its ids, quoted values and numbers replaced, so alike failures group."""
-    text = _UUID.sub("<uuid>", message.splitlines()[0] if message else "")
+    # Quoted values first: what else is replaced inside them goes with them, and what is left
+    # ("device <str> is not registered") repeats, so the costlier rest is cached.
+    return _normalise_unquoted(_QUOTED.sub("<str>", message.splitlines()[0] if message else ""))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalise_unquoted(text: str) -> str:
+    text = _UUID.sub("<uuid>", text)
     text = _TIMESTAMP.sub("<time>", text)
     text = _HEX.sub("<hex>", text)
-    text = _QUOTED.sub("<str>", text)
     text = _NUMBER.sub("<n>", text)
     return _SPACE.sub(" ", text).strip()[:500]
 

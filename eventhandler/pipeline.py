@@ -4,12 +4,14 @@ transaction. Each step is a function you can call alone; the worker loop only st
 
 from __future__ import annotations
 
+import functools
 import json
 import linecache
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import CodeType
 from typing import Any, Literal
 
 import psycopg
@@ -116,17 +118,12 @@ def _format_traceback(exc: BaseException) -> str:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        lines = ["Traceback (most recent call last):\n"]
+        frames = []
         tb = current.__traceback__
         while tb is not None:  # walked by hand: traceback.extract_tb computes column positions too
-            code = tb.tb_frame.f_code
-            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
-            source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
-            if source:
-                lines.append(f"    {source}\n")
+            frames.append((tb.tb_frame.f_code, tb.tb_lineno))
             tb = tb.tb_next
-        lines.append(f"{type(current).__qualname__}: {current}\n")
-        text = "".join(lines) + text
+        text = f"{_stack_text(tuple(frames))}{type(current).__qualname__}: {current}\n{text}"
         if current.__cause__ is not None:
             text = _CAUSE + text
             current = current.__cause__
@@ -136,6 +133,17 @@ def _format_traceback(exc: BaseException) -> str:
         else:
             current = None
     return text.strip()
+
+
+@functools.lru_cache(maxsize=1024)  # a storm fails the same way at the same places
+def _stack_text(frames: tuple[tuple[CodeType, int], ...]) -> str:
+    lines = ["Traceback (most recent call last):\n"]
+    for code, line in frames:
+        lines.append(f'  File "{code.co_filename}", line {line}, in {code.co_name}\n')
+        source = linecache.getline(code.co_filename, line).strip()
+        if source:
+            lines.append(f"    {source}\n")
+    return "".join(lines)
 
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
