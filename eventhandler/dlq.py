@@ -98,6 +98,10 @@ SELECT array_agg(nextval(seq)) FROM (SELECT pg_get_serial_sequence('dlq', 'dlq_i
        generate_series(1, %s)
 """
 COPY_ROWS = f"COPY dlq (dlq_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+# Most bad messages carry no headers; leaving the header columns to their defaults then saves
+# encoding two empty arrays a row.
+_HEADERLESS = [(c, t) for c, t, _ in _STAGED if c not in ("header_keys", "header_values")]
+COPY_HEADERLESS_ROWS = f"COPY dlq (dlq_id, {', '.join(c for c, _ in _HEADERLESS)}) FROM STDIN (FORMAT BINARY)"
 COPY_STAGING = f"COPY dlq_incoming ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 UPSERT_STAGED = (
     "INSERT INTO dlq ("
@@ -281,18 +285,15 @@ def _identity(failure: FailedMessage) -> Identity:
     return (failure.consumer, failure.topic, failure.partition, failure.offset)
 
 
-def _copy_row(failure: FailedMessage) -> list[Any]:
-    """A failure's column values, in `_STAGED` order."""
-    headers = failure.headers
-    return [
+def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
+    """A failure's column values, in `_STAGED` order (without the two header columns: `_HEADERLESS`)."""
+    row: list[Any] = [
         failure.consumer,
         clean_text(failure.event_id),
         clean_text(failure.event_type),
         clean_text(failure.event_source),
         failure.value,
         failure.key,
-        [clean_text(k) for k, _ in headers] if headers else [],
-        [v for _, v in headers] if headers else [],
         failure.topic,
         failure.partition,
         failure.offset,
@@ -304,6 +305,9 @@ def _copy_row(failure: FailedMessage) -> list[Any]:
         failure.fingerprint,
         failure.worker_version,
     ]
+    if headers:
+        row[6:6] = [[clean_text(k) for k, _ in failure.headers], [v for _, v in failure.headers]]
+    return row
 
 
 _PARAM_KEYS = [key for _, _, key in _STAGED]
@@ -333,16 +337,18 @@ class PostgresDLQRepository:
         replays: list[int] = []
         for position, failure in enumerate(failures):
             if failure.replay_of is None:
-                fresh.setdefault(_identity(failure), []).append(position)
+                fresh.setdefault(
+                    (failure.consumer, failure.topic, failure.partition, failure.offset), []
+                ).append(position)
             else:
                 replays.append(position)
         with translate_db_errors(), conn.cursor() as cur:
             if fresh:
                 # The last failure of a message stands for it: one statement cannot update a row twice.
                 stored = self._insert_fresh(cur, [failures[positions[-1]] for positions in fresh.values()])
-                for identity, positions in fresh.items():
+                for dlq_id, positions in zip(stored, fresh.values(), strict=True):
                     for position in positions:
-                        ids[position] = stored[identity]
+                        ids[position] = dlq_id
             if replays:
                 cur.executemany(
                     INSERT_REPLAY_FAILURE, [_failure_params(failures[i]) for i in replays], returning=True
@@ -354,16 +360,20 @@ class PostgresDLQRepository:
         return [ids[i] for i in range(len(failures))]
 
     @staticmethod
-    def _insert_fresh(cur: psycopg.Cursor[Any], failures: list[FailedMessage]) -> dict[Identity, int]:
-        """One row per failure (updated, for a message seen before); the dlq_id of each message."""
+    def _insert_fresh(cur: psycopg.Cursor[Any], failures: list[FailedMessage]) -> list[int]:
+        """One row per failure (updated, for a message seen before); their dlq_ids, in order."""
         reserved = cur.execute(RESERVE_IDS, (len(failures),)).fetchone()
         ids: list[int] = reserved[0] if reserved else []
+        headers = any(failure.headers for failure in failures)
         try:
-            with cur.connection.transaction(), cur.copy(COPY_ROWS) as copy:
-                copy.set_types(["int8", *_COPY_TYPES])
+            with (
+                cur.connection.transaction(),
+                cur.copy(COPY_ROWS if headers else COPY_HEADERLESS_ROWS) as copy,
+            ):
+                copy.set_types(["int8", *(_COPY_TYPES if headers else [t for _, t in _HEADERLESS])])
                 for dlq_id, failure in zip(ids, failures, strict=True):
-                    copy.write_row([dlq_id, *_copy_row(failure)])
-            return {_identity(failure): dlq_id for dlq_id, failure in zip(ids, failures, strict=True)}
+                    copy.write_row([dlq_id, *_copy_row(failure, headers)])
+            return ids
         except psycopg.errors.UniqueViolation:
             pass  # a message of the batch has a row already: upsert the batch instead
         cur.execute(CREATE_STAGING)
@@ -371,8 +381,8 @@ class PostgresDLQRepository:
             copy.set_types(_COPY_TYPES)
             for failure in failures:
                 copy.write_row(_copy_row(failure))
-        rows = cur.execute(UPSERT_STAGED).fetchall()
-        return {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in rows}
+        stored = {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in cur.execute(UPSERT_STAGED).fetchall()}
+        return [stored[_identity(failure)] for failure in failures]
 
     def resolve_replayed(
         self, conn: psycopg.Connection[Any], consumer: str, dlq_ids: Sequence[int]

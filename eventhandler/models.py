@@ -49,12 +49,13 @@ def fingerprint(stage: str, error_type: str, message: str) -> str:
     return hashlib.sha256(basis.encode("utf-8", "backslashreplace")).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class FailedMessage:
     """A Kafka message that failed, with everything needed to store and later replay it.
 
-    A plain dataclass, not a pydantic model: it is built from values the worker already typed, once
-    per failure, and a failure storm builds thousands a second."""
+    A plain dataclass, not a pydantic model (nor a frozen dataclass, whose every field is set
+    through object.__setattr__): it is built once per failure, and a failure storm builds tens of
+    thousands a second."""
 
     consumer: str
     topic: str

@@ -86,6 +86,15 @@ def test_insert_a_batch_in_one_call_and_read_every_field(repo: PostgresDLQReposi
     assert len(entry.fingerprint) == 16
 
 
+def test_batches_with_and_without_headers_store_them_exactly(repo: PostgresDLQRepository, pool: Any) -> None:
+    bare = record(repo, pool, *[failed_message(offset=200 + i, headers=[]) for i in range(3)])
+    mixed = record(
+        repo, pool, failed_message(offset=210, headers=[]), failed_message(offset=211, headers=[("h", None)])
+    )
+    assert [repo.get(i).headers for i in bare] == [[], [], []]
+    assert [repo.get(i).headers for i in mixed] == [[], [("h", None)]]
+
+
 def test_a_repeat_of_the_same_message_updates_its_row(repo: PostgresDLQRepository, pool: Any) -> None:
     first = failed_message(offset=5, error_message="first error")
     (dlq_id,) = record(repo, pool, first)
