@@ -185,3 +185,5 @@ def failure_storms(bench: Bench) -> None:
                 status="WRONG" if run.problems else "INFO",
             )
         )
+        if percent == 100:  # where a DLQ row's time goes
+            _breakdown(bench, "2 failure storm", run)
