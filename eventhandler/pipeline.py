@@ -41,9 +41,14 @@ class Record:
 
     @property
     def timestamp(self) -> datetime | None:
+        """The Kafka timestamp; None when absent, or beyond what a datetime holds (a producer may
+        set any 64-bit value, and the message must still reach the DLQ)."""
         if self.timestamp_ms is None or self.timestamp_ms < 0:
             return None
-        return datetime.fromtimestamp(self.timestamp_ms / 1000, UTC)
+        try:
+            return datetime.fromtimestamp(self.timestamp_ms / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            return None
 
 
 @dataclass(slots=True)

@@ -228,3 +228,16 @@ def test_the_dlq_row_of_bad_input_names_the_event_type_when_the_message_has_one(
     assert [r.stage for r in batch.rejected] == ["deserialize"] * len(cases)
     assert "not valid JSON" in batch.rejected[0].failure.error_message
     assert "not valid UTF-8" in batch.rejected[1].failure.error_message
+
+
+def test_a_kafka_timestamp_beyond_the_year_9999_still_gets_its_dlq_row() -> None:
+    far = 2**62  # producers may set any 64-bit CreateTime
+    bad, good = record(b"{oops", timestamp_ms=far), record(ce(), timestamp_ms=far)
+    batch = processor()[0].decode([bad, good])
+    [rejected] = batch.rejected
+    assert rejected.record is bad
+    assert rejected.failure.timestamp is None
+    assert [d.record for d in batch.events] == [good]
+    assert record(b"x", timestamp_ms=1_700_000_000_000).timestamp == datetime(
+        2023, 11, 14, 22, 13, 20, tzinfo=UTC
+    )
