@@ -7,6 +7,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -282,6 +283,23 @@ def test_dead_letters_are_logged_one_line_per_failure_group_per_batch(
         )
     assert logged == Counter(groups)
     assert {line["stage"] for line in dead} == {"deserialize", "handler"}
+
+
+def test_a_kafka_timestamp_no_datetime_can_hold_does_not_stop_a_dead_letter(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    far, normal = 2**62, 1_700_000_000_000  # a producer may set any 64-bit CreateTime
+    producer.send(topic, b"{not json", key=b"far", timestamp_ms=far, partition=0)
+    producer.send(topic, b"{not json", key=b"normal", timestamp_ms=normal, partition=0)
+    producer.send(topic, k.structured(k.registered("far-1")), timestamp_ms=far, partition=0)
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=2)
+
+    assert (stats.failed, stats.applied) == (2, 1)
+    rows = dict(db.execute("SELECT message_key, message_timestamp FROM dlq").fetchall())
+    assert rows == {b"far": None, b"normal": datetime.fromtimestamp(normal / 1000, UTC)}
+    assert scalar(db, "SELECT count(*) FROM devices WHERE device_id = 'far-1'") == 1
 
 
 def test_a_projection_failure_sends_only_that_event_to_the_dlq(

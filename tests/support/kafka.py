@@ -88,12 +88,15 @@ class TestProducer:
         key: bytes | str | None = None,
         headers: Sequence[tuple[str, bytes | None]] | None = None,
         partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": self._delivered}
         if headers:
             kwargs["headers"] = list(headers)
         if partition is not None:
             kwargs["partition"] = partition
+        if timestamp_ms is not None:
+            kwargs["timestamp"] = timestamp_ms
         while True:
             try:
                 self._producer.produce(topic, **kwargs)
