@@ -38,6 +38,7 @@ from eventhandler.policy import Backoff
 
 log = get_logger("eventhandler.worker")
 
+SETTLE_SLICE_SECONDS = 0.01  # how long the loop consumes before it looks at the batch in flight again
 LOGGED_DLQ_IDS = 20  # per `events_dead_lettered` line; the rest of its group is counted
 
 
@@ -106,9 +107,7 @@ class Worker:
         join_grace = 2.5 * self.source.session_timeout_ms / 1000
         try:
             while self.running:
-                records = self.source.consume(
-                    self.settings.batch_max_messages, self.settings.batch_max_wait_seconds
-                )
+                records = self._next_batch()
                 if records:
                     self.submit(records)
                     idle_since = time.monotonic()
@@ -128,6 +127,31 @@ class Worker:
             self._started = False
             log.info("worker_stopped", **vars(self.stats))
         return self.stats
+
+    def _next_batch(self) -> list[Record]:
+        """Up to `batch_max_messages` records, waiting at most `batch_max_wait_seconds`.
+
+        While a batch is in flight the wait is cut into short slices, and that batch is settled (Kafka
+        commit, metrics, log line) as soon as its transaction is done, instead of a whole batch wait
+        later: at a steady trickle of events that wait was most of the produce-to-settled latency."""
+        limit, wait = self.settings.batch_max_messages, self.settings.batch_max_wait_seconds
+        if self._in_flight is None:
+            return self.source.consume(limit, wait)
+        deadline = time.monotonic() + wait
+        epoch = len(self._revocations)
+        records: list[Record] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or len(records) >= limit:
+                break
+            if self._in_flight is not None and self._in_flight.future.done():
+                self.settle()
+            slice_ = remaining if self._in_flight is None else min(remaining, SETTLE_SLICE_SECONDS)
+            records += self.source.consume(limit - len(records), slice_)
+        revoked = set().union(*self._revocations[epoch:])
+        if revoked:  # records read before a rebalance took their partitions: the new owner reads them
+            records = [r for r in records if (r.topic, r.partition) not in revoked]
+        return records
 
     def _idle_for(self, idle_since: float, join_grace: float) -> float:
         if not self.source.assigned_at:

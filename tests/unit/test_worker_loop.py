@@ -3,6 +3,7 @@ it was given up, nor for partitions revoked while it waited."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,7 +12,7 @@ from eventhandler.config import Settings
 from eventhandler.errors import DatabaseUnavailable
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import BatchResult, DecodedBatch, Record
-from eventhandler.worker import Worker
+from eventhandler.worker import SETTLE_SLICE_SECONDS, Worker
 
 
 class FakeSource:
@@ -119,3 +120,58 @@ def test_partitions_revoked_while_a_batch_waits_are_left_to_their_new_owner() ->
     worker.settle()
     assert processor.committed == [[("t", 0, 1)], [("t", 0, 2)]]
     assert all(("t", 1) not in positions for positions in source.committed)
+
+
+class SlicedSource(FakeSource):
+    """Hands out prepared answers to consume(), one per call, then nothing; notes each timeout."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.timeouts: list[float] = []
+
+    def consume(self, max_messages: int, timeout: float) -> list[Record]:
+        self.timeouts.append(timeout)
+        if not self.answers:
+            time.sleep(timeout)
+            return []
+        answer = self.answers.pop(0)
+        return answer() if callable(answer) else answer
+
+
+def sliced_worker(answers: list[Any], wait: float) -> tuple[Worker, SlicedSource]:
+    worker, _, _ = make_worker()
+    source = SlicedSource(answers)
+    worker.source = source  # type: ignore[assignment]
+    worker.settings = Settings(batch_max_wait_seconds=wait, metrics_port=0)
+    return worker, source
+
+
+def test_a_batch_in_flight_is_settled_as_soon_as_it_commits_not_a_batch_wait_later() -> None:
+    worker, source = sliced_worker([], wait=0.5)
+    commit = worker._commit
+
+    def slow_commit(batch: DecodedBatch) -> BatchResult:
+        time.sleep(0.05)  # PostgreSQL at work
+        return commit(batch)
+
+    worker._commit = slow_commit  # type: ignore[method-assign]
+    worker.submit(records(0, 1, 2))
+    started = time.monotonic()
+    assert worker._next_batch() == []
+    assert source.committed == [{("t", 0): 3}]  # Kafka heard of it within the wait ...
+    assert source.timeouts[0] <= SETTLE_SLICE_SECONDS  # ... because the wait was sliced while in flight
+    assert time.monotonic() - started >= 0.45  # and the batch wait itself is kept
+
+
+def test_records_of_partitions_revoked_between_slices_are_left_to_their_new_owner() -> None:
+    worker, source = sliced_worker([], wait=0.2)
+    worker.submit(records(0, 1))
+
+    def rebalance() -> list[Record]:
+        worker.on_revoked({("t", 1)})
+        return records(0, 3)
+
+    source.answers = [records(1, 7) + records(0, 2), rebalance]
+    got = worker._next_batch()
+    assert [(r.partition, r.offset) for r in got] == [(0, 2), (0, 3)]
