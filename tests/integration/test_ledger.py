@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
 import psycopg_pool
+import pytest
 
 from eventhandler.ledger import Ledger, LedgerPruner, digest
 
@@ -27,6 +29,31 @@ def test_claim_recognises_duplicates_and_release_forgets_failures(db: psycopg.Co
     assert another.claim(db, [another.key("/s", "1")]) == {another.key("/s", "1")}  # per consumer group
     stored = {r[0] for r in db.execute("SELECT event_key FROM applied_events WHERE consumer = 'g'")}
     assert stored == {digest("g", key) for key in [("/other", "2"), ("/s", "1"), ("/s", "2")]}
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_a_concurrent_claim_of_the_same_event_waits_for_the_first(db_url: str, first_commits: bool) -> None:
+    ledger = Ledger("g")
+    shared, other = ledger.key("/s", "shared"), ledger.key("/s", "other")
+    got: list[set[Any]] = []
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url) as second:
+        first.execute("SET lock_timeout = '10s'")
+        second.execute("SET lock_timeout = '10s'")
+        first.commit()
+        second.commit()
+        with first.transaction(force_rollback=not first_commits):
+            assert ledger.claim(first, [shared]) == {shared}
+
+            def claim_in_second() -> None:
+                with second.transaction():
+                    got.append(ledger.claim(second, [other, shared]))
+
+            waiter = threading.Thread(target=claim_in_second)
+            waiter.start()
+            waiter.join(0.5)
+            assert waiter.is_alive(), "the second claim must wait for the first transaction"
+        waiter.join(15)
+    assert got == [{other} if first_commits else {other, shared}]
 
 
 def test_positions_round_trip(db: psycopg.Connection[Any]) -> None:
