@@ -103,6 +103,7 @@ COPY_ROWS = f"COPY dlq (dlq_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _HEADERLESS = [(c, t) for c, t, _ in _STAGED if c not in ("header_keys", "header_values")]
 COPY_HEADERLESS_ROWS = f"COPY dlq (dlq_id, {', '.join(c for c, _ in _HEADERLESS)}) FROM STDIN (FORMAT BINARY)"
 COPY_STAGING = f"COPY dlq_incoming ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+CLEAR_STAGING = "DELETE FROM dlq_incoming"
 UPSERT_STAGED = (
     "INSERT INTO dlq ("
     + _INSERT_COLUMNS
@@ -376,12 +377,15 @@ class PostgresDLQRepository:
             return ids
         except psycopg.errors.UniqueViolation:
             pass  # a message of the batch has a row already: upsert the batch instead
-        cur.execute(CREATE_STAGING)
-        with cur.copy(COPY_STAGING) as copy:
-            copy.set_types(_COPY_TYPES)
-            for failure in failures:
-                copy.write_row(_copy_row(failure))
-        stored = {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in cur.execute(UPSERT_STAGED).fetchall()}
+        with cur.connection.transaction():  # the staged rows live until the end of a transaction
+            cur.execute(CREATE_STAGING)
+            cur.execute(CLEAR_STAGING)  # rows an earlier call of the same transaction staged
+            with cur.copy(COPY_STAGING) as copy:
+                copy.set_types(_COPY_TYPES)
+                for failure in failures:
+                    copy.write_row(_copy_row(failure))
+            rows = cur.execute(UPSERT_STAGED).fetchall()
+        stored = {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in rows}
         return [stored[_identity(failure)] for failure in failures]
 
     def resolve_replayed(

@@ -30,7 +30,11 @@ def normalise_error(message: str) -> str:
     """An error message with its ids, quoted values and numbers replaced, so alike failures group."""
     # Quoted values first: what else is replaced inside them goes with them, and what is left
     # ("device <str> is not registered") repeats, so the costlier rest is cached.
-    return _normalise_unquoted(_QUOTED.sub("<str>", message.splitlines()[0] if message else ""))
+    text = _QUOTED.sub("<str>", message.splitlines()[0] if message else "")
+    return _normalise_unquoted(text) if len(text) <= _CACHED_LENGTH else _normalise_unquoted.__wrapped__(text)
+
+
+_CACHED_LENGTH = 2048  # longer texts are normalised every time, so that no cache holds megabytes
 
 
 @functools.lru_cache(maxsize=4096)
@@ -42,9 +46,15 @@ def _normalise_unquoted(text: str) -> str:
     return _SPACE.sub(" ", text).strip()[:500]
 
 
-@functools.lru_cache(maxsize=8192)  # a storm repeats the same few messages
 def fingerprint(stage: str, error_type: str, message: str) -> str:
     """A short stable id of a failure group: stage, error type and the normalised message."""
+    if len(message) <= _CACHED_LENGTH:
+        return _fingerprint(stage, error_type, message)
+    return _fingerprint.__wrapped__(stage, error_type, message)
+
+
+@functools.lru_cache(maxsize=8192)  # a storm repeats the same few messages
+def _fingerprint(stage: str, error_type: str, message: str) -> str:
     basis = f"{stage}\x00{error_type}\x00{normalise_error(message)}"
     return hashlib.sha256(basis.encode("utf-8", "backslashreplace")).hexdigest()[:16]
 

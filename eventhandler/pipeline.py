@@ -11,7 +11,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import CodeType
 from typing import Any, Literal
 
 import psycopg
@@ -126,9 +125,11 @@ def _format_traceback(exc: BaseException) -> str:
         frames = []
         tb = current.__traceback__
         while tb is not None:  # walked by hand: traceback.extract_tb computes column positions too
-            frames.append((tb.tb_frame.f_code, tb.tb_lineno))
+            code = tb.tb_frame.f_code
+            frames.append((code.co_filename, tb.tb_lineno, code.co_name))
             tb = tb.tb_next
-        text = f"{_stack_text(tuple(frames))}{type(current).__qualname__}: {current}\n{text}"
+        stack = _stack_text(tuple(frames)) if len(frames) <= 64 else _stack_text.__wrapped__(tuple(frames))
+        text = f"{stack}{type(current).__qualname__}: {current}\n{text}"
         if current.__cause__ is not None:
             text = _CAUSE + text
             current = current.__cause__
@@ -140,12 +141,12 @@ def _format_traceback(exc: BaseException) -> str:
     return text.strip()
 
 
-@functools.lru_cache(maxsize=1024)  # a storm fails the same way at the same places
-def _stack_text(frames: tuple[tuple[CodeType, int], ...]) -> str:
+@functools.lru_cache(maxsize=1024)  # a storm fails the same way at the same places (deep stacks: uncached)
+def _stack_text(frames: tuple[tuple[str, int, str], ...]) -> str:
     lines = ["Traceback (most recent call last):\n"]
-    for code, line in frames:
-        lines.append(f'  File "{code.co_filename}", line {line}, in {code.co_name}\n')
-        source = linecache.getline(code.co_filename, line).strip()
+    for filename, line, name in frames:
+        lines.append(f'  File "{filename}", line {line}, in {name}\n')
+        source = linecache.getline(filename, line).strip()
         if source:
             lines.append(f"    {source}\n")
     return "".join(lines)
@@ -311,7 +312,7 @@ class BatchProcessor:
         if event is not None:
             event_type: str | None = event.type
         elif isinstance(exc, DeserializationError):
-            event_type = exc.event_type or (_peek_type(record) if exc.json else None)
+            event_type = exc.event_type or _peek_type(record, parse=exc.json)
         else:
             event_type = _peek_type(record)
         failure = FailedMessage(
@@ -336,12 +337,13 @@ class BatchProcessor:
         return Rejected(record, failure, decoded.key if decoded else None)
 
 
-def _peek_type(record: Record) -> str | None:
-    """Best effort event type of a message that failed to deserialize, for triage filters."""
+def _peek_type(record: Record, *, parse: bool = True) -> str | None:
+    """Best effort event type of a message that failed to deserialize, for triage filters: its
+    `ce_type` header, else (`parse`: the value is JSON at all) the envelope's `type`."""
     for key, value in record.headers or ():
         if key == "ce_type" and value is not None:
             return value.decode("utf-8", "replace")[:200]
-    if record.value and len(record.value) < 1_048_576:
+    if parse and record.value and len(record.value) < 1_048_576:
         try:
             parsed = json.loads(record.value)
         except (ValueError, RecursionError):

@@ -138,20 +138,23 @@ class Worker:
         if self._in_flight is None:
             return self.source.consume(limit, wait)
         deadline = time.monotonic() + wait
-        epoch = len(self._revocations)
         records: list[Record] = []
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or len(records) >= limit:
-                break
+                return records
+            epoch = len(self._revocations)
             if self._in_flight is not None and self._in_flight.future.done():
                 self.settle()
             slice_ = remaining if self._in_flight is None else min(remaining, SETTLE_SLICE_SECONDS)
-            records += self.source.consume(limit - len(records), slice_)
-        revoked = set().union(*self._revocations[epoch:])
-        if revoked:  # records read before a rebalance took their partitions: the new owner reads them
-            records = [r for r in records if (r.topic, r.partition) not in revoked]
-        return records
+            fresh = self.source.consume(limit - len(records), slice_)
+            revoked = set().union(*self._revocations[epoch:])
+            if revoked:
+                # A rebalance in this slice took these partitions: what was read of them before it
+                # belongs to their new owner, or, if they came back to us, is read again from the
+                # stored position (what this slice returned already is).
+                records = [r for r in records if (r.topic, r.partition) not in revoked]
+            records += fresh
 
     def _idle_for(self, idle_since: float, join_grace: float) -> float:
         if not self.source.assigned_at:

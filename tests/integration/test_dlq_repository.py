@@ -134,6 +134,19 @@ def test_ids_come_back_in_the_order_of_the_failures_whatever_the_mix(
     assert repo.count(DLQFilter()) == 4
 
 
+def test_repeats_upserted_twice_in_one_transaction_or_without_one_count_once_each(
+    repo: PostgresDLQRepository, db_url: str
+) -> None:
+    first = [failed_message(offset=300 + i) for i in range(3)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ids = repo.record_failures(conn, first)
+        assert repo.record_failures(conn, first) == ids  # the upsert path, outside a transaction
+        with conn.transaction():
+            assert repo.record_failures(conn, first[:2]) == ids[:2]
+            assert repo.record_failures(conn, first[1:]) == ids[1:]  # a second upsert, same transaction
+    assert [repo.get(i).failure_count for i in ids] == [3, 4, 3]
+
+
 def test_a_replayed_message_failing_again_returns_its_row_to_pending(
     repo: PostgresDLQRepository, pool: Any
 ) -> None:

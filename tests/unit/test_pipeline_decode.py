@@ -13,7 +13,7 @@ from eventhandler.events import DLQ_ID_HEADER
 from eventhandler.handlers import load_registry
 from eventhandler.handlers.devices import DeviceReading
 from eventhandler.ledger import Ledger
-from eventhandler.pipeline import BatchProcessor, DecodedBatch, Record
+from eventhandler.pipeline import BatchProcessor, DecodedBatch, Record, _format_traceback
 from tests.fakes import FakeDLQRepository
 
 Headers = list[tuple[str, bytes | None]]
@@ -223,9 +223,22 @@ def test_the_dlq_row_of_bad_input_names_the_event_type_when_the_message_has_one(
         ).encode(): "device.reading",
         json.dumps({"specversion": "0.3", "id": "x", "source": "/s", "type": 7}).encode(): None,
     }
-    batch = processor()[0].decode([record(value) for value in cases])
-    assert [r.failure.event_type for r in batch.rejected] == list(cases.values())
-    assert [r.stage for r in batch.rejected] == ["deserialize"] * len(cases)
+    binary = [
+        ("ce_specversion", b"1.0"),
+        ("ce_type", b"device.reading"),
+        ("ce_id", b"1"),
+        ("ce_source", b"/s"),
+    ]
+    batch = processor()[0].decode(
+        [record(value) for value in cases]
+        + [record(None, binary), record(b"\xff not json", [("ce_type", b"device.reading")])]
+    )
+    assert [r.failure.event_type for r in batch.rejected] == [
+        *cases.values(),
+        "device.reading",
+        "device.reading",
+    ]
+    assert [r.stage for r in batch.rejected] == ["deserialize"] * (len(cases) + 2)
     assert "not valid JSON" in batch.rejected[0].failure.error_message
     assert "not valid UTF-8" in batch.rejected[1].failure.error_message
 
@@ -241,3 +254,18 @@ def test_a_kafka_timestamp_beyond_the_year_9999_still_gets_its_dlq_row() -> None
     assert record(b"x", timestamp_ms=1_700_000_000_000).timestamp == datetime(
         2023, 11, 14, 22, 13, 20, tzinfo=UTC
     )
+
+
+def test_a_traceback_names_its_own_file_even_when_another_is_alike() -> None:
+    source = "def fail():\n    raise ValueError('boom')\n"
+    texts = []
+    for filename in ("a_module.py", "b_module.py"):  # same code, same line, another file
+        namespace: dict[str, Any] = {}
+        exec(compile(source, filename, "exec"), namespace)
+        try:
+            namespace["fail"]()
+        except ValueError as exc:
+            texts.append(_format_traceback(exc))
+    assert 'File "a_module.py", line 2, in fail' in texts[0]
+    assert 'File "b_module.py", line 2, in fail' in texts[1]
+    assert texts[1].endswith("ValueError: boom")

@@ -175,3 +175,16 @@ def test_records_of_partitions_revoked_between_slices_are_left_to_their_new_owne
     source.answers = [records(1, 7) + records(0, 2), rebalance]
     got = worker._next_batch()
     assert [(r.partition, r.offset) for r in got] == [(0, 2), (0, 3)]
+
+
+def test_a_partition_revoked_and_assigned_back_between_slices_is_read_again_not_lost() -> None:
+    worker, source = sliced_worker([], wait=0.2)
+    worker.submit(records(0, 1))
+
+    def revoke_and_reassign() -> list[Record]:
+        worker.on_revoked({("t", 0)})  # eager rebalance: everything revoked, the same given back
+        return records(0, 2, 3, 4)  # read again from the stored position (2)
+
+    source.answers = [records(0, 2, 3), revoke_and_reassign]
+    got = worker._next_batch()
+    assert [(r.partition, r.offset) for r in got] == [(0, 2), (0, 3), (0, 4)]
