@@ -336,6 +336,27 @@ def test_a_duplicate_event_takes_effect_once(
     assert scalar(db, "SELECT count(*) FROM dlq") == 0
 
 
+def test_duplicates_are_told_from_failures_whatever_the_handler_says_now(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    registered, reading = k.registered("dup-2"), k.reading("dup-2", value=1)
+    producer.send_events(topic, [registered, reading, k.decommissioned("dup-2")])
+    producer.flush()
+    first = run_until_idle(make_settings(), idle=2)
+    # Later duplicates: the reading would now fail (its device is decommissioned), and a repeated
+    # registration sits in the same batch as a new reading it must not resurrect the device for.
+    producer.send_events(topic, [reading, registered, k.reading("dup-2", value=2)])
+    producer.flush()
+    second = run_until_idle(make_settings(), idle=2)
+
+    assert (first.applied, first.failed) == (3, 0)
+    assert (second.duplicates, second.applied, second.failed) == (2, 0, 1)
+    row = db.execute("SELECT stage, error_message FROM dlq").fetchall()
+    assert row == [("handler", "device 'dup-2' is decommissioned")]  # only the new reading failed
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'dup-2'") == 1
+    assert scalar(db, "SELECT status FROM devices WHERE device_id = 'dup-2'") == "decommissioned"
+
+
 def test_unknown_types_can_be_skipped_by_policy(
     make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
 ) -> None:
