@@ -32,7 +32,6 @@ ON CONFLICT DO NOTHING
 RETURNING event_key
 """
 RELEASE_EVENTS = "DELETE FROM applied_events WHERE event_key = ANY(%b::uuid[])"
-APPLIED_EVENTS = "SELECT event_key FROM applied_events WHERE event_key = ANY(%b::uuid[])"
 SAVE_POSITIONS = """
 INSERT INTO consumer_positions (consumer, topic, partition, next_offset)
 SELECT %s, * FROM unnest(%b::text[], %b::int[], %b::bigint[])
@@ -80,13 +79,6 @@ class Ledger:
             return set()
         with translate_db_errors():
             return {row[0] for row in conn.execute(CLAIM_EVENTS, (self.consumer, list(keys))).fetchall()}
-
-    def applied(self, conn: psycopg.Connection[Any], keys: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Which of these events were applied before (a read: no claim, no wait)."""
-        if not keys:
-            return set()
-        with translate_db_errors():
-            return {row[0] for row in conn.execute(APPLIED_EVENTS, (list(keys),)).fetchall()}
 
     def release(self, conn: psycopg.Connection[Any], keys: Sequence[uuid.UUID]) -> None:
         """Forget claims of events that failed after all, so a replay of them can apply."""

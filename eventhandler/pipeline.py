@@ -65,7 +65,7 @@ class Rejected:
 
     record: Record
     failure: FailedMessage
-    key: uuid.UUID | None = None  # the ledger key of its event, when it became one
+    key: uuid.UUID | None = None  # the ledger key of an event claimed before it failed
 
     @property
     def stage(self) -> Stage:
@@ -208,9 +208,10 @@ class BatchProcessor:
         result = BatchResult(skipped=batch.skipped)
         try:
             with conn.transaction():
-                first, duplicates = _first_of_each(batch.events)
-                applied, rejected, applied_before = self._apply(conn, first)
-                duplicates += applied_before
+                fresh, duplicates = self._claim(conn, batch.events)
+                applied, rejected = self._apply(conn, fresh)
+                if rejected:
+                    self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
                 rejected = batch.rejected + rejected
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
@@ -229,22 +230,33 @@ class BatchProcessor:
         result.failed.update(r.stage for r in rejected)
         return result
 
+    def _claim(
+        self, conn: psycopg.Connection[Any], events: list[Decoded]
+    ) -> tuple[list[Decoded], list[Decoded]]:
+        """Split events into those to apply now and duplicates of events applied before."""
+        first: dict[uuid.UUID, Decoded] = {}
+        duplicates: list[Decoded] = []
+        for decoded in events:
+            if decoded.key in first:
+                duplicates.append(decoded)
+            else:
+                first[decoded.key] = decoded
+        new = self.ledger.claim(conn, list(first))
+        fresh: list[Decoded] = []  # in consumption order, which keeps each partition's order
+        for key, decoded in first.items():
+            (fresh if key in new else duplicates).append(decoded)
+        return fresh, duplicates
+
     def _apply(
         self, conn: psycopg.Connection[Any], events: list[Decoded]
-    ) -> tuple[list[Decoded], list[Rejected], list[Decoded]]:
-        """Handle, claim and project `events` in a savepoint: (applied, rejected, applied before).
-
-        Events found applied before are taken out and the rest handled again; on a permanent write
-        error, bisect to find the events at fault (projection failures) and apply the rest."""
+    ) -> tuple[list[Decoded], list[Rejected]]:
+        """Handle and project `events` in a savepoint; on a permanent write error, bisect to find
+        the events at fault (projection failures) and apply the rest."""
         if not events:
-            return [], [], []
+            return [], []
         try:
             with conn.transaction():
                 return self._handle_and_flush(conn, events)
-        except _AppliedBefore as found:  # the savepoint took back this attempt's claims
-            before = [d for d in events if d.key in found.keys]
-            applied, rejected, more = self._apply(conn, [d for d in events if d.key not in found.keys])
-            return applied, rejected, before + more
         except Exception as exc:
             if decide(exc) is Decision.RETRY:
                 raise
@@ -252,23 +264,15 @@ class BatchProcessor:
                 decoded = events[0]
                 failure = classify(exc)
                 traceback = _format_traceback(exc)  # of the driver's error: where the write failed
-                return (
-                    [],
-                    [self._reject(decoded.record, "projection", failure, decoded, traceback=traceback)],
-                    [],
-                )
+                return [], [self._reject(decoded.record, "projection", failure, decoded, traceback=traceback)]
         middle = len(events) // 2
-        left_ok, left_bad, left_before = self._apply(conn, events[:middle])
-        right_ok, right_bad, right_before = self._apply(conn, events[middle:])
-        return left_ok + right_ok, left_bad + right_bad, left_before + right_before
+        left_ok, left_bad = self._apply(conn, events[:middle])
+        right_ok, right_bad = self._apply(conn, events[middle:])
+        return left_ok + right_ok, left_bad + right_bad
 
     def _handle_and_flush(
         self, conn: psycopg.Connection[Any], events: list[Decoded]
-    ) -> tuple[list[Decoded], list[Rejected], list[Decoded]]:
-        """Handle in memory, claim what was applied in the ledger, then write the projections.
-
-        Claiming after handling means an event a handler rejects costs no claim (and no release):
-        a storm of such events pays only a read of the ledger, to tell a duplicate from a failure."""
+    ) -> tuple[list[Decoded], list[Rejected]]:
         by_projection: dict[int, tuple[Projection, list[Event]]] = {}
         for decoded in events:
             projection = self.registry.projection_for(decoded.event.type)
@@ -290,20 +294,9 @@ class BatchProcessor:
                 rejected.append(self._reject(decoded.record, "handler", exc, decoded))
             else:
                 applied.append(decoded)
-        if applied:
-            # Also makes a concurrent claim of the same event wait for this transaction.
-            new = self.ledger.claim(conn, [d.key for d in applied])
-            if len(new) < len(applied):
-                raise _AppliedBefore({d.key for d in applied} - new)
-        before: list[Decoded] = []
-        if rejected:
-            seen = self.ledger.applied(conn, [r.key for r in rejected if r.key is not None])
-            if seen:  # a duplicate of an event applied before: no failure, whatever it meets now
-                before = [d for d in events if d.key in seen]
-                rejected = [r for r in rejected if r.key not in seen]
         for handler in handlers.values():
             handler.flush(conn)
-        return applied, rejected, before
+        return applied, rejected
 
     def _reject(
         self,
@@ -342,26 +335,6 @@ class BatchProcessor:
             replay_of=decoded.replay_of if decoded else replay_dlq_id(record.headers),
         )
         return Rejected(record, failure, decoded.key if decoded else None)
-
-
-class _AppliedBefore(Exception):
-    """Some events of an attempt were found in the ledger when claimed."""
-
-    def __init__(self, keys: set[uuid.UUID]) -> None:
-        super().__init__(f"{len(keys)} event(s) applied before")
-        self.keys = keys
-
-
-def _first_of_each(events: list[Decoded]) -> tuple[list[Decoded], list[Decoded]]:
-    """The first of each event in the batch (in consumption order) and the repeats."""
-    first: dict[uuid.UUID, Decoded] = {}
-    repeats: list[Decoded] = []
-    for decoded in events:
-        if decoded.key in first:
-            repeats.append(decoded)
-        else:
-            first[decoded.key] = decoded
-    return list(first.values()), repeats
 
 
 def _peek_type(record: Record, *, parse: bool = True) -> str | None:
