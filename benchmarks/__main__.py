@@ -36,7 +36,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the small CI profile (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the small CI profile (about a minute)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--only",
