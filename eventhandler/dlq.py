@@ -101,6 +101,7 @@ COPY_ROWS = f"COPY dlq (dlq_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 # Most bad messages carry no headers; leaving the header columns to their defaults then saves
 # encoding two empty arrays a row.
 _HEADERLESS = [(c, t) for c, t, _ in _STAGED if c not in ("header_keys", "header_values")]
+_HEADERLESS_TYPES = [t for _, t in _HEADERLESS]
 COPY_HEADERLESS_ROWS = f"COPY dlq (dlq_id, {', '.join(c for c, _ in _HEADERLESS)}) FROM STDIN (FORMAT BINARY)"
 COPY_STAGING = f"COPY dlq_incoming ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 CLEAR_STAGING = "DELETE FROM dlq_incoming"
@@ -338,9 +339,7 @@ class PostgresDLQRepository:
         replays: list[int] = []
         for position, failure in enumerate(failures):
             if failure.replay_of is None:
-                fresh.setdefault(
-                    (failure.consumer, failure.topic, failure.partition, failure.offset), []
-                ).append(position)
+                fresh.setdefault(_identity(failure), []).append(position)
             else:
                 replays.append(position)
         with translate_db_errors(), conn.cursor() as cur:
@@ -371,7 +370,7 @@ class PostgresDLQRepository:
                 cur.connection.transaction(),
                 cur.copy(COPY_ROWS if headers else COPY_HEADERLESS_ROWS) as copy,
             ):
-                copy.set_types(["int8", *(_COPY_TYPES if headers else [t for _, t in _HEADERLESS])])
+                copy.set_types(["int8", *(_COPY_TYPES if headers else _HEADERLESS_TYPES)])
                 for dlq_id, failure in zip(ids, failures, strict=True):
                     copy.write_row([dlq_id, *_copy_row(failure, headers)])
             return ids
