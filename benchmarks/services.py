@@ -1,5 +1,6 @@
 """The broker and PostgreSQL the scenarios share, found or started the way the tests do
-(`EVENTHANDLER_TEST_*` variables, else testcontainers, else a Tansu broker and the local server),
+(`EVENTHANDLER_TEST_*` variables, else testcontainers, else Apache Kafka from its jars or Tansu as
+`EVENTHANDLER_TEST_BROKER` says, and the local or an embedded PostgreSQL with fsync on),
 plus a throw-away database, topic and consumer group per scenario."""
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Services:
 def services() -> Iterator[Services]:
     with ExitStack() as stack:
         bootstrap = stack.enter_context(kafka_broker())
-        admin_url = stack.enter_context(postgres_server())
+        admin_url = stack.enter_context(postgres_server(durable=True))
         template = unique("eh_bench_template").replace("-", "_")
         _create_database(admin_url, template)
         stack.callback(_drop_database, admin_url, template)

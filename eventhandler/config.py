@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from eventhandler.errors import ConfigError
@@ -18,6 +18,12 @@ from eventhandler.errors import ConfigError
 ENV_PREFIX = "EVENTHANDLER_"
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+GROUP_PROTOCOLS = ("classic", "consumer")
+# Client options of the classic group protocol that the KIP-848 protocol moves to the broker.
+BROKER_SIDE_UNDER_KIP848 = frozenset(
+    {"session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy", "group.protocol.type"}
+)
 
 KafkaOptions = Annotated[dict[str, str | int | float | bool], NoDecode]
 
@@ -128,6 +134,24 @@ class Settings(BaseSettings):
     @classmethod
     def _options(cls, value: Any) -> Any:
         return _decode_options(value)
+
+    @field_validator("kafka_consumer_options")
+    @classmethod
+    def _group_protocol(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Under KIP-848 (`group.protocol=consumer`) the broker owns the session and the assignor: the
+        client options librdkafka refuses then are refused here, at start, with the setting's name."""
+        effective = {**info.data.get("kafka_options", {}), **value}
+        protocol = str(effective.get("group.protocol", "classic")).lower()
+        if protocol not in GROUP_PROTOCOLS:
+            raise ValueError(f"group.protocol must be one of {', '.join(GROUP_PROTOCOLS)}, not {protocol!r}")
+        if protocol == "consumer":
+            refused = sorted(set(effective) & BROKER_SIDE_UNDER_KIP848)
+            if refused:
+                raise ValueError(
+                    f"{', '.join(refused)} cannot be set with group.protocol=consumer: the broker sets it "
+                    "(group.consumer.* broker settings; the assignor with group.remote.assignor)"
+                )
+        return value
 
     @property
     def dsn(self) -> str:

@@ -27,6 +27,16 @@ PositionLoader = Callable[[Sequence[TP]], dict[TP, int]]
 log = get_logger("eventhandler.consumer")
 _ERROR_LOG_INTERVAL = 30.0
 _PROBE_INTERVAL = 5.0
+_WATERMARK_REFRESH_INTERVAL = 5.0
+_WATERMARK_TIMEOUT = 1.0
+_LAG_INTERVAL = 1.0
+
+
+def is_incremental(config: dict[str, Any]) -> bool:
+    """Whether the group's rebalances are incremental (cooperative) rather than eager."""
+    if str(config.get("group.protocol", "classic")).lower() == "consumer":
+        return True
+    return "cooperative" in str(config.get("partition.assignment.strategy", ""))
 
 
 class KafkaSource:
@@ -46,15 +56,23 @@ class KafkaSource:
         self._on_revoked = on_revoked
         self._consumer: Consumer | None = None
         self.assignment: set[TP] = set()
+        self.positions: dict[TP, int] = {}  # next offset to process, as PostgreSQL has it
+        self.high_watermarks: dict[TP, int] = {}  # asked of the broker while paused
+        self.lags: dict[TP, int] = {}  # see `update_lag`
+        self._watermarks_at = 0.0
+        self._lag_at = 0.0
         self.unpositioned: set[TP] = set()  # assigned, paused until PostgreSQL tells their position
         self.paused = False
         self.broker_error: str | None = None
         self.assigned_at = 0.0  # time.monotonic() of the last assignment
+        # Under the KIP-848 protocol (`group.protocol=consumer`) the session timeout is the broker's
+        # (`group.consumer.session.timeout.ms`, 45 s by default) and the client may not set it.
         self.session_timeout_ms = int(self._config.get("session.timeout.ms", 45000))
         self._error_logged: dict[int, float] = {}
         self._last_probe = 0.0
-        # With cooperative-sticky, rebalance callbacks carry only the partitions that move.
-        self._cooperative = "cooperative" in str(self._config.get("partition.assignment.strategy", ""))
+        # With cooperative-sticky, and always under KIP-848, rebalance callbacks carry only the
+        # partitions that move, and must be answered with incremental_assign/incremental_unassign.
+        self._incremental = is_incremental(self._config)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -108,6 +126,7 @@ class KafkaSource:
             self.broker_error = None
         elif self.broker_error is not None:
             self._probe_broker()
+        self.update_lag()
         return records
 
     def _probe_broker(self) -> None:
@@ -124,6 +143,8 @@ class KafkaSource:
 
     def poll_while_paused(self, timeout: float) -> None:
         """Serve group membership and rebalance callbacks while processing is held."""
+        self._refresh_watermarks()
+        self.update_lag()
         message = self.consumer.poll(timeout)
         if message is not None and message.error() is None:
             # Fetched before the pause took effect: rewind so it is read again after resuming.
@@ -134,11 +155,54 @@ class KafkaSource:
     def commit(self, positions: dict[TP, int]) -> None:
         """Tell Kafka how far we are (asynchronously; PostgreSQL already has it durably)."""
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items() if (t, p) in self.assignment]
+        for offset in offsets:
+            self.positions[(offset.topic, offset.partition)] = offset.offset
         if offsets:
             try:
                 self.consumer.commit(offsets=offsets, asynchronous=True)
             except KafkaException as exc:
                 log.warning("kafka_commit_failed", error=str(exc))
+
+    def _refresh_watermarks(self) -> None:
+        """Paused partitions are not fetched, so librdkafka's cached high watermarks stop moving: while
+        the worker holds (an outage), ask the broker every few seconds so the lag keeps growing."""
+        now = time.monotonic()
+        if now - self._watermarks_at < _WATERMARK_REFRESH_INTERVAL:
+            return
+        self._watermarks_at = now
+        for topic, partition in sorted(self.assignment):
+            try:
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=_WATERMARK_TIMEOUT, cached=False
+                )
+            except KafkaException:
+                return  # the broker is away too; the cached values stay
+            self.high_watermarks[(topic, partition)] = high
+
+    def update_lag(self) -> None:
+        """Recompute `lags`, at most once a `_LAG_INTERVAL`, on the loop's thread: confluent-kafka lets
+        no other thread call into a consumer while `consume` waits, so a scrape only reads the result.
+
+        Per assigned partition: high watermark minus the stored position, from the watermarks librdkafka
+        keeps from its fetches (no request to the broker). A partition with no stored position yet
+        counts from its low watermark, where `auto.offset.reset=earliest` starts."""
+        now = time.monotonic()
+        if now - self._lag_at < _LAG_INTERVAL or self._consumer is None:
+            return
+        self._lag_at = now
+        lags: dict[TP, int] = {}
+        for topic, partition in sorted(self.assignment):
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            high = max(high, self.high_watermarks.get((topic, partition), -1))
+            position = self.positions.get((topic, partition), low)
+            if high >= 0 and position >= 0:
+                lags[(topic, partition)] = max(0, high - position)
+        self.lags = lags  # replaced whole: the scrape thread reads one snapshot or the next
 
     # -- pause / resume ------------------------------------------------------------------------------
 
@@ -167,6 +231,7 @@ class KafkaSource:
             offset = positions.get(tp)
             if offset is not None:
                 self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+                self.positions[tp] = offset
         self.unpositioned -= set(pending)
         if not self.paused:
             self.consumer.resume(self._partitions(pending))
@@ -185,7 +250,8 @@ class KafkaSource:
             positions, unknown = {}, set(tps)
         for partition in partitions:
             partition.offset = positions.get((partition.topic, partition.partition), OFFSET_INVALID)
-        if self._cooperative:
+        self.positions.update(positions)
+        if self._incremental:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
@@ -202,7 +268,7 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, "revoke")
-        if self._cooperative:
+        if self._incremental:
             consumer.incremental_unassign(partitions)
         else:
             consumer.unassign()
@@ -214,6 +280,10 @@ class KafkaSource:
         tps = {(p.topic, p.partition) for p in partitions}
         self.assignment -= tps
         self.unpositioned -= tps
+        for tp in tps:
+            self.positions.pop(tp, None)
+            self.high_watermarks.pop(tp, None)
+        self.lags = {tp: lag for tp, lag in self.lags.items() if tp not in tps}
         self._on_revoked(tps)
         self._metrics.rebalances.labels(kind=kind).inc()
         self._metrics.assigned_partitions.set(len(self.assignment))

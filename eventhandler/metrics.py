@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from eventhandler import __version__
 from eventhandler.models import STAGES, STATUSES, DepthRow
 
 _BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+LagReader = Callable[[], dict[tuple[str, int], int]]
+
+
+class _LagCollector(Collector):
+    """`eventhandler_consumer_lag_messages`, read at scrape time from the worker's positions, so a
+    partition revoked from this worker stops being reported here the moment it moves."""
+
+    def __init__(self) -> None:
+        self.read: LagReader = dict
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for (topic, partition), lag in sorted(self.read().items()):
+            family.add_metric([topic, str(partition)], lag)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "eventhandler_consumer_lag_messages",
+            "Messages of an assigned partition not yet processed: its high watermark minus the "
+            "position stored in PostgreSQL.",
+            labels=["topic", "partition"],
+        )
 
 
 class Metrics:
@@ -101,6 +134,8 @@ class Metrics:
         self.rebalances = Counter(
             "eventhandler_rebalances", "Consumer group rebalances seen, by kind.", ["kind"], registry=r
         )
+        self.consumer_lag = _LagCollector()
+        r.register(self.consumer_lag)
         self.ready = Gauge("eventhandler_ready", "1 when the worker can make progress.", registry=r)
         self.build_info = Info("eventhandler_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__})

@@ -477,6 +477,7 @@ def build(
         worker_id=worker_id,
     )
     worker_holder.append(worker)
+    metrics.consumer_lag.read = lambda: source.lags
     metrics.ready.set_function(lambda: 1.0 if worker.is_ready()[0] else 0.0)
     health = None
     if serve_http and settings.metrics_port:

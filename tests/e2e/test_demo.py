@@ -1,12 +1,19 @@
-"""`eventhandler demo` end to end, as a newcomer runs it: nothing running but PostgreSQL."""
+"""`eventhandler demo` end to end, as a newcomer runs it: on the local PostgreSQL, and on a machine with
+nothing but Python (its embedded PostgreSQL)."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
+import pytest
+
+from tests.support.cli import cli_json
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -22,10 +29,15 @@ def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_the_demo_tells_the_whole_story_and_runs_twice(pg_admin_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTHANDLER_")}
-    if pg_admin_url != "postgresql://postgres@127.0.0.1:5432/postgres":
-        # a PostgreSQL other than the developer default: point the demo at a database on it
+    given = pg_admin_url != "postgresql://postgres@127.0.0.1:5432/postgres"
+    if given:
+        # a PostgreSQL other than the developer default: point the demo at a database there
         env["EVENTHANDLER_DATABASE_URL"] = pg_admin_url.rsplit("/", 1)[0] + "/eventhandler_demo_test"
     for run in (1, 2):
+        if given:  # a database the user gives must exist, and the demo leaves its rows alone: a fresh one
+            with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+                admin.execute("DROP DATABASE IF EXISTS eventhandler_demo_test WITH (FORCE)")
+                admin.execute("CREATE DATABASE eventhandler_demo_test")
         result = _demo(env)
         assert result.returncode == 0, f"run {run}:\n{result.stdout}\n{result.stderr}"
         out = result.stdout
@@ -51,3 +63,58 @@ def test_the_demo_tells_the_whole_story_and_runs_twice(pg_admin_url: str) -> Non
     assert statuses == {"pending": 7, "resolved": 25}
     if "EVENTHANDLER_DATABASE_URL" not in env:
         assert runs == (1,)  # the demo's own database starts clean on every run
+
+
+def test_the_demo_on_its_embedded_postgres_keeps_the_data_and_its_closing_lines_work(tmp_path: Path) -> None:
+    """A machine with nothing but Python: the demo starts a private PostgreSQL, stops it at the end,
+    and the instruction it closes with (`demo --explore`) brings the rows back for `dlq list`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTHANDLER_")}
+    data_dir = tmp_path / "demo"
+    for run in (1, 2):  # the second run starts the kept server again and resets the demo's database
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "eventhandler",
+                "demo",
+                "--postgres",
+                "embedded",
+                "--data-dir",
+                str(data_dir),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, f"run {run}:\n{result.stdout}\n{result.stderr}"
+        assert "embedded server, started for the demo" in result.stdout
+        assert "every reading counted exactly once" in result.stdout
+    instruction = f"eventhandler demo --explore --data-dir {data_dir}"
+    assert instruction in result.stdout
+    assert (data_dir / "postgres" / "PG_VERSION").exists()
+
+    url = None
+    with subprocess.Popen(
+        [sys.executable, "-m", "eventhandler", *instruction.split()[1:]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as explore:
+        try:
+            assert explore.stdout is not None
+            for line in explore.stdout:  # ends when the process does, so a failure cannot hang here
+                match = re.search(r"export EVENTHANDLER_DATABASE_URL=(\S+)", line)
+                if match:
+                    url = match.group(1)
+                    break
+            assert url, "demo --explore printed no EVENTHANDLER_DATABASE_URL"
+            listed = cli_json({**env, "EVENTHANDLER_DATABASE_URL": url}, "dlq", "list", "--limit", "100")
+            assert sorted(row["status"] for row in listed["items"]) == ["pending"] * 7 + ["resolved"] * 25
+        finally:
+            explore.send_signal(signal.SIGINT)
+            assert explore.wait(timeout=60) == 0
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=2).close()  # the server stopped with it

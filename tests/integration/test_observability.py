@@ -260,3 +260,50 @@ def test_healthz_and_unknown_paths(
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         assert endpoint.status("/metrics?name[]=x") == 200
         assert endpoint.status("/nope") == 404
+
+
+def lags(endpoint: Endpoint, topic: str) -> dict[int, float]:
+    return {
+        int(dict(labels)["partition"]): value
+        for (name, labels), value in endpoint.samples().items()
+        if name == "eventhandler_consumer_lag_messages" and dict(labels)["topic"] == topic
+    }
+
+
+@pytest.mark.apache_kafka  # Tansu's high watermark is wrong, so lag cannot be measured on it
+def test_consumer_lag_is_zero_when_caught_up_and_grows_while_postgres_is_cut(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    endpoint_port: int,
+    endpoint: Endpoint,
+    pg_proxy: tuple[TcpProxy, str],
+) -> None:
+    proxy, proxied_url = pg_proxy
+    send(producer, topic, [k.structured(k.registered("lag-1"))], partition=0)
+    send(producer, topic, [k.structured(k.reading("lag-1", value=n)) for n in range(40)], partition=1)
+    settings = make_settings(metrics_port=endpoint_port, database_url=proxied_url)
+    with threaded_worker(settings, serve_http=True):
+        wait_ready(endpoint)
+        wait_for(
+            lambda: lags(endpoint, topic) == {0: 0, 1: 0, 2: 0, 3: 0},
+            timeout=60,
+            message=f"every partition caught up (lag now {lags(endpoint, topic)})",
+        )
+
+        proxy.refuse()
+        send(producer, topic, [k.structured(k.reading("lag-1", value=n)) for n in range(30)], partition=2)
+        # the worker holds its position and pauses; the lag of the held partition shows what waits
+        wait_for(
+            lambda: lags(endpoint, topic).get(2) == 30,
+            timeout=60,
+            message=f"lag 30 on partition 2 while PostgreSQL is cut (lag now {lags(endpoint, topic)})",
+        )
+        assert lags(endpoint, topic)[1] == 0
+
+        proxy.forward()
+        wait_for(
+            lambda: lags(endpoint, topic) == {0: 0, 1: 0, 2: 0, 3: 0},
+            timeout=60,
+            message=f"lag back to 0 after PostgreSQL returned (lag now {lags(endpoint, topic)})",
+        )

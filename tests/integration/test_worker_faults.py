@@ -124,7 +124,9 @@ def test_postgres_outage_mid_stream_is_retried_not_dead_lettered(
     )
 
 
+@pytest.mark.parametrize("group_protocol", k.GROUP_PROTOCOLS)
 def test_two_workers_one_killed_mid_stream_lose_nothing(
+    group_protocol: str,
     make_settings: Callable[..., Settings],
     kafka_bootstrap: str,
     topic: str,
@@ -134,16 +136,70 @@ def test_two_workers_one_killed_mid_stream_lose_nothing(
 ) -> None:
     stream = k.Stream(kafka_bootstrap, topic, total=20_000, rate=1_500, poison_every=500)
     stream.register_devices()
-    env = settings_env(make_settings(batch_max_messages=300))
-    log = str(tmp_path / "workers.log")
-    first = spawned(spawn_worker(env, log_path=log))
-    second = spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=log))
+    settings = make_settings(
+        batch_max_messages=300, kafka_consumer_options=k.consumer_options(group_protocol)
+    )
+    env = settings_env(settings)
+    first = spawned(spawn_worker(env, log_path=str(tmp_path / "first.log")))
+    second = spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=str(tmp_path / "second.log")))
     stream.start()
     wait_for(lambda: processed(db) > 5_000, timeout=90, message="both workers progressing")
+    assert assigned_partitions(tmp_path / "first.log")
+    assert assigned_partitions(tmp_path / "second.log")
     kill9(first)
     stream.join()
     assert second.wait(timeout=180) == 0
+    assert assigned_partitions(tmp_path / "second.log") >= {0, 1, 2, 3}  # it took over the dead one's
     assert_exact(db, stream)
+
+
+@pytest.mark.parametrize("group_protocol", k.GROUP_PROTOCOLS)
+def test_workers_added_mid_stream_share_the_partitions_and_lose_nothing(
+    group_protocol: str,
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    tmp_path: Any,
+    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
+    stream = k.Stream(kafka_bootstrap, topic, total=20_000, rate=1_500, poison_every=500)
+    stream.register_devices()
+    settings = make_settings(
+        batch_max_messages=300, kafka_consumer_options=k.consumer_options(group_protocol)
+    )
+    env = settings_env(settings)
+    logs = [tmp_path / f"worker-{n}.log" for n in range(3)]
+    workers = [spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=str(logs[0])))]
+    stream.start()
+    wait_for(lambda: processed(db) > 3_000, timeout=90, message="the first worker progressing")
+    for log in logs[1:]:  # scale out from one worker to three while the stream flows
+        workers.append(spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=str(log))))
+    wait_for(
+        lambda: all(assigned_partitions(log) for log in logs[1:]),
+        timeout=90,
+        message="the new workers to be given partitions",
+    )
+    stream.join()
+    assert [worker.wait(timeout=180) for worker in workers] == [0, 0, 0]
+    assert_exact(db, stream)
+
+
+def assigned_partitions(log: Any) -> set[int]:
+    """Partitions a worker's log says it was assigned at some point."""
+    import json
+    from pathlib import Path
+
+    found: set[int] = set()
+    path = Path(log)
+    if not path.exists():
+        return found
+    for line in path.read_text(errors="replace").splitlines():
+        if '"partitions_assigned"' not in line:
+            continue
+        for name in json.loads(line).get("partitions", []):
+            found.add(int(name.rsplit("[", 1)[1].rstrip("]")))
+    return found
 
 
 def test_sigterm_finishes_the_batch_commits_and_exits_zero(

@@ -16,6 +16,7 @@ import pytest
 from eventhandler.config import Settings
 from eventhandler.logs import configure_logging
 from eventhandler.worker import LOGGED_DLQ_IDS
+from tests.conftest import unique
 from tests.support import kafka as k
 from tests.support.worker import run_until_idle, scalar
 
@@ -127,15 +128,25 @@ POISON: list[tuple[str, bytes | None, Headers, str, str]] = [
 ]
 
 
+LARGE_MESSAGES = 4 * 1024 * 1024
+
+
 @pytest.fixture
 def producer(kafka_bootstrap: str) -> k.TestProducer:
-    return k.TestProducer(kafka_bootstrap, **{"message.max.bytes": 4 * 1024 * 1024})
+    return k.TestProducer(kafka_bootstrap, **{"message.max.bytes": LARGE_MESSAGES})
 
 
 def test_poison_corpus_each_gives_one_exact_dlq_row_and_good_events_are_applied(
-    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
 ) -> None:
     assert len(POISON) >= 20
+    # Apache Kafka refuses messages over 1 MB unless the topic allows them, as a deployment that
+    # expects large messages configures it.
+    topic = unique("large").replace("_", "-")
+    k.create_topic(kafka_bootstrap, topic, partitions=4, config={"max.message.bytes": str(LARGE_MESSAGES)})
     for partition in range(4):
         for device in range(5):
             producer.send(topic, k.structured(k.registered(f"dev-{partition}-{device}")), partition=partition)
@@ -154,7 +165,7 @@ def test_poison_corpus_each_gives_one_exact_dlq_row_and_good_events_are_applied(
         sent[name] = (value, key, [*headers, ("poison", name.encode())])
     producer.flush()
 
-    stats = run_until_idle(make_settings(), idle=2)
+    stats = run_until_idle(make_settings(topics=[topic]), idle=2)
 
     assert stats.failed == len(POISON)
     rows = db.execute(
@@ -286,15 +297,24 @@ def test_dead_letters_are_logged_one_line_per_failure_group_per_batch(
 
 
 def test_a_kafka_timestamp_no_datetime_can_hold_does_not_stop_a_dead_letter(
-    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
 ) -> None:
     far, normal = 2**62, 1_700_000_000_000  # a producer may set any 64-bit CreateTime
+    # Apache Kafka 4 refuses a CreateTime more than an hour ahead unless the topic allows it
+    # (message.timestamp.after.max.ms); a topic that does lets any 64-bit value through.
+    topic = unique("far-future").replace("_", "-")
+    k.create_topic(
+        kafka_bootstrap, topic, partitions=4, config={"message.timestamp.after.max.ms": str(2**63 - 1)}
+    )
     producer.send(topic, b"{not json", key=b"far", timestamp_ms=far, partition=0)
     producer.send(topic, b"{not json", key=b"normal", timestamp_ms=normal, partition=0)
     producer.send(topic, k.structured(k.registered("far-1")), timestamp_ms=far, partition=0)
     producer.flush()
 
-    stats = run_until_idle(make_settings(), idle=2)
+    stats = run_until_idle(make_settings(topics=[topic]), idle=2)
 
     assert (stats.failed, stats.applied) == (2, 1)
     rows = dict(db.execute("SELECT message_key, message_timestamp FROM dlq").fetchall())

