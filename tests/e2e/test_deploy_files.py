@@ -41,6 +41,7 @@ GAUGES = {
     "eventhandler_dlq_oldest_pending_age_seconds",
     "eventhandler_paused_partitions",
     "eventhandler_assigned_partitions",
+    "eventhandler_consumer_lag_messages",
     "eventhandler_ready",
     "eventhandler_build_info",
 }
@@ -313,6 +314,9 @@ def test_alerts_cover_the_failure_modes(alert_rules: list[dict[str, Any]]) -> No
     assert 'up{job="eventhandler-worker"} == 0' in joined
     assert 'absent(up{job="eventhandler-worker"}' in joined
     assert "eventhandler_ready == 0" in joined
+    assert re.search(
+        r"max by \(job, topic, partition\) \(eventhandler_consumer_lag_messages\)\)\s+> 10000", joined
+    )
 
 
 def test_dlq_gauges_are_not_summed_across_replicas(alert_rules: list[dict[str, Any]]) -> None:

@@ -26,7 +26,7 @@ from tests.support.waiting import wait_for
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 BROKERS = ("kafka", "tansu")
-POSTGRES_IMAGE = "postgres:18-alpine"
+POSTGRES_IMAGE = "postgres:18.6-alpine"
 KAFKA_IMAGE = f"apache/kafka:{apache_kafka.KAFKA_VERSION}"
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -97,3 +98,52 @@ def test_the_command_stops_at_start_with_one_line(monkeypatch: pytest.MonkeyPatc
         "error: invalid setting EVENTHANDLER_METRICS_PORT: Input should be greater than or equal to 0"
     ]
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variable", "options", "named"),
+    [
+        (
+            "EVENTHANDLER_KAFKA_CONSUMER_OPTIONS",
+            '{"group.protocol": "consumer", "session.timeout.ms": 3000}',
+            "session.timeout.ms",
+        ),
+        (
+            "EVENTHANDLER_KAFKA_CONSUMER_OPTIONS",
+            '{"group.protocol": "consumer", "heartbeat.interval.ms": 300}',
+            "heartbeat.interval.ms",
+        ),
+        (
+            "EVENTHANDLER_KAFKA_CONSUMER_OPTIONS",
+            '{"group.protocol": "consumer", "partition.assignment.strategy": "range"}',
+            "partition.assignment.strategy",
+        ),
+        ("EVENTHANDLER_KAFKA_CONSUMER_OPTIONS", '{"group.protocol": "eager"}', "group.protocol"),
+    ],
+)
+def test_kip848_refuses_the_client_options_the_broker_owns(
+    monkeypatch: pytest.MonkeyPatch, variable: str, options: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, options)
+    with pytest.raises(ConfigError, match=re.escape(named)) as caught:
+        load_settings()
+    assert caught.value.setting == "EVENTHANDLER_KAFKA_CONSUMER_OPTIONS"
+
+
+def test_kip848_protocol_set_for_every_client_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTHANDLER_KAFKA_OPTIONS", '{"group.protocol": "consumer"}')
+    monkeypatch.setenv("EVENTHANDLER_KAFKA_CONSUMER_OPTIONS", '{"session.timeout.ms": 3000}')
+    with pytest.raises(ConfigError, match=r"session\.timeout\.ms"):
+        load_settings()
+    monkeypatch.setenv("EVENTHANDLER_KAFKA_CONSUMER_OPTIONS", '{"max.poll.interval.ms": 600000}')
+    config = load_settings().consumer_config()
+    assert config["group.protocol"] == "consumer"
+
+
+def test_the_consumer_protocol_rebalances_incrementally() -> None:
+    from eventhandler.consumer import is_incremental
+
+    assert not is_incremental({})
+    assert not is_incremental({"group.protocol": "classic", "partition.assignment.strategy": "range"})
+    assert is_incremental({"partition.assignment.strategy": "cooperative-sticky"})
+    assert is_incremental({"group.protocol": "consumer"})
