@@ -1,7 +1,8 @@
 """structlog, configured once: JSON lines in containers, readable output on a terminal.
 
 A redaction processor runs last before rendering, so no secret reaches a log line whatever a caller
-passes: `SecretStr` values, passwords inside connection URLs, and keys that name a secret.
+passes: `SecretStr` values, passwords inside connection URLs, and keys that name a secret. It then cuts
+every string to `MAX_FIELD_CHARS`. Both are linear in the text's length, whatever the text.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from typing import Any, TextIO
 import structlog
 from pydantic import SecretStr
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# Linear on any input. A scheme starts only where a run of scheme characters starts (the lookbehind) and is
+# at most 64 long, so each "://" is tried from one position; user and password stop at the next separator.
+# (An unbounded scheme made every position of a long run of letters rescan the run: O(n²).)
+_URL_PASSWORD = re.compile(
+    r"(?<![a-zA-Z0-9+.-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]{0,63}://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@"
+)
 _KV_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('[^']*'|\S+)")
 _SECRET_KEYS = re.compile(r"(?i)(password|passwd|secret|token|authorization|api[_-]?key|sasl)")
 _REDACTED = "**********"
+MAX_FIELD_CHARS = 4096  # per string in a log line, after redaction
 
 
 @functools.lru_cache(maxsize=4096)
@@ -38,6 +45,14 @@ def redact_text(text: str) -> str:
     return text
 
 
+def bound(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was: a 10 MB error message or event id
+    must not become a 10 MB log line."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit} more characters]"
+
+
 def _redact_value(key: str, value: Any) -> Any:
     if isinstance(value, int | float | bool) or value is None:
         return value
@@ -46,7 +61,7 @@ def _redact_value(key: str, value: Any) -> Any:
     if _is_secret_key(key) and value not in (None, ""):
         return _REDACTED
     if isinstance(value, str):
-        return redact_text(value)
+        return bound(redact_text(value))
     if isinstance(value, Mapping):
         return {k: _redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):

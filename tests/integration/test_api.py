@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -227,6 +228,21 @@ def test_detail_shows_the_message_with_redacted_fields(api: Api) -> None:
     ]
     assert "pa55word" not in row["error_traceback"]
     assert row["worker_version"] == "test"
+
+
+def test_a_hostile_megabyte_of_error_text_is_listed_and_shown_without_stalling(api: Api) -> None:
+    """Text shaped to make a backtracking redaction regex rescan it from every position (it took
+    minutes on a megabyte): the list and the detail view answer at once, with the secret masked."""
+    hostile = "a" * 1_000_000 + "://x@ then postgresql://app:pa55word@db/app"
+    (dlq_id,) = api.record(failure(api, error_message=hostile, traceback="b" * 1_000_000 + "://y@"))
+    started = time.perf_counter()
+    listed = api.client.get(DLQ, params={"limit": 10}, headers=READER)
+    detail = api.client.get(f"{DLQ}/{dlq_id}", headers=READER)
+    assert time.perf_counter() - started < 10  # the quadratic redaction needed minutes here
+    assert listed.status_code == detail.status_code == 200
+    assert "pa55word" not in listed.text
+    assert "pa55word" not in detail.text
+    assert detail.json()["error_message"].endswith("postgresql://app:**********@db/app")
 
 
 def test_redaction_applies_to_the_binary_binding_and_withholds_what_is_not_json(api: Api) -> None:
