@@ -3,6 +3,7 @@ the background refresh of the DLQ depth gauges (one indexed query per interval).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ class HealthServer:
                     self._send(200, b'{"status":"ok"}\n', "application/json")
                 elif path == "/readyz":
                     ok, detail = ready()
-                    body = ("{" + ",".join(f'"{k}":"{v}"' for k, v in detail.items()) + "}\n").encode()
+                    body = (json.dumps(detail, default=str) + "\n").encode()  # error text may hold quotes
                     self._send(200 if ok else 503, body, "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")

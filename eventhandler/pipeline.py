@@ -208,7 +208,7 @@ class BatchProcessor:
         result = BatchResult(skipped=batch.skipped)
         try:
             with conn.transaction():
-                fresh, duplicates = self._claim(conn, batch.events)
+                fresh, known, repeats = self._claim(conn, batch.events)
                 applied, rejected = self._apply(conn, fresh)
                 if rejected:
                     self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
@@ -216,8 +216,13 @@ class BatchProcessor:
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed
-                replayed = [d.replay_of for d in (*applied, *duplicates) if d.replay_of is not None]
+                # A repeat within the batch shares its first copy's outcome: it resolves a replayed
+                # row only if that copy took effect (a copy that failed just set the row back to pending).
+                took_effect = {d.key for d in (*applied, *known)}
+                echoes = [d for d in repeats if d.key in took_effect]
+                replayed = [d.replay_of for d in (*applied, *known, *echoes) if d.replay_of is not None]
                 result.resolved = self.dlq.resolve_replayed(conn, self.consumer, replayed)
+                duplicates = [*known, *repeats]
                 result.positions = batch.positions()
                 self.ledger.save_positions(conn, result.positions)
         except (psycopg.Error, PermanentError) as exc:
@@ -232,20 +237,22 @@ class BatchProcessor:
 
     def _claim(
         self, conn: psycopg.Connection[Any], events: list[Decoded]
-    ) -> tuple[list[Decoded], list[Decoded]]:
-        """Split events into those to apply now and duplicates of events applied before."""
+    ) -> tuple[list[Decoded], list[Decoded], list[Decoded]]:
+        """Split events into those to apply now (`fresh`), those the ledger knows as applied before
+        (`known`), and later copies of an event earlier in this batch (`repeats`)."""
         first: dict[uuid.UUID, Decoded] = {}
-        duplicates: list[Decoded] = []
+        repeats: list[Decoded] = []
         for decoded in events:
             if decoded.key in first:
-                duplicates.append(decoded)
+                repeats.append(decoded)
             else:
                 first[decoded.key] = decoded
         new = self.ledger.claim(conn, list(first))
         fresh: list[Decoded] = []  # in consumption order, which keeps each partition's order
+        known: list[Decoded] = []
         for key, decoded in first.items():
-            (fresh if key in new else duplicates).append(decoded)
-        return fresh, duplicates
+            (fresh if key in new else known).append(decoded)
+        return fresh, known, repeats
 
     def _apply(
         self, conn: psycopg.Connection[Any], events: list[Decoded]

@@ -135,6 +135,9 @@ class Worker:
         commit, metrics, log line) as soon as its transaction is done, instead of a whole batch wait
         later: at a steady trickle of events that wait was most of the produce-to-settled latency."""
         limit, wait = self.settings.batch_max_messages, self.settings.batch_max_wait_seconds
+        # Revocations are compared by position in this list, and nothing holds a position between
+        # loop iterations: forget the old ones, or a worker that rebalances for months grows it forever.
+        self._revocations.clear()
         if self._in_flight is None:
             return self.source.consume(limit, wait)
         deadline = time.monotonic() + wait

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from eventhandler.config import Settings
+from eventhandler.events import DLQ_ID_HEADER
 from eventhandler.logs import configure_logging
 from eventhandler.worker import LOGGED_DLQ_IDS
 from tests.conftest import unique
@@ -421,3 +422,53 @@ def test_the_cooperative_sticky_assignor_works_too(
     stats = run_until_idle(make_settings(kafka_consumer_options=options), idle=2)
     assert stats.consumed == 51
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'coop-1'") == 50
+
+
+def _replay_copy(
+    db: psycopg.Connection[Any], dlq_id: int
+) -> tuple[bytes, bytes | None, list[tuple[str, bytes | None]]]:
+    """What a replay publishes for a row: its original bytes plus the header naming the row."""
+    value, key, names, values = db.execute(
+        "SELECT event_payload, message_key, header_keys, header_values FROM dlq WHERE dlq_id = %s", (dlq_id,)
+    ).fetchone()
+    headers = [(n, None if v is None else bytes(v)) for n, v in zip(names, values, strict=True)]
+    return (
+        bytes(value),
+        None if key is None else bytes(key),
+        [*headers, (DLQ_ID_HEADER, str(dlq_id).encode())],
+    )
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_two_copies_of_a_replay_in_one_batch_resolve_the_row_only_if_the_event_took_effect(
+    fixed: bool,
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    """An unknown delivery outcome (or two clicks on retry) puts two copies of a replay in one batch:
+    the first copy's outcome is the row's, whatever the second copy, an in-batch duplicate, says."""
+    producer.send(topic, k.structured(k.reading("twice-1", value=1.0)), key=b"twice-1", partition=0)
+    producer.flush()
+    run_until_idle(make_settings(), idle=1)
+    (dlq_id,) = [row[0] for row in db.execute("SELECT dlq_id FROM dlq").fetchall()]
+    if fixed:
+        producer.send(topic, k.structured(k.registered("twice-1")), key=b"twice-1", partition=0)
+    value, key, headers = _replay_copy(db, dlq_id)
+    for _ in range(2):
+        producer.send(topic, value, key=key, headers=headers, partition=0)
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=1)
+
+    assert stats.batches == 1  # both copies (and the fix) in one batch, as the defect needs
+    status, retry_count = db.execute(
+        "SELECT status, retry_count FROM dlq WHERE dlq_id = %s", (dlq_id,)
+    ).fetchone()
+    if fixed:
+        assert status == "resolved"
+        assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'twice-1'") == 1
+    else:
+        assert (status, retry_count) == ("pending", 1)
+        assert scalar(db, "SELECT count(*) FROM dlq") == 1

@@ -188,3 +188,12 @@ def test_a_partition_revoked_and_assigned_back_between_slices_is_read_again_not_
     source.answers = [records(0, 2, 3), revoke_and_reassign]
     got = worker._next_batch()
     assert [(r.partition, r.offset) for r in got] == [(0, 2), (0, 3), (0, 4)]
+
+
+def test_the_revocations_it_remembers_do_not_grow_with_every_rebalance() -> None:
+    worker, source, _ = make_worker()
+    source.consume = lambda limit, timeout: []  # type: ignore[attr-defined]
+    for _ in range(1000):
+        worker.on_revoked({("t", 0)})
+        worker._next_batch()
+    assert len(worker._revocations) <= 1
