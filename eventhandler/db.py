@@ -22,11 +22,15 @@ from eventhandler.errors import (
     DatabaseUnavailable,
     PermanentError,
     ProjectionFailure,
+    SuspectFailure,
     TransientError,
 )
 
-# SQLSTATE classes where the data of one statement is at fault: retrying cannot help.
-_PERMANENT_CLASSES = ("22", "23")
+# SQLSTATE classes where the data of one statement is at fault: retrying cannot help. Class 54
+# (program limit exceeded) is one event's data too: an index row too large, a statement too complex.
+_PERMANENT_CLASSES = ("22", "23", "54")
+# Errors PostgreSQL answers with that may belong to the data or to the situation (see SuspectFailure).
+_SUSPECT_STATES = {"57014", "XX000"}  # query_canceled (statement timeout), internal_error
 # Errors raised by user code in PL/pgSQL (RAISE EXCEPTION) are deterministic too.
 _PERMANENT_STATES = {"P0001"}
 
@@ -46,6 +50,8 @@ def classify(exc: BaseException) -> Exception:
         return exc
     if is_permanent(exc):
         return ProjectionFailure(str(exc).strip() or type(exc).__name__)
+    if isinstance(exc, psycopg.Error) and exc.sqlstate in _SUSPECT_STATES:
+        return SuspectFailure(_first_line(exc))
     if isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError):
         return DatabaseUnavailable(_first_line(exc))
     if isinstance(exc, pg_errors.SerializationFailure | pg_errors.DeadlockDetected):

@@ -33,6 +33,12 @@ class DatabaseUnavailable(TransientError):
     """PostgreSQL cannot be reached or did not answer in time."""
 
 
+class SuspectFailure(TransientError):
+    """PostgreSQL answered with an error that may be the situation's or one event's (a statement
+    timeout, an internal error): retried like any transient failure, and once it persists while
+    PostgreSQL answers, the batch is bisected and the event that still fails is dead-lettered."""
+
+
 class DeserializationError(PermanentError):
     """The bytes of a message cannot become a valid event.
 

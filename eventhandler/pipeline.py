@@ -18,7 +18,13 @@ import psycopg
 from eventhandler import __version__
 from eventhandler.db import classify
 from eventhandler.dlq import DLQRepository
-from eventhandler.errors import DeserializationError, PermanentError, TransientError, UnknownEventType
+from eventhandler.errors import (
+    DeserializationError,
+    PermanentError,
+    ProjectionFailure,
+    TransientError,
+    UnknownEventType,
+)
 from eventhandler.events import Deserializer, Event, replay_dlq_id
 from eventhandler.handlers import BatchHandler, Projection, Registry
 from eventhandler.ledger import Ledger
@@ -200,16 +206,20 @@ class BatchProcessor:
 
     # -- step 2: everything that touches PostgreSQL, in the caller's transaction ---------------
 
-    def commit(self, conn: psycopg.Connection[Any], batch: DecodedBatch) -> BatchResult:
+    def commit(
+        self, conn: psycopg.Connection[Any], batch: DecodedBatch, *, isolate_suspects: bool = False
+    ) -> BatchResult:
         """Apply a decoded batch atomically: projections, ledger, DLQ rows and positions.
 
-        Raises `TransientError` (nothing committed; retry the same batch later).
+        Raises `TransientError` (nothing committed; retry the same batch later). With
+        `isolate_suspects` (the policy's call, after a suspect failure persisted), a suspect failure of
+        the writes is bisected like a permanent one, and the event that still fails is dead-lettered.
         """
         result = BatchResult(skipped=batch.skipped)
         try:
             with conn.transaction():
                 fresh, known, repeats = self._claim(conn, batch.events)
-                applied, rejected = self._apply(conn, fresh)
+                applied, rejected = self._apply(conn, fresh, isolate_suspects)
                 if rejected:
                     self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
                 rejected = batch.rejected + rejected
@@ -255,7 +265,7 @@ class BatchProcessor:
         return fresh, known, repeats
 
     def _apply(
-        self, conn: psycopg.Connection[Any], events: list[Decoded]
+        self, conn: psycopg.Connection[Any], events: list[Decoded], isolate_suspects: bool
     ) -> tuple[list[Decoded], list[Rejected]]:
         """Handle and project `events` in a savepoint; on a permanent write error, bisect to find
         the events at fault (projection failures) and apply the rest."""
@@ -263,22 +273,24 @@ class BatchProcessor:
             return [], []
         try:
             with conn.transaction():
-                return self._handle_and_flush(conn, events)
+                return self._handle_and_flush(conn, events, isolate_suspects)
         except Exception as exc:
-            if decide(exc) is Decision.RETRY:
+            if decide(exc, isolate_suspects=isolate_suspects) is Decision.RETRY:
                 raise
             if len(events) == 1:
                 decoded = events[0]
                 failure = classify(exc)
+                if isinstance(failure, TransientError):  # a suspect failure that stayed with this event
+                    failure = ProjectionFailure(f"{failure} (every attempt, while PostgreSQL answered)")
                 traceback = _format_traceback(exc)  # of the driver's error: where the write failed
                 return [], [self._reject(decoded.record, "projection", failure, decoded, traceback=traceback)]
         middle = len(events) // 2
-        left_ok, left_bad = self._apply(conn, events[:middle])
-        right_ok, right_bad = self._apply(conn, events[middle:])
+        left_ok, left_bad = self._apply(conn, events[:middle], isolate_suspects)
+        right_ok, right_bad = self._apply(conn, events[middle:], isolate_suspects)
         return left_ok + right_ok, left_bad + right_bad
 
     def _handle_and_flush(
-        self, conn: psycopg.Connection[Any], events: list[Decoded]
+        self, conn: psycopg.Connection[Any], events: list[Decoded], isolate_suspects: bool
     ) -> tuple[list[Decoded], list[Rejected]]:
         by_projection: dict[int, tuple[Projection, list[Event]]] = {}
         for decoded in events:
@@ -296,7 +308,7 @@ class BatchProcessor:
             try:
                 handler.handle(decoded.event)
             except Exception as exc:
-                if decide(exc) is Decision.RETRY:
+                if decide(exc, isolate_suspects=isolate_suspects) is Decision.RETRY:
                     raise
                 rejected.append(self._reject(decoded.record, "handler", exc, decoded))
             else:

@@ -2,6 +2,9 @@
 
 - Transient (PostgreSQL or Kafka unreachable, timeouts, deadlocks): retry with capped, jittered
   exponential backoff, holding the position.
+- Suspect (PostgreSQL answers, but with a statement timeout or an internal error): retry too; after
+  `SUSPECT_ATTEMPTS` failures of the same batch while PostgreSQL answers a probe, isolate it: bisect the
+  batch and dead-letter the event that still fails, so one event's data cannot stall its partitions.
 - Anything else is deterministic for that event: dead-letter it and move on.
 """
 
@@ -12,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from eventhandler.db import classify
-from eventhandler.errors import TransientError
+from eventhandler.errors import SuspectFailure, TransientError
 
 
 class Decision(enum.Enum):
@@ -20,8 +23,14 @@ class Decision(enum.Enum):
     DEAD_LETTER = "dead_letter"
 
 
-def decide(exc: BaseException) -> Decision:
-    return Decision.RETRY if isinstance(classify(exc), TransientError) else Decision.DEAD_LETTER
+SUSPECT_ATTEMPTS = 3
+
+
+def decide(exc: BaseException, *, isolate_suspects: bool = False) -> Decision:
+    error = classify(exc)
+    if isinstance(error, SuspectFailure) and isolate_suspects:
+        return Decision.DEAD_LETTER
+    return Decision.RETRY if isinstance(error, TransientError) else Decision.DEAD_LETTER
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ while running:
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import socket
@@ -27,14 +28,14 @@ from eventhandler.config import Settings
 from eventhandler.consumer import TP, KafkaSource
 from eventhandler.db import classify, create_pool, deadline, translate_db_errors
 from eventhandler.dlq import PostgresDLQRepository
-from eventhandler.errors import TransientError
+from eventhandler.errors import DatabaseUnavailable, PermanentError, SuspectFailure, TransientError
 from eventhandler.handlers import Registry, load_registry
 from eventhandler.health import DepthRefresher, HealthServer
 from eventhandler.ledger import Ledger, LedgerPruner
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record
-from eventhandler.policy import Backoff
+from eventhandler.policy import SUSPECT_ATTEMPTS, Backoff
 
 log = get_logger("eventhandler.worker")
 
@@ -90,6 +91,7 @@ class Worker:
         self._revocations: list[set[TP]] = []  # every revoke, in order (see `submit`)
         self._abandoned = False
         self._db_ok: bool | None = None
+        self._retrying: str | None = None  # the error a batch is being retried for
         self._started = False
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -220,19 +222,22 @@ class Worker:
 
     def _commit_with_retry(self, failed: TransientError | None = None) -> BatchResult | None:
         attempt = 0
+        suspect = 0  # consecutive suspect failures while PostgreSQL answered (see policy)
         outage_started = 0.0
         while True:
             batch = self._pending
             if batch is None or not batch.records:
+                self._retrying = None
                 return None  # every partition of the batch was revoked while we waited
             try:
                 if failed is not None:
                     error, failed = failed, None
                     raise error
-                result = self._commit(batch)
+                result = self._commit(batch, isolate_suspects=suspect >= SUSPECT_ATTEMPTS)
             except TransientError as exc:
                 attempt += 1
                 outage_started = outage_started or time.monotonic()
+                suspect = suspect + 1 if isinstance(exc, SuspectFailure) and self._postgres_answers() else 0
                 self._on_transient(exc, attempt, batch)
                 self._sleep_polling(self.backoff.delay(attempt))
                 if not self.running:
@@ -248,20 +253,39 @@ class Worker:
                     outage_seconds=round(time.monotonic() - outage_started, 3),
                 )
             self._set_db_ok(True)
+            self._retrying = None
             return result
 
-    def _commit(self, batch: DecodedBatch) -> BatchResult:
+    def _commit(self, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
         timeout = self.settings.db_statement_timeout_seconds + self.settings.db_connect_timeout_seconds
+        if isolate_suspects:
+            # Bisecting runs the culprit's statement once per level, each up to a statement timeout.
+            timeout *= 2 * math.ceil(math.log2(len(batch.events) + 1)) + 2
         with (
             translate_db_errors(),
             self.pool.connection(timeout=self.settings.db_connect_timeout_seconds) as conn,
             deadline(conn, timeout),
             self.metrics.projection_write_duration.time(),
         ):
-            return self.processor.commit(conn, batch)
+            return self.processor.commit(conn, batch, isolate_suspects=isolate_suspects)
+
+    def _postgres_answers(self) -> bool:
+        """A probe on another connection: does PostgreSQL answer at all right now?"""
+        try:
+            with (
+                translate_db_errors(),
+                self.pool.connection(timeout=self.settings.db_connect_timeout_seconds) as conn,
+                deadline(conn, self.settings.db_connect_timeout_seconds),
+            ):
+                conn.execute("SELECT 1")
+        except (TransientError, PermanentError):
+            return False
+        return True
 
     def _on_transient(self, exc: Exception, attempt: int, batch: DecodedBatch) -> None:
-        self._set_db_ok(False)
+        # Unreachable is an outage; any other error means PostgreSQL answers but the batch fails.
+        self._set_db_ok(not isinstance(exc, DatabaseUnavailable))
+        self._retrying = f"{type(exc).__name__}: {str(exc)[:200]}"
         self.stats.retries += 1
         self.metrics.transient_retries.labels(reason=type(exc).__name__).inc()
         if batch.rejected:
@@ -366,12 +390,15 @@ class Worker:
     def is_ready(self) -> tuple[bool, dict[str, Any]]:
         db_ok = self._db_ok is not False and (self.refresher is None or self.refresher.last_ok is not False)
         kafka_ok = self._started and self.source.broker_error is None
-        detail = {
+        detail: dict[str, Any] = {
             "postgres": "ok" if db_ok else "unreachable",
             "kafka": "ok" if kafka_ok else (self.source.broker_error or "not started"),
             "assigned_partitions": len(self.source.assignment),
         }
-        return db_ok and kafka_ok, detail
+        retrying = self._retrying
+        if retrying is not None:
+            detail["batch"] = f"retrying after {retrying}"
+        return db_ok and kafka_ok and retrying is None, detail
 
 
 # Collect the youngest generation every 20,000 new container objects instead of CPython's 700: a

@@ -273,3 +273,27 @@ def test_eventhandler_run_with_a_bad_module_path_fails_with_one_line_naming_the_
     assert len(lines) == 1, result.stderr
     assert "EVENTHANDLER_HANDLERS" in lines[0]
     assert "tests.example_handlers.missing" in lines[0]
+
+
+def test_one_event_that_always_hits_the_statement_timeout_is_isolated_not_retried_forever(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """A statement timeout is the situation's or one event's: retried first, then, while PostgreSQL
+    answers, the batch is bisected and the event that still times out is dead-lettered."""
+    events = [k.registered(f"quick-{n}") for n in range(4)]
+    slow = k.cloud_event("example.slow", {"seconds": 3})
+    events.insert(2, slow)
+    events += [k.cloud_event("example.slow", {"seconds": 0}), k.reading("quick-0")]
+    send(producer, topic, events)
+    settings = make_settings(handlers=["tests.example_handlers.slow"], db_statement_timeout_seconds=1.0)
+
+    stats = run_until_idle(settings, idle=2)
+
+    assert stats.retries >= 3  # retried as a transient failure first
+    rows = db.execute("SELECT stage, event_id, error_type, error_message FROM dlq").fetchall()
+    assert [(stage, event_id, error_type) for stage, event_id, error_type, _ in rows] == [
+        ("projection", slow["id"], "ProjectionFailure")
+    ]
+    assert "statement timeout" in rows[0][3]
+    assert scalar(db, "SELECT count(*) FROM devices") == 4
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'quick-0'") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -472,3 +473,24 @@ def test_two_copies_of_a_replay_in_one_batch_resolve_the_row_only_if_the_event_t
     else:
         assert (status, retry_count) == ("pending", 1)
         assert scalar(db, "SELECT count(*) FROM dlq") == 1
+
+
+def test_a_value_postgresql_cannot_index_is_a_projection_failure_not_a_stall(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """A metric name of 8,000 random characters makes its index row too large (SQLSTATE 54000): that
+    event goes to the DLQ, the rest of its batch is applied, and the partition moves on."""
+    producer.send(topic, k.structured(k.registered("wide-1")), partition=0)
+    huge = k.reading("wide-1", metric=os.urandom(4000).hex())
+    producer.send(topic, k.structured(huge), partition=0)
+    for n in range(5):
+        producer.send(topic, k.structured(k.reading("wide-1", value=n)), partition=0)
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=2)
+
+    rows = db.execute("SELECT stage, event_id, error_message FROM dlq").fetchall()
+    assert [(stage, event_id) for stage, event_id, _ in rows] == [("projection", huge["id"])]
+    assert "index row" in rows[0][2]
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'wide-1'") == 5
+    assert stats.retries == 0  # deterministic: dead-lettered at once, not retried

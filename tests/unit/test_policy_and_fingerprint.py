@@ -11,12 +11,14 @@ import psycopg_pool
 import pytest
 from psycopg import errors as pg_errors
 
+from eventhandler.db import classify
 from eventhandler.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
     DeserializationError,
     HandlerFailure,
     ProjectionFailure,
+    SuspectFailure,
     TransientError,
     UnknownEventType,
 )
@@ -58,6 +60,10 @@ def test_transient_failures_are_retried(exc: BaseException) -> None:
         pytest.param(pg_errors.InvalidTextRepresentation("bad input"), id="bad-text"),
         pytest.param(pg_errors.StringDataRightTruncation("too long"), id="too-long"),
         pytest.param(pg_errors.RaiseException("raised by a trigger"), id="plpgsql-raise"),
+        pytest.param(
+            pg_errors.ProgramLimitExceeded("index row size 3056 exceeds maximum"), id="index-row-too-large"
+        ),
+        pytest.param(pg_errors.StatementTooComplex("stack depth limit exceeded"), id="statement-too-complex"),
         pytest.param(psycopg.DataError("NUL character"), id="data-error"),
         pytest.param(UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogate"), id="unencodable"),
         pytest.param(HandlerFailure("device not registered"), id="handler"),
@@ -71,6 +77,34 @@ def test_transient_failures_are_retried(exc: BaseException) -> None:
 )
 def test_deterministic_failures_are_dead_lettered(exc: BaseException) -> None:
     assert decide(exc) is Decision.DEAD_LETTER
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(
+            pg_errors.QueryCanceled("canceling statement due to statement timeout"), id="statement-timeout"
+        ),
+        pytest.param(pg_errors.InternalError_("unexpected chunk number"), id="internal-error"),
+    ],
+)
+def test_suspect_failures_are_retried_until_the_policy_isolates_them(exc: BaseException) -> None:
+    assert isinstance(classify(exc), SuspectFailure)
+    assert decide(exc) is Decision.RETRY
+    assert decide(exc, isolate_suspects=True) is Decision.DEAD_LETTER
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(psycopg.OperationalError("connection refused"), id="refused"),
+        pytest.param(pg_errors.AdminShutdown("terminating connection"), id="server-shutdown"),
+        pytest.param(pg_errors.DeadlockDetected("deadlock detected"), id="deadlock"),
+        pytest.param(pg_errors.UndefinedTable("relation does not exist"), id="missing-table"),
+    ],
+)
+def test_an_outage_or_the_situation_is_never_isolated(exc: BaseException) -> None:
+    assert decide(exc, isolate_suspects=True) is Decision.RETRY
 
 
 # -- Backoff -----------------------------------------------------------------------------------------------

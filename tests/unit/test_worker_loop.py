@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from eventhandler.config import Settings
-from eventhandler.errors import DatabaseUnavailable
+from eventhandler.errors import DatabaseUnavailable, SuspectFailure
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import BatchResult, DecodedBatch, Record
 from eventhandler.worker import SETTLE_SLICE_SECONDS, Worker
@@ -43,22 +43,32 @@ class FakeProcessor:
 
     def __init__(self) -> None:
         self.down = False
+        self.suspect = False  # every commit fails with a statement timeout unless it isolates
+        self.isolations: list[bool] = []
         self.committed: list[list[tuple[str, int, int]]] = []
 
     def decode(self, records: list[Record]) -> DecodedBatch:
         return DecodedBatch(records)
 
-    def commit(self, conn: Any, batch: DecodedBatch) -> BatchResult:
+    def commit(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
+        self.isolations.append(isolate_suspects)
         if self.down:
             raise DatabaseUnavailable("connection refused")
+        if self.suspect and not isolate_suspects:
+            raise SuspectFailure("canceling statement due to statement timeout")
         self.committed.append([(r.topic, r.partition, r.offset) for r in batch.records])
         return BatchResult(positions=batch.positions())
+
+
+class FakeConnection:
+    def execute(self, query: str) -> None:
+        return None  # the readiness probe's SELECT 1: PostgreSQL answers
 
 
 class FakePool:
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:
-        yield None
+        yield FakeConnection()
 
 
 def records(partition: int, *offsets: int) -> list[Record]:
@@ -76,7 +86,7 @@ def make_worker() -> tuple[Worker, FakeSource, FakeProcessor]:
         metrics=Metrics(),
         worker_id="test",
     )
-    worker._commit = lambda batch: processor.commit(None, batch)  # type: ignore[method-assign]
+    worker._commit = lambda batch, **options: processor.commit(None, batch, **options)  # type: ignore[method-assign]
     return worker, source, processor
 
 
@@ -197,3 +207,29 @@ def test_the_revocations_it_remembers_do_not_grow_with_every_rebalance() -> None
         worker.on_revoked({("t", 0)})
         worker._next_batch()
     assert len(worker._revocations) <= 1
+
+
+def test_a_suspect_failure_that_persists_while_postgres_answers_is_isolated_after_three_attempts() -> None:
+    worker, _, processor = make_worker()
+    processor.suspect = True
+    worker._pending = DecodedBatch(records(0, 1, 2))
+    result = worker._commit_with_retry()
+    assert result is not None
+    assert processor.isolations == [False, False, False, True]
+    assert processor.committed == [[("t", 0, 1), ("t", 0, 2)]]
+
+
+def test_readiness_tells_an_outage_from_a_batch_postgres_refuses() -> None:
+    worker, source, _ = make_worker()
+    source.consume = lambda limit, timeout: []  # type: ignore[attr-defined]
+    worker._started = True
+    batch = DecodedBatch(records(0, 1))
+    worker._on_transient(DatabaseUnavailable("connection refused"), 1, batch)
+    ready, detail = worker.is_ready()
+    assert not ready
+    assert detail["postgres"] == "unreachable"
+    worker._on_transient(SuspectFailure("canceling statement due to statement timeout"), 2, batch)
+    ready, detail = worker.is_ready()
+    assert not ready
+    assert detail["postgres"] == "ok"
+    assert detail["batch"] == "retrying after SuspectFailure: canceling statement due to statement timeout"
