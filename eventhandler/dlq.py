@@ -7,8 +7,9 @@ commit together); operator commands use the pool. Driver errors leave as `Transi
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, LiteralString, Protocol
 
 import psycopg
@@ -179,10 +180,34 @@ WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)
   AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
 RETURNING dlq_id
 """
-MARK_REPLAYED = """
-UPDATE dlq SET status = 'replayed', replay_count = replay_count + 1, last_replayed_at = now(),
-       replayed_to_topic = %(topic)s, updated_at = now()
+# Replay leases (migration 0005): the first key of the advisory lock a replayer holds while it runs;
+# the second is the lease itself, stored in the rows it claimed.
+LEASE_CLASS = 0x45484C31
+TAKE_LEASE = "SELECT pg_try_advisory_lock(%(lease_class)s, %(lease)s)"
+RELEASE_LEASE = "SELECT pg_advisory_unlock(%(lease_class)s, %(lease)s)"
+# A row is free to claim when no lease holds it: none, expired, or its replayer's session is gone.
+LEASE_FREE = """(replay_lease IS NULL OR replay_lease_until < now() OR NOT EXISTS (
+    SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+      AND classid = %(lease_class)s::oid AND objid = dlq.replay_lease::oid))"""
+TAKE_ROWS = """
+UPDATE dlq SET replay_lease = %(lease)s, replay_lease_until = now() + %(lease_seconds)s * interval '1 second',
+       updated_at = now()
 WHERE dlq_id = ANY(%(ids)s)
+RETURNING now()
+"""
+# A row the worker changed since the claim (its replayed copy already succeeded or failed: updated_at
+# moved) keeps the status the worker gave it; the replay is counted either way.
+MARK_REPLAYED = """
+UPDATE dlq SET
+    status = CASE WHEN updated_at = %(claimed_at)s THEN 'replayed' ELSE status END,
+    updated_at = CASE WHEN updated_at = %(claimed_at)s THEN now() ELSE updated_at END,
+    replay_count = replay_count + 1, last_replayed_at = now(), replayed_to_topic = %(topic)s,
+    replay_lease = NULL, replay_lease_until = NULL
+WHERE dlq_id = ANY(%(ids)s) AND replay_lease = %(lease)s
+"""
+RELEASE_ROWS = """
+UPDATE dlq SET replay_lease = NULL, replay_lease_until = NULL
+WHERE dlq_id = ANY(%(ids)s) AND replay_lease = %(lease)s
 """
 RECORD_AUDIT = """
 INSERT INTO dlq_audit (actor, action, dlq_ids, detail) VALUES (%(actor)s, %(action)s, %(ids)s, %(detail)s)
@@ -220,8 +245,11 @@ class DLQRepository(Protocol):
         ...
 
 
-def _where(flt: DLQFilter, after_id: int | None = None) -> tuple[sql.Composable, dict[str, Any]]:
-    """The WHERE clause of a filter, from fixed fragments with bound parameters only."""
+def _where(
+    flt: DLQFilter, after_id: int | None = None, *, lease_free: bool = False
+) -> tuple[sql.Composable, dict[str, Any]]:
+    """The WHERE clause of a filter, from fixed fragments with bound parameters only (`lease_free`:
+    only rows no replay lease holds; the caller binds `lease_class`)."""
     clauses: list[sql.Composable] = []
     params: dict[str, Any] = {}
 
@@ -252,6 +280,8 @@ def _where(flt: DLQFilter, after_id: int | None = None) -> tuple[sql.Composable,
         add("source_topic = %(f_topic)s", f_topic=flt.topic)
     if after_id is not None:
         add("dlq_id > %(f_after)s", f_after=after_id)
+    if lease_free:
+        add(LEASE_FREE)
     if not clauses:
         return sql.SQL(""), params
     return sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses), params
@@ -525,18 +555,6 @@ class PostgresDLQRepository:
         with self._transaction() as conn:
             self._audit(conn, actor, action, ids, detail)
 
-    def audit_in(
-        self,
-        conn: psycopg.Connection[Any],
-        actor: str,
-        action: str,
-        ids: Sequence[int],
-        detail: dict[str, Any],
-    ) -> None:
-        """Record an audit row inside the caller's transaction (a replay chunk)."""
-        with translate_db_errors():
-            self._audit(conn, actor, action, ids, detail)
-
     @staticmethod
     def _audit(
         conn: psycopg.Connection[Any], actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]
@@ -549,27 +567,60 @@ class PostgresDLQRepository:
     # -- replay ------------------------------------------------------------------------------
 
     @contextmanager
-    def claim(
-        self, flt: DLQFilter, *, limit: int, after_id: int | None = None
-    ) -> Iterator[tuple[psycopg.Connection[Any], list[DLQEntry]]]:
-        """Lock up to `limit` matching rows for this replayer; other replayers skip them.
+    def replay_lease(self) -> Iterator[int]:
+        """A lease for one replay run: a session advisory lock on a connection held for the run in
+        autocommit (no transaction stays open on it), released when the block ends or the process dies."""
+        with translate_db_errors(), self._pool.connection() as conn:
+            conn.autocommit = True
+            lease = 0
+            try:
+                while True:
+                    lease = secrets.randbelow(2**31 - 2) + 1
+                    row = conn.execute(TAKE_LEASE, {"lease_class": LEASE_CLASS, "lease": lease}).fetchone()
+                    if row and row[0]:
+                        break
+                yield lease
+            finally:
+                with suppress(psycopg.Error):  # a lost connection has released the lock already
+                    conn.execute(RELEASE_LEASE, {"lease_class": LEASE_CLASS, "lease": lease})
+                    conn.autocommit = False  # as the pool's other users expect it
 
-        The lock lasts until the block ends; call `mark_replayed` inside it for the rows whose
-        publish succeeded. Rows left unmarked stay as they were.
-        """
-        where, params = _where(flt, after_id)
+    def claim(
+        self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float
+    ) -> tuple[list[DLQEntry], Any]:
+        """Take up to `limit` matching rows no other lease holds, for `lease`, in one short
+        transaction. Returns the rows and the claim's time, which `settle_claim` needs."""
+        where, params = _where(flt, lease_free=True)
         query = sql.SQL(
             "SELECT {} FROM dlq {} ORDER BY dlq_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
-        ).format(
-            sql.SQL(_ENTRY_COLUMNS),
-            where,
-        )
+        ).format(sql.SQL(_ENTRY_COLUMNS), where)
         with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(query, params | {"limit": limit}).fetchall()
-            yield conn, [_entry(r) for r in rows]
+            rows = cur.execute(query, params | {"limit": limit, "lease_class": LEASE_CLASS}).fetchall()
+            entries = [_entry(r) for r in rows]
+            if not entries:
+                return [], None
+            taken = {"ids": [e.dlq_id for e in entries], "lease": lease, "lease_seconds": lease_seconds}
+            claimed_at = conn.execute(TAKE_ROWS, taken).fetchone()
+        return entries, claimed_at[0] if claimed_at else None
 
-    @staticmethod
-    def mark_replayed(conn: psycopg.Connection[Any], ids: Sequence[int], topic: str) -> None:
-        if ids:
-            with translate_db_errors():
-                conn.execute(MARK_REPLAYED, {"ids": list(ids), "topic": topic})
+    def settle_claim(
+        self,
+        *,
+        lease: int,
+        claimed_at: Any,
+        published: dict[str, list[int]],
+        unpublished: Sequence[int],
+        actor: str,
+        detail: dict[str, Any],
+    ) -> None:
+        """After the publish: mark the rows the broker confirmed (by topic) and free the others, with
+        the audit row, in one short transaction."""
+        with self._transaction() as conn:
+            for topic, ids in published.items():
+                conn.execute(
+                    MARK_REPLAYED, {"ids": ids, "topic": topic, "lease": lease, "claimed_at": claimed_at}
+                )
+            if unpublished:
+                conn.execute(RELEASE_ROWS, {"ids": list(unpublished), "lease": lease})
+            done = [dlq_id for ids in published.values() for dlq_id in ids]
+            self._audit(conn, actor, "replay", done, detail)

@@ -46,11 +46,13 @@ def redact_text(text: str) -> str:
 
 
 def bound(text: str, limit: int = MAX_FIELD_CHARS) -> str:
-    """`text` cut to `limit` characters, saying how long it was: a 10 MB error message or event id
-    must not become a 10 MB log line."""
+    """`text` cut to about `limit` characters, its start and its end kept (a traceback ends with the
+    exception) and the count of what was left out between: a 10 MB error message or event id must not
+    become a 10 MB log line."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}… [{len(text) - limit} more characters]"
+    head, tail = limit // 4, limit - limit // 4
+    return f"{text[:head]} … [{len(text) - head - tail} characters left out] … {text[-tail:]}"
 
 
 def _redact_value(key: str, value: Any) -> Any:

@@ -1,10 +1,12 @@
 """Replay: republish DLQ rows to Kafka, exactly as they were consumed, and mark them `replayed`.
 
-Rows are claimed in chunks with `FOR UPDATE SKIP LOCKED`, so two replayers never publish the same
-row. The producer is idempotent. A row is marked `replayed` only after the broker confirmed its
-delivery, in the transaction that holds the claim: a replay killed part-way leaves the rest `pending`
-and can simply be run again. A row whose delivery outcome was unknown may then be published twice;
-the worker recognises the duplicate by its event id (or its `dlq_id` header) and applies it once.
+Rows are claimed in chunks with a lease (a short transaction with `FOR UPDATE SKIP LOCKED`), so two
+replayers never publish the same row, and no transaction stays open while the rate limiter or the
+broker is waited on: the worker, which updates replayed rows, is never held up by a replay. The
+producer is idempotent. A row is marked `replayed` only after the broker confirmed its delivery: a
+replay killed part-way leaves the rest `pending` (its lease dies with its session) and can simply be
+run again. A row whose delivery outcome was unknown may then be published twice; the worker recognises
+the duplicate by its event id (or its `dlq_id` header) and applies it once.
 """
 
 from __future__ import annotations
@@ -122,37 +124,65 @@ class Replayer:
             return report
         producer = self.connect()
         limiter = RateLimiter(rate)
+        # With a rate, smaller chunks keep each lease short (about ten seconds of sending).
+        chunk_size = CHUNK if not rate else max(1, min(CHUNK, int(rate * 10)))
         try:
-            for start in range(0, len(ids), CHUNK):
-                chunk = ids[start : start + CHUNK]
-                claim = self._repository.claim(flt.model_copy(update={"ids": tuple(chunk)}), limit=len(chunk))
-                with claim as (conn, rows):
-                    delivered, failed = (
-                        self._publish(producer, rows, to_topic, limiter) if rows else (set(), {})
+            with self._repository.replay_lease() as lease:
+                for start in range(0, len(ids), chunk_size):
+                    chunk = ids[start : start + chunk_size]
+                    done, failed = self._replay_chunk(
+                        producer, flt, chunk, lease, to_topic, limiter, rate, actor
                     )
-                    by_topic: dict[str, list[int]] = {}
-                    for row in rows:
-                        if row.dlq_id in delivered:
-                            by_topic.setdefault(to_topic or row.source_topic, []).append(row.dlq_id)
-                    for topic, published in by_topic.items():
-                        self._repository.mark_replayed(conn, published, topic)
-                    done = [row.dlq_id for row in rows if row.dlq_id in delivered]
-                    if rows:
-                        self._repository.audit_in(
-                            conn, actor, "replay", done, {"to_topic": to_topic, "failed": len(failed)}
-                        )
-                report.published_ids += done
-                report.published += len(done)
-                report.failed += len(failed)
-                report.failures.update(failed)
-                if self._metrics is not None:
-                    self._metrics.replay_published.inc(len(done))
-                    self._metrics.replay_failed.inc(len(failed))
-                if progress is not None:
-                    progress(len(chunk))
+                    report.published_ids += done
+                    report.published += len(done)
+                    report.failed += len(failed)
+                    report.failures.update(failed)
+                    if self._metrics is not None:
+                        self._metrics.replay_published.inc(len(done))
+                        self._metrics.replay_failed.inc(len(failed))
+                    if progress is not None:
+                        progress(len(chunk))
         finally:
             producer.flush(5)
         return report  # the service logs the outcome with the audit line
+
+    def _replay_chunk(
+        self,
+        producer: Producer,
+        flt: DLQFilter,
+        chunk: list[int],
+        lease: int,
+        to_topic: str | None,
+        limiter: RateLimiter,
+        rate: float | None,
+        actor: str,
+    ) -> tuple[list[int], dict[int, str]]:
+        """Claim the chunk's rows (a short transaction), publish them with no transaction open, then
+        mark the confirmed ones and free the rest (another short transaction)."""
+        lease_seconds = self._delivery_timeout + (len(chunk) / rate if rate else 0) + 60
+        rows, claimed_at = self._repository.claim(
+            flt.model_copy(update={"ids": tuple(chunk)}),
+            limit=len(chunk),
+            lease=lease,
+            lease_seconds=lease_seconds,
+        )
+        if not rows:
+            return [], {}
+        delivered, failed = self._publish(producer, rows, to_topic, limiter)
+        published: dict[str, list[int]] = {}
+        for row in rows:
+            if row.dlq_id in delivered:
+                published.setdefault(to_topic or row.source_topic, []).append(row.dlq_id)
+        done = [row.dlq_id for row in rows if row.dlq_id in delivered]
+        self._repository.settle_claim(
+            lease=lease,
+            claimed_at=claimed_at,
+            published=published,
+            unpublished=[row.dlq_id for row in rows if row.dlq_id not in delivered],
+            actor=actor,
+            detail={"to_topic": to_topic, "failed": len(failed)},
+        )
+        return done, failed
 
     def _publish(
         self, producer: Producer, rows: list[DLQEntry], to_topic: str | None, limiter: RateLimiter

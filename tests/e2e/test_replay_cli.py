@@ -19,7 +19,7 @@ from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, consume_all, run_cli
 from tests.support.waiting import wait_for
-from tests.support.worker import run_until_idle, scalar
+from tests.support.worker import run_until_idle, scalar, threaded_worker
 
 
 @pytest.fixture
@@ -239,3 +239,30 @@ def test_filters_select_exactly_the_right_rows(
     fingerprint = scalar(db, "SELECT fingerprint FROM dlq WHERE dlq_id = %s", a)
     assert matched("--fingerprint", fingerprint) == {a, b, c}  # one error group: ids normalised away
     assert matched("--status", "resolved") == set()
+
+
+def test_a_rate_limited_replay_never_holds_up_the_worker(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """The worker updates a replayed row when its copy arrives; a replay sending 2 rows a second must
+    not make it wait (it held its claim's transaction, and the rows' locks, for the whole chunk)."""
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 8)
+    producer.send_events(topic, [k.registered("late-device")])
+    producer.flush()
+    run_until_idle(settings, idle=2)
+
+    with threaded_worker(settings) as worker:
+        report = cli_json(settings_env(settings), "replay", "--rate", "2", "--yes")  # about 4 s
+        assert report["published"] == 8
+        wait_for(
+            lambda: statuses(db) == {"resolved": 8}, timeout=30, message=f"rows resolved ({statuses(db)})"
+        )
+        registry = worker.app.metrics.registry
+        name = "eventhandler_projection_write_duration_seconds"
+        transactions = registry.get_sample_value(f"{name}_count")
+        within_a_second = registry.get_sample_value(f"{name}_bucket", {"le": "1.0"})
+    assert transactions
+    assert within_a_second == transactions, "a batch transaction waited on the replay"
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-device'") == 8
+    assert scalar(db, "SELECT count(*) FROM dlq WHERE replay_count = 1") == 8

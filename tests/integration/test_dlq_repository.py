@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,10 +8,11 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.dlq import LEASE_CLASS, PostgresDLQRepository
 from eventhandler.errors import NotFound
 from eventhandler.models import DLQFilter, FailedMessage
 from tests.support.factories import failed_message
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -151,9 +151,7 @@ def test_a_replayed_message_failing_again_returns_its_row_to_pending(
     repo: PostgresDLQRepository, pool: Any
 ) -> None:
     (dlq_id,) = record(repo, pool, failed_message(offset=9))
-    with repo.claim(DLQFilter(ids=(dlq_id,)), limit=10) as (conn, rows):
-        assert [r.dlq_id for r in rows] == [dlq_id]
-        repo.mark_replayed(conn, [dlq_id], "device-events")
+    replay_all(repo, DLQFilter(ids=(dlq_id,)), limit=10, expect=[dlq_id])
     assert repo.get(dlq_id).status == "replayed"
     # the replayed copy arrives at a new offset, carrying its dlq_id
     (again,) = record(repo, pool, failed_message(offset=999, replay_of=dlq_id, error_message="still broken"))
@@ -313,26 +311,76 @@ def test_depth_and_oldest_pending_age(
     assert ages["b"] < 60
 
 
+def replay_all(repo: PostgresDLQRepository, flt: DLQFilter, *, limit: int, expect: list[int]) -> None:
+    """Claim under a lease and mark every claimed row replayed, as a replayer does."""
+    with repo.replay_lease() as lease:
+        rows, claimed_at = repo.claim(flt, limit=limit, lease=lease, lease_seconds=60)
+        assert [r.dlq_id for r in rows] == expect
+        published = {"device-events": [r.dlq_id for r in rows]}
+        repo.settle_claim(
+            lease=lease, claimed_at=claimed_at, published=published, unpublished=[], actor="t", detail={}
+        )
+
+
 def test_two_replayers_never_claim_the_same_row(repo: PostgresDLQRepository, pool: Any) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 41)])
-    claimed: dict[str, list[int]] = {}
-    both_hold = threading.Barrier(2, timeout=30)
+    pending = DLQFilter(statuses=("pending",))
+    with repo.replay_lease() as one, repo.replay_lease() as two:
+        first, first_at = repo.claim(pending, limit=25, lease=one, lease_seconds=60)
+        second, second_at = repo.claim(pending, limit=25, lease=two, lease_seconds=60)  # while one holds
+        assert [r.dlq_id for r in first] == ids[:25]
+        assert [r.dlq_id for r in second] == ids[25:]
+        assert repo.claim(pending, limit=25, lease=two, lease_seconds=60)[0] == []
+        for lease, rows, at in ((one, first, first_at), (two, second, second_at)):
+            published = {"device-events": [r.dlq_id for r in rows[:-1]]}
+            repo.settle_claim(
+                lease=lease,
+                claimed_at=at,
+                published=published,
+                unpublished=[rows[-1].dlq_id],
+                actor="t",
+                detail={},
+            )
+    assert repo.count(DLQFilter(statuses=("replayed",))) == 38
+    # the two rows whose publish failed were freed: a later replay takes them
+    replay_all(repo, pending, limit=10, expect=[ids[24], ids[39]])
 
-    def replayer(name: str) -> None:
-        with repo.claim(DLQFilter(statuses=("pending",)), limit=25) as (conn, rows):
-            both_hold.wait()  # both claims overlap in time
-            claimed[name] = [r.dlq_id for r in rows]
-            repo.mark_replayed(conn, claimed[name], "device-events")
 
-    threads = [threading.Thread(target=replayer, args=(n,)) for n in ("one", "two")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    one, two = set(claimed["one"]), set(claimed["two"])
-    assert not one & two
-    assert one | two == set(ids)
-    assert repo.count(DLQFilter(statuses=("replayed",))) == 40
+def test_a_lease_whose_replayer_died_frees_its_rows_at_once(
+    repo: PostgresDLQRepository, pool: Any, db_url: str
+) -> None:
+    """A replayer killed mid-chunk never marks or frees its rows; its session's lock goes with it."""
+    ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 6)])
+    pending = DLQFilter(statuses=("pending",))
+    dead = psycopg.connect(db_url, autocommit=True)
+    assert dead.execute("SELECT pg_try_advisory_lock(%s, 77)", (LEASE_CLASS,)).fetchone() == (True,)
+    with repo.replay_lease() as other:
+        taken, _ = repo.claim(pending, limit=10, lease=77, lease_seconds=3600)  # the doomed replayer's claim
+        assert [r.dlq_id for r in taken] == ids
+        assert repo.claim(pending, limit=10, lease=other, lease_seconds=60)[0] == []  # held while it lives
+        dead.close()
+        wait_for(lambda: repo.claim(pending, limit=10, lease=other, lease_seconds=60)[0], timeout=10)
+
+
+def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(
+    repo: PostgresDLQRepository, pool: Any
+) -> None:
+    """The replayed copy can be processed before the replayer marks the row: its outcome stands."""
+    (dlq_id,) = record(repo, pool, failed_message(offset=5))
+    with repo.replay_lease() as lease:
+        _, claimed_at = repo.claim(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+        with pool.connection() as conn, conn.transaction():
+            assert repo.resolve_replayed(conn, "group-a", [dlq_id]) == [dlq_id]  # the worker, meanwhile
+        repo.settle_claim(
+            lease=lease,
+            claimed_at=claimed_at,
+            published={"device-events": [dlq_id]},
+            unpublished=[],
+            actor="t",
+            detail={},
+        )
+    entry = repo.get(dlq_id)
+    assert (entry.status, entry.replay_count) == ("resolved", 1)
 
 
 def test_fingerprint_groups_and_counts(repo: PostgresDLQRepository, pool: Any) -> None:

@@ -91,7 +91,7 @@ def test_a_hostile_megabyte_in_a_log_field_is_cut_and_costs_little(name: str) ->
     line = json.loads(stream.getvalue())
     for field in ("error", "event_id"):
         assert len(line[field]) < MAX_FIELD_CHARS + 100
-        assert line[field].endswith("more characters]") or "**********" in line[field]
+        assert "characters left out]" in line[field] or "**********" in line[field]
 
 
 def test_a_password_in_a_url_is_masked_wherever_the_url_stands() -> None:
