@@ -22,6 +22,7 @@ from eventhandler.db import deadline, translate_db_errors
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.models import (
     DepthRow,
+    DepthSnapshot,
     DLQEntry,
     DLQFilter,
     DLQSummary,
@@ -220,6 +221,13 @@ SELECT consumer, extract(epoch FROM now() - (
     SELECT failed_at FROM dlq WHERE dlq.consumer = c.consumer AND status = 'pending' ORDER BY dlq_id LIMIT 1
 ))::float8 AS age
 FROM unnest(%(consumers)s::text[]) AS c(consumer)
+"""
+# Rows stay `replayed` until a worker processes their copy; one that never comes back (replayed to a
+# topic no worker reads) is reported by its age. Replayed rows are few: the status index finds them.
+OLDEST_REPLAYED = """
+SELECT consumer, extract(epoch FROM now() - min(last_replayed_at))::float8 AS age
+FROM dlq WHERE status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
+GROUP BY consumer
 """
 FINGERPRINT_GROUPS = """
 SELECT fingerprint, min(stage) AS stage, min(error_type) AS error_type,
@@ -462,15 +470,15 @@ class PostgresDLQRepository:
         return _entry(row)
 
     def depth(self) -> list[DepthRow]:
-        return self.depth_snapshot()[0]
+        return self.depth_snapshot().rows
 
     def oldest_pending_age(self) -> dict[str, float]:
         """Seconds since the oldest pending row of each consumer failed."""
-        return self.depth_snapshot()[1]
+        return self.depth_snapshot().oldest_pending
 
-    def depth_snapshot(self, timeout: float = 30.0) -> tuple[list[DepthRow], dict[str, float]]:
-        """Depth and oldest pending age in one go, given up after `timeout` seconds whatever happens
-        (a silent network must not hang the metrics refresh)."""
+    def depth_snapshot(self, timeout: float = 30.0) -> DepthSnapshot:
+        """Depth, oldest pending age and oldest replayed age in one go, given up after `timeout`
+        seconds whatever happens (a silent network must not hang the metrics refresh)."""
         with (
             translate_db_errors(),
             self._pool.connection(timeout=timeout) as conn,
@@ -484,7 +492,13 @@ class PostgresDLQRepository:
                 for r in cur.execute(OLDEST_PENDING, {"consumers": pending}).fetchall()
                 if r["age"] is not None
             }
-        return rows, oldest
+            replayed = [r.consumer for r in rows if r.status == "replayed" and r.count]
+            oldest_replayed = {
+                r["consumer"]: float(r["age"])
+                for r in cur.execute(OLDEST_REPLAYED, {"consumers": replayed}).fetchall()
+                if r["age"] is not None
+            }
+        return DepthSnapshot(rows, oldest, oldest_replayed)
 
     def counts_by(self, column: str, flt: DLQFilter) -> list[tuple[str | None, str, int]]:
         """Row counts by (`column`, status): column is one of consumer, stage, event_type."""

@@ -97,13 +97,13 @@ class DepthRefresher:
 
     def refresh(self) -> bool:
         try:
-            rows, oldest = self._repository.depth_snapshot(self._timeout)
+            snapshot = self._repository.depth_snapshot(self._timeout)
         except EventHandlerError as exc:
             if self._last_ok is not False:
                 log.warning("dlq_depth_refresh_failed", error=str(exc))
             self._last_ok = False
             return False
-        self._metrics.set_dlq_depth(self._consumers, rows, oldest)
+        self._metrics.set_dlq_depth(self._consumers, snapshot)
         self._last_ok = True
         self._last_success = time.monotonic()
         return True

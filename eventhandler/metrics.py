@@ -9,7 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from eventhandler import __version__
-from eventhandler.models import STAGES, STATUSES, DepthRow
+from eventhandler.models import STAGES, STATUSES, DepthSnapshot
 
 _BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -78,6 +78,12 @@ class Metrics:
         self.dlq_oldest_pending_age = Gauge(
             "eventhandler_dlq_oldest_pending_age_seconds",
             "Age of the oldest pending DLQ row.",
+            ["consumer"],
+            registry=r,
+        )
+        self.dlq_oldest_replayed_age = Gauge(
+            "eventhandler_dlq_oldest_replayed_age_seconds",
+            "Seconds since the oldest row still `replayed` was republished (its outcome has not come back).",
             ["consumer"],
             registry=r,
         )
@@ -159,10 +165,15 @@ class Metrics:
             child = self._processed_by_type[event_type] = self.events_processed.labels(event_type=event_type)
         return child
 
-    def set_dlq_depth(self, consumers: list[str], rows: list[DepthRow], oldest: dict[str, float]) -> None:
+    def set_dlq_depth(self, consumers: list[str], snapshot: DepthSnapshot) -> None:
         """Publish a fresh depth snapshot; statuses with no rows read 0, not stale values."""
-        counts = {(row.consumer, row.status): row.count for row in rows}
+        counts = {(row.consumer, row.status): row.count for row in snapshot.rows}
         for consumer in {*consumers, *(c for c, _ in counts)}:
             for status in STATUSES:
                 self.dlq_depth.labels(consumer=consumer, status=status).set(counts.get((consumer, status), 0))
-            self.dlq_oldest_pending_age.labels(consumer=consumer).set(oldest.get(consumer, 0.0))
+            self.dlq_oldest_pending_age.labels(consumer=consumer).set(
+                snapshot.oldest_pending.get(consumer, 0.0)
+            )
+            self.dlq_oldest_replayed_age.labels(consumer=consumer).set(
+                snapshot.oldest_replayed.get(consumer, 0.0)
+            )

@@ -171,3 +171,12 @@ class DepthRow(BaseModel):
     consumer: str
     status: Status
     count: int
+
+
+@dataclass(frozen=True)
+class DepthSnapshot:
+    """What the DLQ gauges show, read in one go."""
+
+    rows: list[DepthRow]
+    oldest_pending: dict[str, float]  # consumer → seconds since its oldest pending row failed
+    oldest_replayed: dict[str, float]  # consumer → seconds since its oldest replayed row was published

@@ -163,6 +163,7 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
 ) -> None:
     depth = "eventhandler_dlq_depth"
     age = "eventhandler_dlq_oldest_pending_age_seconds"
+    replayed_age = "eventhandler_dlq_oldest_replayed_age_seconds"
     settings = make_settings(metrics_port=endpoint_port)
     pool = create_pool(settings)
     repository = PostgresDLQRepository(pool)
@@ -187,13 +188,32 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
             # the cause of the handler failure is fixed, and the row is replayed
             send(producer, topic, [k.structured(k.registered("ghost-1"))])
             wait_for(lambda: scalar(db, "SELECT count(*) FROM devices") == 1, message="device registered")
-            with repository.claim(
-                DLQFilter(event_type="device.reading", statuses=("pending",)), limit=10
-            ) as (conn, rows):
-                [row] = rows
-                repository.mark_replayed(conn, [row.dlq_id], topic)
+            with repository.replay_lease() as lease:
+                [row], claimed_at = repository.claim(
+                    DLQFilter(event_type="device.reading", statuses=("pending",)),
+                    limit=10,
+                    lease=lease,
+                    lease_seconds=60,
+                )
+                repository.settle_claim(
+                    lease=lease,
+                    claimed_at=claimed_at,
+                    published={topic: [row.dlq_id]},
+                    unpublished=[],
+                    actor="test",
+                    detail={},
+                )
             endpoint.wait_value(depth, 1, consumer=group, status="replayed")
             endpoint.wait_value(depth, 1, consumer=group, status="pending")
+            # until the replayed copy comes back, the row ages as `replayed` (here: as if for 2 hours)
+            db.execute(
+                "UPDATE dlq SET last_replayed_at = now() - interval '2 hours' WHERE dlq_id = %s",
+                (row.dlq_id,),
+            )
+            wait_for(
+                lambda: (endpoint.value(replayed_age, consumer=group) or 0) >= 7200,
+                message=f"oldest replayed age >= 2h (now {endpoint.value(replayed_age, consumer=group)})",
+            )
             producer.send(
                 topic,
                 row.event_payload,
@@ -204,6 +224,7 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
             producer.flush()
             endpoint.wait_value(depth, 2, consumer=group, status="resolved")
             endpoint.wait_value(depth, 0, consumer=group, status="replayed")
+            endpoint.wait_value(replayed_age, 0, consumer=group)
             assert endpoint.value(depth, consumer=group, status="pending") == 1
             # counters move when the worker records the batch, just after its commit is visible
             endpoint.wait_value("eventhandler_dlq_resolved_by_replay_total", 1)
