@@ -28,6 +28,7 @@ from eventhandler.models import (
     DLQSummary,
     FailedMessage,
     FingerprintGroup,
+    ReplayOrigin,
     Status,
 )
 
@@ -135,6 +136,10 @@ WITH replayed AS (
         worker_version = %(worker_version)s,
         updated_at = now()
     WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s
+      AND source_topic = %(origin_topic)s AND source_partition = %(origin_partition)s
+      AND source_offset = %(origin_offset)s
+      AND (event_id IS NULL OR %(event_id)s::text IS NULL
+           OR (event_id = %(event_id)s::text AND event_source = %(event_source)s::text))
     RETURNING dlq_id
 ), inserted AS (
     INSERT INTO dlq ("""
@@ -148,11 +153,18 @@ SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted
 """
 )
 
+# Only rows the replayed message matches: its origin (the original coordinates) and, when the row
+# knows its event, the same event. A forged or stale `eventhandler-dlq-id` (after a restore, or
+# TRUNCATE … RESTART IDENTITY) matches nothing.
 RESOLVE_REPLAYED = """
 UPDATE dlq SET status = 'resolved', resolved_at = now(), resolved_by = 'replay',
        resolution_note = 'processed successfully after replay', updated_at = now()
-WHERE dlq_id = ANY(%(ids)s) AND consumer = %(consumer)s AND status IN ('pending', 'replayed')
-RETURNING dlq_id
+FROM unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[],
+            %(sources)s::text[], %(event_ids)s::text[]) AS r(dlq_id, topic, part, off, source, event_id)
+WHERE dlq.dlq_id = r.dlq_id AND dlq.consumer = %(consumer)s AND dlq.status IN ('pending', 'replayed')
+  AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off
+  AND (dlq.event_id IS NULL OR (dlq.event_id = r.event_id AND dlq.event_source = r.source))
+RETURNING dlq.dlq_id
 """
 
 _SUMMARY_COLUMNS = """
@@ -247,9 +259,10 @@ class DLQRepository(Protocol):
         ...
 
     def resolve_replayed(
-        self, conn: psycopg.Connection[Any], consumer: str, dlq_ids: Sequence[int]
+        self, conn: psycopg.Connection[Any], consumer: str, replays: Sequence[Replay]
     ) -> list[int]:
-        """Mark rows whose replayed message now succeeded, inside the caller's transaction."""
+        """Mark rows whose replayed message now succeeded (and matches them), inside the caller's
+        transaction."""
         ...
 
 
@@ -355,7 +368,19 @@ _PARAM_KEYS = [key for _, _, key in _STAGED]
 
 def _failure_params(failure: FailedMessage) -> dict[str, Any]:
     """A failure's values by the names the statements use."""
-    return dict(zip(_PARAM_KEYS, _copy_row(failure), strict=True), replay_of=failure.replay_of)
+    params = dict(zip(_PARAM_KEYS, _copy_row(failure), strict=True))
+    origin = failure.replay_of
+    if origin is not None:
+        params |= {
+            "replay_of": origin.dlq_id,
+            "origin_topic": origin.topic,
+            "origin_partition": origin.partition,
+            "origin_offset": origin.offset,
+        }
+    return params
+
+
+Replay = tuple[ReplayOrigin, str, str]  # a replayed message that succeeded: origin, event source and id
 
 
 class PostgresDLQRepository:
@@ -426,12 +451,21 @@ class PostgresDLQRepository:
         return [stored[_identity(failure)] for failure in failures]
 
     def resolve_replayed(
-        self, conn: psycopg.Connection[Any], consumer: str, dlq_ids: Sequence[int]
+        self, conn: psycopg.Connection[Any], consumer: str, replays: Sequence[Replay]
     ) -> list[int]:
-        if not dlq_ids:
+        if not replays:
             return []
+        params = {
+            "consumer": consumer,
+            "ids": [origin.dlq_id for origin, _, _ in replays],
+            "topics": [origin.topic for origin, _, _ in replays],
+            "partitions": [origin.partition for origin, _, _ in replays],
+            "offsets": [origin.offset for origin, _, _ in replays],
+            "sources": [clean_text(source) for _, source, _ in replays],
+            "event_ids": [clean_text(event_id) for _, _, event_id in replays],
+        }
         with translate_db_errors():
-            rows = conn.execute(RESOLVE_REPLAYED, {"ids": list(dlq_ids), "consumer": consumer}).fetchall()
+            rows = conn.execute(RESOLVE_REPLAYED, params).fetchall()
             return [r[0] for r in rows]
 
     # -- reading -----------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from eventhandler.errors import DeserializationError, UnknownEventType
-from eventhandler.models import Headers
+from eventhandler.models import Headers, ReplayOrigin
 
 CE_HEADER_PREFIX = "ce_"
 DLQ_ID_HEADER = "eventhandler-dlq-id"
+ORIGIN_HEADER = "eventhandler-origin"
 REPLAY_COUNT_HEADER = "eventhandler-replay-count"
 _STRUCTURED_CONTENT_TYPE = "application/cloudevents"
 _MAX_ERROR_DETAILS = 3
@@ -80,14 +81,26 @@ def header_value(headers: Headers | None, name: str) -> bytes | None:
     return found
 
 
-def replay_dlq_id(headers: Headers | None) -> int | None:
-    raw = header_value(headers, DLQ_ID_HEADER)
-    if raw is None:
+def replay_origin(headers: Headers | None) -> ReplayOrigin | None:
+    """The DLQ row a replayed message names (`eventhandler-dlq-id`) and the coordinates of the
+    original message (`eventhandler-origin`, "topic:partition:offset"), or None when either is missing
+    or malformed: such a message is an ordinary one, and touches no row."""
+    raw_id, raw_origin = header_value(headers, DLQ_ID_HEADER), header_value(headers, ORIGIN_HEADER)
+    if raw_id is None or raw_origin is None or len(raw_id) > 20 or len(raw_origin) > 300:
         return None
     try:
-        return int(raw.decode("ascii"))
+        topic, partition, offset = raw_origin.decode("ascii").rsplit(":", 2)
+        dlq_id = raw_id.decode("ascii")
     except (UnicodeDecodeError, ValueError):
         return None
+    if not (dlq_id.isdigit() and partition.isdigit() and offset.isdigit() and topic):
+        return None
+    return ReplayOrigin(int(dlq_id), topic, int(partition), int(offset))
+
+
+def origin_header(dlq_id: int, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """The headers a replay adds so the worker can tell the message comes from row `dlq_id`."""
+    return [(DLQ_ID_HEADER, str(dlq_id).encode()), (ORIGIN_HEADER, f"{topic}:{partition}:{offset}".encode())]
 
 
 class Deserializer:

@@ -59,6 +59,17 @@ def _fingerprint(stage: str, error_type: str, message: str) -> str:
     return hashlib.sha256(basis.encode("utf-8", "backslashreplace")).hexdigest()[:16]
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayOrigin:
+    """What a replayed message says of the DLQ row it came from: the row's id and the coordinates of
+    the original message. A row is touched only by a message whose origin matches it."""
+
+    dlq_id: int
+    topic: str
+    partition: int
+    offset: int
+
+
 @dataclass(slots=True, kw_only=True)
 class FailedMessage:
     """A Kafka message that failed, with everything needed to store and later replay it.
@@ -83,7 +94,7 @@ class FailedMessage:
     event_id: str | None = None
     event_type: str | None = None
     event_source: str | None = None
-    replay_of: int | None = None  # the dlq_id header of a replayed message
+    replay_of: ReplayOrigin | None = None  # the origin headers of a replayed message
 
     @property
     def fingerprint(self) -> str:

@@ -25,10 +25,10 @@ from eventhandler.errors import (
     TransientError,
     UnknownEventType,
 )
-from eventhandler.events import Deserializer, Event, replay_dlq_id
+from eventhandler.events import Deserializer, Event, replay_origin
 from eventhandler.handlers import BatchHandler, Projection, Registry
 from eventhandler.ledger import Ledger
-from eventhandler.models import FailedMessage, Headers, Stage
+from eventhandler.models import FailedMessage, Headers, ReplayOrigin, Stage
 from eventhandler.policy import Decision, decide
 
 
@@ -60,7 +60,7 @@ class Record:
 class Decoded:
     record: Record
     event: Event
-    replay_of: int | None
+    replay_of: ReplayOrigin | None
     key: uuid.UUID  # the event's ledger key (see `Ledger.key`)
 
 
@@ -200,7 +200,7 @@ class BatchProcessor:
             except Exception as exc:  # any bad input is the message's fault, never the worker's
                 batch.rejected.append(self._reject(record, "deserialize", exc))
             else:
-                replay_of = replay_dlq_id(record.headers) if record.headers else None
+                replay_of = replay_origin(record.headers) if record.headers else None
                 batch.events.append(Decoded(record, event, replay_of, key(event.source, event.id)))
         return batch
 
@@ -230,7 +230,11 @@ class BatchProcessor:
                 # row only if that copy took effect (a copy that failed just set the row back to pending).
                 took_effect = {d.key for d in (*applied, *known)}
                 echoes = [d for d in repeats if d.key in took_effect]
-                replayed = [d.replay_of for d in (*applied, *known, *echoes) if d.replay_of is not None]
+                replayed = [
+                    (d.replay_of, d.event.source, d.event.id)
+                    for d in (*applied, *known, *echoes)
+                    if d.replay_of is not None
+                ]
                 result.resolved = self.dlq.resolve_replayed(conn, self.consumer, replayed)
                 duplicates = [*known, *repeats]
                 result.positions = batch.positions()
@@ -351,7 +355,7 @@ class BatchProcessor:
             event_type=event_type,
             event_source=event.source if event else None,
             worker_version=self.worker_version,
-            replay_of=decoded.replay_of if decoded else replay_dlq_id(record.headers),
+            replay_of=decoded.replay_of if decoded else replay_origin(record.headers),
         )
         return Rejected(record, failure, decoded.key if decoded else None)
 

@@ -20,12 +20,12 @@ from confluent_kafka import KafkaException, Producer
 
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import BrokerUnavailable
-from eventhandler.events import DLQ_ID_HEADER, REPLAY_COUNT_HEADER
+from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQEntry, DLQFilter, Headers
 
 CHUNK = 200
-_OUR_HEADERS = {DLQ_ID_HEADER, REPLAY_COUNT_HEADER}
+_OUR_HEADERS = {DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER}
 
 
 @dataclass
@@ -49,9 +49,10 @@ class ReplayReport:
 
 
 def replay_headers(entry: DLQEntry) -> Headers:
-    """The original headers, byte for byte, plus the row's id and replay count (replacing older ones)."""
-    headers = [(k, v) for k, v in entry.headers if k not in _OUR_HEADERS]
-    headers.append((DLQ_ID_HEADER, str(entry.dlq_id).encode()))
+    """The original headers, byte for byte, plus the row's id, the original message's coordinates and
+    the replay count (replacing older ones)."""
+    headers: Headers = [(k, v) for k, v in entry.headers if k not in _OUR_HEADERS]
+    headers += origin_header(entry.dlq_id, entry.source_topic, entry.source_partition, entry.source_offset)
     headers.append((REPLAY_COUNT_HEADER, str(entry.replay_count + 1).encode()))
     return headers
 

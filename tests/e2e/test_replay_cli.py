@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from eventhandler.config import Settings
-from eventhandler.events import DLQ_ID_HEADER, REPLAY_COUNT_HEADER
+from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, consume_all, run_cli
@@ -95,7 +95,9 @@ def test_replay_republishes_byte_for_byte_with_dlq_headers(
     producer.send(topic, b"\xfe\xff not even utf-8", key=b"\x00key", headers=headers)
     producer.flush()
     run_until_idle(settings, idle=2)
-    (dlq_id,) = [r[0] for r in db.execute("SELECT dlq_id FROM dlq").fetchall()]
+    ((dlq_id, partition, offset),) = db.execute(
+        "SELECT dlq_id, source_partition, source_offset FROM dlq"
+    ).fetchall()
     target = f"{topic}-replayed"
     k.create_topic(kafka_bootstrap, target, partitions=1)
 
@@ -105,7 +107,12 @@ def test_replay_republishes_byte_for_byte_with_dlq_headers(
     (message,) = consume_all(kafka_bootstrap, target, 1)
     assert message.value() == b"\xfe\xff not even utf-8"
     assert message.key() == b"\x00key"
-    assert message.headers() == [*headers, (DLQ_ID_HEADER, str(dlq_id).encode()), (REPLAY_COUNT_HEADER, b"1")]
+    assert message.headers() == [
+        *headers,
+        (DLQ_ID_HEADER, str(dlq_id).encode()),
+        (ORIGIN_HEADER, f"{topic}:{partition}:{offset}".encode()),  # the row's own message, not the copy's
+        (REPLAY_COUNT_HEADER, b"1"),
+    ]
     assert scalar(db, "SELECT replayed_to_topic FROM dlq") == target
 
 

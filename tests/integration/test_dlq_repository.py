@@ -10,7 +10,7 @@ import pytest
 
 from eventhandler.dlq import LEASE_CLASS, PostgresDLQRepository
 from eventhandler.errors import NotFound
-from eventhandler.models import DLQFilter, FailedMessage
+from eventhandler.models import DLQFilter, FailedMessage, ReplayOrigin
 from tests.support.factories import failed_message
 from tests.support.waiting import wait_for
 
@@ -115,7 +115,7 @@ def test_ids_come_back_in_the_order_of_the_failures_whatever_the_mix(
     (replayed_row,) = record(repo, pool, failed_message(offset=40, error_message="original"))
     mixed = [
         failed_message(offset=41, error_message="a"),
-        failed_message(offset=77, replay_of=replayed_row, error_message="replayed, failed again"),
+        failed_message(offset=77, replay_of=origin(replayed_row, 40), error_message="replayed, failed again"),
         failed_message(consumer="group-b", offset=41, error_message="other group, same offset"),
         failed_message(offset=42, error_message="b"),
         failed_message(offset=41, error_message="a, seen twice in one batch"),
@@ -154,7 +154,8 @@ def test_a_replayed_message_failing_again_returns_its_row_to_pending(
     replay_all(repo, DLQFilter(ids=(dlq_id,)), limit=10, expect=[dlq_id])
     assert repo.get(dlq_id).status == "replayed"
     # the replayed copy arrives at a new offset, carrying its dlq_id
-    (again,) = record(repo, pool, failed_message(offset=999, replay_of=dlq_id, error_message="still broken"))
+    again_failed = failed_message(offset=999, replay_of=origin(dlq_id, 9), error_message="still broken")
+    (again,) = record(repo, pool, again_failed)
     assert again == dlq_id
     entry = repo.get(dlq_id)
     assert (entry.status, entry.retry_count, entry.error_message) == ("pending", 1, "still broken")
@@ -170,11 +171,45 @@ def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRe
         failed_message(offset=2),
         failed_message(offset=3, consumer="other"),
     )
+    replays = [(origin(dlq_id, n), "/tests", "evt-1") for dlq_id, n in zip(ids, (1, 2, 3), strict=True)]
     with pool.connection() as conn, conn.transaction():
-        resolved = repo.resolve_replayed(conn, "group-a", ids)
+        resolved = repo.resolve_replayed(conn, "group-a", replays)
     assert sorted(resolved) == ids[:2]
     assert repo.get(ids[0]).resolved_by == "replay"
     assert repo.get(ids[2]).status == "pending"
+
+
+def origin(dlq_id: int, offset: int, topic: str = "device-events", partition: int = 0) -> ReplayOrigin:
+    """The origin a replay of row `dlq_id` (of the message at `offset`) carries."""
+    return ReplayOrigin(dlq_id, topic, partition, offset)
+
+
+@pytest.mark.parametrize(
+    ("claimed", "source", "event_id"),
+    [
+        pytest.param(origin(0, 999), "/tests", "evt-1", id="other-offset"),
+        pytest.param(origin(0, 5, topic="other-topic"), "/tests", "evt-1", id="other-topic"),
+        pytest.param(origin(0, 5, partition=3), "/tests", "evt-1", id="other-partition"),
+        pytest.param(origin(0, 5), "/tests", "evt-other", id="other-event"),
+        pytest.param(origin(0, 5), "/elsewhere", "evt-1", id="other-source"),
+    ],
+)
+def test_a_replay_header_that_does_not_match_its_row_touches_nothing(
+    repo: PostgresDLQRepository, pool: Any, claimed: ReplayOrigin, source: str, event_id: str
+) -> None:
+    """A forged `eventhandler-dlq-id`, or one left from before a restore or TRUNCATE … RESTART
+    IDENTITY, names a row the message is not a copy of: it neither resolves nor overwrites it."""
+    (dlq_id,) = record(repo, pool, failed_message(offset=5))
+    forged = ReplayOrigin(dlq_id, claimed.topic, claimed.partition, claimed.offset)
+    with pool.connection() as conn, conn.transaction():
+        assert repo.resolve_replayed(conn, "group-a", [(forged, source, event_id)]) == []
+    assert repo.get(dlq_id).status == "pending"
+    failure = failed_message(offset=600, replay_of=forged, event_id=event_id, event_source=source)
+    (other,) = record(repo, pool, failure)
+    assert other != dlq_id  # an ordinary failure of its own
+    original = repo.get(dlq_id)
+    assert (original.retry_count, original.error_message) == (0, "device 'dev-1' is not registered")
+    assert (repo.get(other).source_offset, repo.count(DLQFilter())) == (600, 2)
 
 
 def test_every_filter_selects_exactly_its_rows(
@@ -370,7 +405,8 @@ def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(
     with repo.replay_lease() as lease:
         _, claimed_at = repo.claim(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
         with pool.connection() as conn, conn.transaction():
-            assert repo.resolve_replayed(conn, "group-a", [dlq_id]) == [dlq_id]  # the worker, meanwhile
+            replayed = [(origin(dlq_id, 5), "/tests", "evt-1")]
+            assert repo.resolve_replayed(conn, "group-a", replayed) == [dlq_id]  # the worker, meanwhile
         repo.settle_claim(
             lease=lease,
             claimed_at=claimed_at,

@@ -18,8 +18,8 @@ from eventhandler import __version__
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
 from eventhandler.dlq import PostgresDLQRepository
-from eventhandler.events import DLQ_ID_HEADER
 from eventhandler.models import DLQFilter
+from eventhandler.replay import replay_headers
 from tests.support import kafka as k
 from tests.support.proxy import TcpProxy
 from tests.support.services import free_port
@@ -218,7 +218,7 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
                 topic,
                 row.event_payload,
                 key=row.message_key,
-                headers=[*row.headers, (DLQ_ID_HEADER, str(row.dlq_id).encode())],
+                headers=replay_headers(row),
                 partition=0,
             )
             producer.flush()

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from eventhandler.config import Settings
-from eventhandler.events import DLQ_ID_HEADER
+from eventhandler.events import DLQ_ID_HEADER, origin_header
 from eventhandler.logs import configure_logging
 from eventhandler.worker import LOGGED_DLQ_IDS
 from tests.conftest import unique
@@ -425,19 +425,16 @@ def test_the_cooperative_sticky_assignor_works_too(
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'coop-1'") == 50
 
 
-def _replay_copy(
-    db: psycopg.Connection[Any], dlq_id: int
-) -> tuple[bytes, bytes | None, list[tuple[str, bytes | None]]]:
-    """What a replay publishes for a row: its original bytes plus the header naming the row."""
-    value, key, names, values = db.execute(
-        "SELECT event_payload, message_key, header_keys, header_values FROM dlq WHERE dlq_id = %s", (dlq_id,)
+def _replay_copy(db: psycopg.Connection[Any], dlq_id: int) -> tuple[bytes, bytes | None, k.Headers]:
+    """What a replay publishes for a row: its original bytes plus the headers naming the row."""
+    value, key, names, values, topic, partition, offset = db.execute(
+        "SELECT event_payload, message_key, header_keys, header_values, source_topic, source_partition,"
+        " source_offset FROM dlq WHERE dlq_id = %s",
+        (dlq_id,),
     ).fetchone()
-    headers = [(n, None if v is None else bytes(v)) for n, v in zip(names, values, strict=True)]
-    return (
-        bytes(value),
-        None if key is None else bytes(key),
-        [*headers, (DLQ_ID_HEADER, str(dlq_id).encode())],
-    )
+    headers: k.Headers = [(n, None if v is None else bytes(v)) for n, v in zip(names, values, strict=True)]
+    headers += origin_header(dlq_id, topic, partition, offset)
+    return bytes(value), None if key is None else bytes(key), headers
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -494,3 +491,35 @@ def test_a_value_postgresql_cannot_index_is_a_projection_failure_not_a_stall(
     assert "index row" in rows[0][2]
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'wide-1'") == 5
     assert stats.retries == 0  # deterministic: dead-lettered at once, not retried
+
+
+@pytest.mark.parametrize("forgery", ["id only", "other coordinates"])
+def test_a_forged_replay_header_neither_resolves_nor_overwrites_the_row_it_names(
+    forgery: str,
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    producer.send(topic, k.structured(k.reading("victim-1")), key=b"victim-1", partition=0)
+    producer.flush()
+    run_until_idle(make_settings(), idle=1)
+    ((dlq_id, offset),) = db.execute("SELECT dlq_id, source_offset FROM dlq").fetchall()
+    if forgery == "id only":
+        forged = [(DLQ_ID_HEADER, str(dlq_id).encode())]
+    else:
+        forged = origin_header(dlq_id, topic, 0, offset + 1000)
+    # a good event and a bad one, both naming the row: each is an ordinary message
+    producer.send(topic, k.structured(k.registered("other-1")), headers=forged, partition=1)
+    producer.send(topic, b"{not json", headers=forged, partition=1)
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=1)
+
+    assert (stats.applied, stats.failed) == (1, 1)
+    status, retry_count, error = db.execute(
+        "SELECT status, retry_count, error_message FROM dlq WHERE dlq_id = %s", (dlq_id,)
+    ).fetchone()
+    assert (status, retry_count) == ("pending", 0)
+    assert "not registered" in error
+    assert scalar(db, "SELECT count(*) FROM dlq") == 2  # the bad message got a row of its own

@@ -14,8 +14,16 @@ from cloudevents.core.v1.event import CloudEvent
 from pydantic import BaseModel, ConfigDict
 
 from eventhandler.errors import DeserializationError, UnknownEventType
-from eventhandler.events import DLQ_ID_HEADER, Deserializer, header_value, replay_dlq_id
+from eventhandler.events import (
+    DLQ_ID_HEADER,
+    ORIGIN_HEADER,
+    Deserializer,
+    header_value,
+    origin_header,
+    replay_origin,
+)
 from eventhandler.handlers.devices import DeviceProjection, DeviceReading, DeviceRegistered
+from eventhandler.models import ReplayOrigin
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -412,25 +420,58 @@ def error_of_with(deserializer: Deserializer, value: bytes) -> str:
 # -- the replay header --------------------------------------------------------------------------------
 
 
+ORIGIN = (ORIGIN_HEADER, b"device-events:3:1041")
+
+
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
-        pytest.param([(DLQ_ID_HEADER, b"42")], 42, id="plain"),
-        pytest.param([("other", b"1"), (DLQ_ID_HEADER, b"9007199254740993")], 9007199254740993, id="big"),
-        pytest.param([(DLQ_ID_HEADER, b"3"), (DLQ_ID_HEADER, b"5")], 5, id="last-wins"),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"42"), ORIGIN], ReplayOrigin(42, "device-events", 3, 1041), id="plain"
+        ),
+        pytest.param(
+            [("other", b"1"), (DLQ_ID_HEADER, b"9007199254740993"), ORIGIN],
+            ReplayOrigin(9007199254740993, "device-events", 3, 1041),
+            id="big",
+        ),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"3"), ORIGIN, (DLQ_ID_HEADER, b"5")],
+            ReplayOrigin(5, "device-events", 3, 1041),
+            id="last-wins",
+        ),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"7"), (ORIGIN_HEADER, b"a.b-c_d:0:0")],
+            ReplayOrigin(7, "a.b-c_d", 0, 0),
+            id="topic-chars",
+        ),
         pytest.param(None, None, id="no-headers"),
         pytest.param([], None, id="empty-headers"),
-        pytest.param([("ce_id", b"42")], None, id="absent"),
-        pytest.param([(DLQ_ID_HEADER, None)], None, id="null-value"),
-        pytest.param([(DLQ_ID_HEADER, b"")], None, id="empty-value"),
-        pytest.param([(DLQ_ID_HEADER, b"abc")], None, id="not-a-number"),
-        pytest.param([(DLQ_ID_HEADER, b"4.5")], None, id="fraction"),
-        pytest.param([(DLQ_ID_HEADER, "٤٢".encode())], None, id="not-ascii"),
-        pytest.param([(DLQ_ID_HEADER, b"\xff")], None, id="not-utf8"),
+        pytest.param([("ce_id", b"42"), ORIGIN], None, id="no-dlq-id"),
+        pytest.param([(DLQ_ID_HEADER, b"42")], None, id="no-origin: an older replay, or a forged id"),
+        pytest.param([(DLQ_ID_HEADER, None), ORIGIN], None, id="null-value"),
+        pytest.param([(DLQ_ID_HEADER, b""), ORIGIN], None, id="empty-value"),
+        pytest.param([(DLQ_ID_HEADER, b"abc"), ORIGIN], None, id="not-a-number"),
+        pytest.param([(DLQ_ID_HEADER, b"4.5"), ORIGIN], None, id="fraction"),
+        pytest.param([(DLQ_ID_HEADER, b"-4"), ORIGIN], None, id="negative"),
+        pytest.param([(DLQ_ID_HEADER, "٤٢".encode()), ORIGIN], None, id="not-ascii"),
+        pytest.param([(DLQ_ID_HEADER, b"\xff"), ORIGIN], None, id="not-utf8"),
+        pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"topic:1")], None, id="origin-short"),
+        pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b":1:2")], None, id="origin-no-topic"),
+        pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:x:2")], None, id="origin-bad-partition"),
+        pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:1:" + b"9" * 400)], None, id="origin-huge"),
+        pytest.param([(DLQ_ID_HEADER, b"1" * 50), ORIGIN], None, id="dlq-id-huge"),
     ],
 )
-def test_replay_dlq_id_is_read_from_its_header(headers: Headers | None, expected: int | None) -> None:
-    assert replay_dlq_id(headers) == expected
+def test_replay_origin_is_read_from_its_headers(
+    headers: Headers | None, expected: ReplayOrigin | None
+) -> None:
+    assert replay_origin(headers) == expected
+
+
+def test_the_origin_headers_a_replay_writes_are_read_back() -> None:
+    assert replay_origin(origin_header(12, "device-events", 2, 99)) == ReplayOrigin(
+        12, "device-events", 2, 99
+    )
 
 
 def test_header_value_returns_the_last_of_repeated_headers() -> None:

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from eventhandler.events import DLQ_ID_HEADER
+from eventhandler.events import DLQ_ID_HEADER, origin_header
 from eventhandler.handlers import load_registry
 from eventhandler.handlers.devices import DeviceReading
 from eventhandler.ledger import Ledger
+from eventhandler.models import ReplayOrigin
 from eventhandler.pipeline import BatchProcessor, DecodedBatch, Record, _format_traceback
 from tests.fakes import FakeDLQRepository
 
@@ -136,11 +137,12 @@ def test_the_skip_policy_still_dead_letters_bad_input() -> None:
     assert batch.skipped == 0
 
 
-def test_a_replayed_record_carries_the_dlq_id_of_its_row() -> None:
-    replayed = record(ce(), [(DLQ_ID_HEADER, b"17")])
+def test_a_replayed_record_carries_the_origin_of_its_row() -> None:
+    replayed = record(ce(), origin_header(17, "device-events", 1, 5))
+    forged = record(ce(id="e-3"), [(DLQ_ID_HEADER, b"18")])  # an id without the original coordinates
     plain = record(ce(id="e-2"), [("other", b"x")])
-    batch = processor()[0].decode([replayed, plain])
-    assert [d.replay_of for d in batch.events] == [17, None]
+    batch = processor()[0].decode([replayed, forged, plain])
+    assert [d.replay_of for d in batch.events] == [ReplayOrigin(17, "device-events", 1, 5), None, None]
 
 
 def test_binary_mode_records_are_decoded_too() -> None:
@@ -149,10 +151,10 @@ def test_binary_mode_records_are_decoded_too() -> None:
         ("ce_id", b"bin-1"),
         ("ce_source", b"/s"),
         ("ce_type", b"device.reading"),
-        (DLQ_ID_HEADER, b"3"),
+        *origin_header(3, "t", 0, 8),
     ]
     batch = processor()[0].decode([record(b'{"device_id": "d", "metric": "t", "value": 2}', headers)])
-    assert [(d.event.id, d.replay_of) for d in batch.events] == [("bin-1", 3)]
+    assert [(d.event.id, d.replay_of) for d in batch.events] == [("bin-1", ReplayOrigin(3, "t", 0, 8))]
 
 
 def test_decode_writes_nothing_to_the_dlq() -> None:
