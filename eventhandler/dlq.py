@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from eventhandler.db import deadline, translate_db_errors
 from eventhandler.errors import InvalidOperation, NotFound
+from eventhandler.ledger import digest
 from eventhandler.models import (
     DepthRow,
     DepthSnapshot,
@@ -37,13 +38,13 @@ _INSERT_COLUMNS = """
     consumer, event_id, event_type, event_source, event_payload, message_key,
     header_keys, header_values, source_topic, source_partition, source_offset,
     message_timestamp, stage, error_type, error_message, error_traceback, fingerprint,
-    worker_version
+    worker_version, event_key
 """
 _INSERT_VALUES = """
     %(consumer)s, %(event_id)s, %(event_type)s, %(event_source)s, %(value)s, %(key)s,
     %(header_keys)s::text[], %(header_values)s::bytea[], %(topic)s, %(partition)s, %(offset)s,
     %(timestamp)s, %(stage)s, %(error_type)s, %(error_message)s, %(traceback)s,
-    %(fingerprint)s, %(worker_version)s
+    %(fingerprint)s, %(worker_version)s, %(event_key)s
 """
 # A redelivered message updates the row of its (consumer, topic, partition, offset).
 _ON_CONFLICT = """
@@ -88,6 +89,7 @@ _STAGED: tuple[tuple[str, str, str], ...] = (
     ("error_traceback", "text", "traceback"),
     ("fingerprint", "text", "fingerprint"),
     ("worker_version", "text", "worker_version"),
+    ("event_key", "uuid", "event_key"),
 )
 CREATE_STAGING = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS dlq_incoming ("
@@ -357,6 +359,10 @@ def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
         clean_text(failure.traceback),
         failure.fingerprint,
         failure.worker_version,
+        # the ledger key of the event, which the ledger then keeps while this row is open
+        digest(failure.consumer, (failure.event_source, failure.event_id))
+        if failure.event_id is not None and failure.event_source is not None
+        else None,
     ]
     if headers:
         row[6:6] = [[clean_text(k) for k, _ in failure.headers], [v for _, v in failure.headers]]

@@ -43,10 +43,14 @@ SELECT topic, partition, next_offset FROM consumer_positions
 WHERE consumer = %s AND (topic, partition) IN (SELECT * FROM unnest(%b::text[], %b::int[]))
 """
 
+# Never an event an open DLQ row holds (migration 0006): replaying that row must find it applied.
 PRUNE = """
 DELETE FROM applied_events WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM applied_events
+    SELECT ctid FROM applied_events a
     WHERE consumer = %s AND applied_at < now() - make_interval(secs => %s)
+      AND NOT EXISTS (
+          SELECT 1 FROM dlq WHERE dlq.event_key = a.event_key AND dlq.status IN ('pending', 'replayed')
+      )
     LIMIT %s
 ))
 """

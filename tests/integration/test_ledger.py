@@ -7,7 +7,10 @@ import psycopg
 import psycopg_pool
 import pytest
 
+from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.ledger import Ledger, LedgerPruner, digest
+from tests.support.factories import failed_message
+from tests.support.worker import scalar
 
 
 def test_claim_recognises_duplicates_and_release_forgets_failures(db: psycopg.Connection[Any]) -> None:
@@ -83,3 +86,30 @@ def test_pruner_forgets_only_events_older_than_the_retention(
         ("g", digest("g", ("/s", "fresh"))),
         ("other", digest("other", ("/s", "old-but-other-group"))),
     ]
+
+
+@pytest.mark.parametrize("status", ["pending", "replayed"])
+def test_the_pruner_keeps_an_event_an_open_dlq_row_holds_until_the_row_is_closed(
+    db_url: str, db: psycopg.Connection[Any], status: str
+) -> None:
+    """Copy 1 of an event failed (its row waits for months); copy 2 was applied. Were the ledger to
+    forget copy 2 after its retention, replaying the row would apply the event a second time."""
+    ledger = Ledger("group-a")
+    with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=2) as pool:
+        repo = PostgresDLQRepository(pool)
+        with pool.connection() as conn, conn.transaction():
+            (dlq_id,) = repo.record_failures(conn, [failed_message(event_source="/s", event_id="held")])
+        db.execute("UPDATE dlq SET status = %s WHERE dlq_id = %s", (status, dlq_id))
+        held, other = ledger.key("/s", "held"), ledger.key("/s", "other")
+        ledger.claim(db, [held, other])
+        db.execute("UPDATE applied_events SET applied_at = now() - interval '30 days'")
+        pruner = LedgerPruner(pool, ledger, retention_seconds=7 * 86400)
+
+        assert pruner.prune_once() == 1
+        assert [row[0] for row in db.execute("SELECT event_key FROM applied_events").fetchall()] == [held]
+        with pool.connection() as conn, conn.transaction():  # the replayed copy arrives: a duplicate
+            assert ledger.claim(conn, [held]) == set()
+
+        assert repo.resolve([dlq_id], actor="test", note="done") == [dlq_id]
+        assert pruner.prune_once() == 1  # a closed row holds nothing
+        assert scalar(db, "SELECT count(*) FROM applied_events") == 0
