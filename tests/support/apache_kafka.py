@@ -97,6 +97,7 @@ def _cluster_id() -> str:
 @contextmanager
 def apache_kafka(port: int, controller_port: int) -> Iterator[str]:
     """A fresh broker+controller on 127.0.0.1:`port`, its data in a temporary directory removed after."""
+    from eventhandler.broker import stop_process
     from tests.support.services import kafka_answers
 
     jars = classpath()
@@ -144,10 +145,5 @@ def apache_kafka(port: int, controller_port: int) -> Iterator[str]:
             time.sleep(0.2)
         yield bootstrap
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=20)
         shutil.rmtree(work, ignore_errors=True)
