@@ -138,8 +138,10 @@ class _DeviceBatch:
                 self._decommissioned.add(data.device_id)
 
     def flush(self, conn: Conn) -> None:
+        # Rows are written in key order: two workers writing the same devices (around a rebalance)
+        # then take their row locks in the same order, and cannot deadlock.
         if self._registrations:
-            regs = self._registrations
+            regs = dict(sorted(self._registrations.items()))
             conn.execute(
                 UPSERT_DEVICES,
                 (
@@ -151,11 +153,12 @@ class _DeviceBatch:
                 ),
             )
         if self._decommissioned:
-            conn.execute(DECOMMISSION, (list(self._decommissioned),))
+            conn.execute(DECOMMISSION, (sorted(self._decommissioned),))
         if self._reading_counts:
-            conn.execute(ADD_READINGS, (list(self._reading_counts), list(self._reading_counts.values())))
+            counts = dict(sorted(self._reading_counts.items()))
+            conn.execute(ADD_READINGS, (list(counts), list(counts.values())))
         if self._latest:
-            latest = self._latest
+            latest = dict(sorted(self._latest.items()))
             conn.execute(
                 UPSERT_LATEST,
                 (

@@ -288,3 +288,17 @@ def test_the_projection_declares_the_model_of_each_built_in_type() -> None:
         DEVICE_READING: DeviceReading,
         DEVICE_DECOMMISSIONED: DeviceDecommissioned,
     }
+
+
+def test_flush_writes_rows_in_key_order_so_two_workers_cannot_deadlock() -> None:
+    """Two batches touching the same devices in opposite orders take their row locks in one order."""
+    devices = [f"d{i:02}" for i in range(30)]
+    for order in (devices, devices[::-1]):
+        events = [registered(d) for d in order] + [reading(d, metric=m) for d in order for m in ("t", "h")]
+        outcome = run(events + [decommissioned(d) for d in order[:5]], {})
+        assert outcome.conn.params_of(UPSERT_DEVICES)[0] == devices
+        ids, metrics, *_ = outcome.conn.params_of(UPSERT_LATEST)
+        assert list(zip(ids, metrics, strict=True)) == sorted((d, m) for d in devices for m in ("t", "h"))
+        assert list(outcome.reading_counts()) == devices
+    outcome = run([decommissioned(d) for d in devices[::-1]], dict.fromkeys(devices, "active"))
+    assert outcome.conn.params_of(DECOMMISSION)[0] == devices
