@@ -2,12 +2,18 @@
 
 Two processes migrating at once serialize on an advisory lock; the second finds nothing to do.
 A file whose content changed after it was applied is reported, not silently re-run.
+
+Beside running workers and replays: a migration waits for a table lock at most `LOCK_WAIT_SECONDS` at a
+time (a waiting `ALTER TABLE` queues every later lock on the table behind it, so it must not wait long)
+and then tries again, until `LOCK_DEADLINE_SECONDS`; statements themselves have no time limit (an index
+build may take a while), whatever the session's statement timeout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from eventhandler.errors import MigrationError
+from eventhandler.logs import get_logger
+
+log = get_logger("eventhandler.migrate")
 
 # pg_advisory_lock key: any constant unique to this application ("evhdlr" in ASCII).
 _LOCK_KEY = 0x657668646C72
@@ -29,6 +38,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 _APPLIED = "SELECT version, checksum FROM schema_migrations"
+_SET_LOCK_WAIT = "SELECT set_config('lock_timeout', %s, true)"
 _RECORD = "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)"
 
 
@@ -58,9 +68,20 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [Migration(path.stem, path.read_text(encoding="utf-8")) for path in files]
 
 
-def apply_migrations(conn: psycopg.Connection[Any], migrations: list[Migration] | None = None) -> list[str]:
+LOCK_WAIT_SECONDS = 3.0
+LOCK_DEADLINE_SECONDS = 600.0
+
+
+def apply_migrations(
+    conn: psycopg.Connection[Any],
+    migrations: list[Migration] | None = None,
+    *,
+    lock_deadline: float = LOCK_DEADLINE_SECONDS,
+) -> list[str]:
     """Apply what is pending; returns the versions applied now. `conn` must be in autocommit mode."""
     migrations = migrations if migrations is not None else load_migrations()
+    conn.execute("SET statement_timeout = 0")  # waiting for another migrator, or building an index
+    conn.execute("SET lock_timeout = 0")
     conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
     try:
         conn.execute(_CREATE_TABLE)
@@ -74,16 +95,31 @@ def apply_migrations(conn: psycopg.Connection[Any], migrations: list[Migration] 
                         "add a new migration instead of editing an applied one"
                     )
                 continue
-            try:
-                with conn.transaction():
-                    conn.execute(migration.sql.encode())
-                    conn.execute(_RECORD, (migration.version, migration.checksum))
-            except psycopg.Error as exc:
-                raise MigrationError(f"migration {migration.version} failed: {exc}".strip()) from exc
+            _apply_one(conn, migration, time.monotonic() + lock_deadline)
             done.append(migration.version)
         return done
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+
+
+def _apply_one(conn: psycopg.Connection[Any], migration: Migration, deadline: float) -> None:
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with conn.transaction():
+                conn.execute(_SET_LOCK_WAIT, (f"{int(LOCK_WAIT_SECONDS * 1000)}ms",))
+                conn.execute(migration.sql.encode())
+                conn.execute(_RECORD, (migration.version, migration.checksum))
+            return
+        except psycopg.errors.LockNotAvailable as exc:
+            if time.monotonic() > deadline:
+                why = f"could not get its locks in {attempt} attempts: {exc}".strip()
+                raise MigrationError(f"migration {migration.version} {why}") from exc
+            log.info("migration_waiting_for_locks", version=migration.version, attempt=attempt)
+            time.sleep(min(5.0, 0.2 * attempt))
+        except psycopg.Error as exc:
+            raise MigrationError(f"migration {migration.version} failed: {exc}".strip()) from exc
 
 
 def ensure_database(dsn: str, **connect_kwargs: Any) -> bool:

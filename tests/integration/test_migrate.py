@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import psycopg
 import pytest
@@ -18,8 +19,8 @@ def _tables(url: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def _migrate(url: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "EVENTHANDLER_DATABASE_URL": url}
+def _migrate(url: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "EVENTHANDLER_DATABASE_URL": url, **settings}
     return subprocess.run(
         [sys.executable, "-m", "eventhandler", "migrate"],
         env=env,
@@ -113,3 +114,29 @@ def test_migrate_reports_an_unreachable_database_in_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error: migrate failed:")
+
+
+def test_migrate_beside_a_transaction_holding_the_table_waits_and_succeeds(empty_db_url: str) -> None:
+    """A worker's or a replay's transaction on `dlq` makes the pending migration wait for its lock
+    (in short tries, so as not to queue everyone behind it), not fail on the 1 s lock timeout."""
+    migrations = load_migrations()
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        apply_migrations(conn, migrations[:-1])  # the last one alters dlq
+    holding = threading.Event()
+
+    def hold_dlq() -> None:
+        with psycopg.connect(empty_db_url) as conn:
+            conn.execute("LOCK TABLE dlq IN ROW EXCLUSIVE MODE")  # what a worker's batch holds
+            holding.set()
+            time.sleep(5)  # the transaction of the other process, not a wait for a condition
+
+    holder = threading.Thread(target=hold_dlq)
+    holder.start()
+    assert holding.wait(10)
+    started = time.monotonic()
+    result = _migrate(empty_db_url, EVENTHANDLER_DB_STATEMENT_TIMEOUT_SECONDS="1")
+    holder.join()
+    assert result.returncode == 0, result.stderr
+    assert f"applied 1 migration(s): {migrations[-1].version}" in result.stdout
+    assert time.monotonic() - started >= 4  # it did wait for the holder
+    assert "migration_waiting_for_locks" in result.stderr
