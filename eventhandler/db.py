@@ -49,7 +49,7 @@ def classify(exc: BaseException) -> Exception:
     if isinstance(exc, TransientError | PermanentError):
         return exc
     if is_permanent(exc):
-        return ProjectionFailure(str(exc).strip() or type(exc).__name__)
+        return ProjectionFailure(error_text(exc))
     if isinstance(exc, psycopg.Error) and exc.sqlstate in _SUSPECT_STATES:
         return SuspectFailure(_first_line(exc))
     if isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError):
@@ -60,6 +60,16 @@ def classify(exc: BaseException) -> Exception:
         # Missing tables, permissions, a server restart: the situation, not the event, is at fault.
         return TransientError(_first_line(exc))
     return exc if isinstance(exc, Exception) else TransientError(repr(exc))
+
+
+def error_text(exc: BaseException) -> str:
+    """What an error says, without the row's values: PostgreSQL's DETAIL ("Failing row contains
+    (…)", "Key (…)=(…) already exists") carries the event's data, which belongs in the payload (where
+    the admin API's redaction applies), not in an error message every reader sees and logs repeat."""
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        text = exc.diag.message_primary.strip()
+        return f"{text} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else text
+    return str(exc).strip() or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import psycopg
 
 from eventhandler import __version__
-from eventhandler.db import classify
+from eventhandler.db import classify, error_text
 from eventhandler.dlq import DLQRepository
 from eventhandler.errors import (
     DeserializationError,
@@ -135,7 +135,7 @@ def _format_traceback(exc: BaseException) -> str:
             frames.append((code.co_filename, tb.tb_lineno, code.co_name))
             tb = tb.tb_next
         stack = _stack_text(tuple(frames)) if len(frames) <= 64 else _stack_text.__wrapped__(tuple(frames))
-        text = f"{stack}{type(current).__qualname__}: {current}\n{text}"
+        text = f"{stack}{type(current).__qualname__}: {error_text(current)}\n{text}"
         if current.__cause__ is not None:
             text = _CAUSE + text
             current = current.__cause__

@@ -4,6 +4,7 @@ the DLQ with the right stage, and a bad module path stops the worker at start wi
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import pytest
 from eventhandler.config import Settings, load_settings
 from eventhandler.errors import ConfigError
 from eventhandler.handlers import SimpleProjection, load_registry
+from eventhandler.logs import configure_logging
 from eventhandler.worker import build
 from tests.conftest import settings_env
 from tests.example_handlers import orders as example
@@ -297,3 +299,33 @@ def test_one_event_that_always_hits_the_statement_timeout_is_isolated_not_retrie
     assert "statement timeout" in rows[0][3]
     assert scalar(db, "SELECT count(*) FROM devices") == 4
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'quick-0'") == 1
+
+
+def test_a_rejected_row_s_values_stay_out_of_the_error_the_traceback_and_the_log(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    orders_db: psycopg.Connection[Any],
+) -> None:
+    """PostgreSQL's DETAIL ("Failing row contains (…)") holds every value of the row: the DLQ row's
+    error and traceback, which every reader of the API sees, and the log keep the message without it."""
+    orders_db.execute(
+        "ALTER TABLE example_orders ADD CONSTRAINT short_customer CHECK (length(customer) < 20)"
+    )
+    secret = "card-4111111111111111"
+    send(producer, topic, [placed("o-leak", ("apple", 1), customer=secret)])
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+
+    stats = run_until_idle(make_settings(handlers=HANDLERS), idle=2)
+
+    assert stats.failed == 1
+    error, traceback = orders_db.execute("SELECT error_message, error_traceback FROM dlq").fetchone()
+    assert (
+        error
+        == 'new row for relation "example_orders" violates check constraint "short_customer" (SQLSTATE 23514)'
+    )
+    assert "short_customer" in traceback
+    assert secret not in traceback
+    assert "events_dead_lettered" in stream.getvalue()
+    assert secret not in stream.getvalue()
