@@ -10,6 +10,7 @@ until their positions can be read.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from eventhandler.errors import BrokerUnavailable, TransientError
+from eventhandler.librdkafka import fetch_headers, header_key
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import Record
@@ -30,6 +32,13 @@ _PROBE_INTERVAL = 5.0
 _WATERMARK_REFRESH_INTERVAL = 5.0
 _WATERMARK_TIMEOUT = 1.0
 _LAG_INTERVAL = 1.0
+
+
+# `Message.headers()` returns a list holding a NULL key, with its UnicodeDecodeError still set, when a
+# key is not UTF-8. Called as `message.headers()` in a hot loop, CPython's specialised call skips the
+# check that turns that into an exception, and the next call into C fails instead; a call through the C
+# API (as methodcaller makes it) checks the result and raises SystemError here, where it is handled.
+_headers_of = operator.methodcaller("headers")
 
 
 def is_incremental(config: dict[str, Any]) -> bool:
@@ -105,29 +114,57 @@ class KafkaSource:
         messages = self.consumer.consume(num_messages=max_messages, timeout=timeout)
         records: list[Record] = []
         append = records.append
+        held: dict[TP, int] = {}  # partitions to read again from this offset
         for message in messages:
             error = message.error()
             if error is not None:
                 self._on_message_error(error)
                 continue
+            tp: TP = (message.topic(), message.partition())  # type: ignore[assignment]
+            if tp in held:
+                continue
+            try:
+                headers: Any = _headers_of(message)
+            except (SystemError, UnicodeDecodeError):  # a header key that is not UTF-8
+                headers = self._raw_headers(message)
+                if headers is None:
+                    held[tp] = message.offset()  # type: ignore[assignment]
+                    continue
             _, timestamp = message.timestamp()
             append(
                 Record(
-                    message.topic(),  # type: ignore[arg-type]  # set on every non-error message
-                    message.partition(),  # type: ignore[arg-type]
-                    message.offset(),  # type: ignore[arg-type]
+                    tp[0],
+                    tp[1],
+                    message.offset(),  # type: ignore[arg-type]  # set on every non-error message
                     message.key(),
                     message.value(),
-                    message.headers(),  # type: ignore[arg-type]  # values are bytes as consumed
+                    headers,  # values are bytes as consumed
                     timestamp,
                 )
             )
+        for (topic, partition), offset in held.items():
+            self.consumer.seek(TopicPartition(topic, partition, offset))
         if records:
             self.broker_error = None
         elif self.broker_error is not None:
             self._probe_broker()
         self.update_lag()
         return records
+
+    def _raw_headers(self, message: Any) -> list[tuple[str, bytes | None]] | None:
+        """The headers of a message whose keys the Python client cannot decode, read again through
+        librdkafka (keys that are not UTF-8 kept byte for byte as lone surrogates); None when that
+        fails, and the partition is then read again from this message."""
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        try:
+            raw = fetch_headers(self._config, topic, partition, offset)
+        except BrokerUnavailable as exc:
+            log.warning(
+                "raw_headers_unavailable", topic=topic, partition=partition, offset=offset, error=str(exc)
+            )
+            return None
+        log.info("raw_headers_read", topic=topic, partition=partition, offset=offset, headers=len(raw))
+        return [(header_key(key), value) for key, value in raw]
 
     def _probe_broker(self) -> None:
         """An idle worker learns that the broker is back (librdkafka reports errors, not recoveries)."""

@@ -20,6 +20,7 @@ from eventhandler.logs import configure_logging
 from eventhandler.worker import LOGGED_DLQ_IDS
 from tests.conftest import unique
 from tests.support import kafka as k
+from tests.support.rawkafka import produce_raw
 from tests.support.worker import run_until_idle, scalar
 
 Headers = list[tuple[str, bytes | None]]
@@ -523,3 +524,26 @@ def test_a_forged_replay_header_neither_resolves_nor_overwrites_the_row_it_names
     assert (status, retry_count) == ("pending", 0)
     assert "not registered" in error
     assert scalar(db, "SELECT count(*) FROM dlq") == 2  # the bad message got a row of its own
+
+
+def test_a_header_key_that_is_not_utf8_neither_crashes_the_worker_nor_loses_the_message(
+    make_settings: Callable[..., Settings], kafka_bootstrap: str, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """confluent-kafka raises SystemError from Message.headers() on such a key (librdkafka, Java and Go
+    clients write them); the worker read nothing past it and crashed, and so did every worker after it."""
+    good = k.structured(k.registered("raw-1"))
+    produce_raw(kafka_bootstrap, topic, 0, good, b"raw-1", [(b"trace\xff\xfe", b"\x00\x01"), (b"ok", None)])
+    produce_raw(kafka_bootstrap, topic, 0, b"{not json", b"raw-2", [(b"\xc3\x28 bad", b"v")])
+    producer = k.TestProducer(kafka_bootstrap)
+    producer.send(topic, k.structured(k.reading("raw-1")), partition=0)
+    producer.flush()
+
+    stats = run_until_idle(make_settings(), idle=2)
+
+    assert (stats.applied, stats.failed) == (2, 1)
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'raw-1'") == 1
+    value, key, header_values = db.execute(
+        "SELECT event_payload, message_key, header_values FROM dlq"
+    ).fetchone()
+    assert (bytes(value), bytes(key), [bytes(v) for v in header_values]) == (b"{not json", b"raw-2", [b"v"])
+    assert scalar(db, "SELECT sum(next_offset) FROM consumer_positions") == 3  # nothing held back
