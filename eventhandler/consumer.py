@@ -120,22 +120,21 @@ class KafkaSource:
             if error is not None:
                 self._on_message_error(error)
                 continue
-            tp: TP = (message.topic(), message.partition())  # type: ignore[assignment]
-            if tp in held:
+            if held and (message.topic(), message.partition()) in held:
                 continue
             try:
                 headers: Any = _headers_of(message)
             except (SystemError, UnicodeDecodeError):  # a header key that is not UTF-8
                 headers = self._raw_headers(message)
                 if headers is None:
-                    held[tp] = message.offset()  # type: ignore[assignment]
+                    held[(message.topic(), message.partition())] = message.offset()  # type: ignore[index,assignment]
                     continue
             _, timestamp = message.timestamp()
             append(
                 Record(
-                    tp[0],
-                    tp[1],
-                    message.offset(),  # type: ignore[arg-type]  # set on every non-error message
+                    message.topic(),  # type: ignore[arg-type]  # set on every non-error message
+                    message.partition(),  # type: ignore[arg-type]
+                    message.offset(),  # type: ignore[arg-type]
                     message.key(),
                     message.value(),
                     headers,  # values are bytes as consumed

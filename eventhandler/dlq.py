@@ -8,6 +8,7 @@ commit together); operator commands use the pool. Driver errors leave as `Transi
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, LiteralString, Protocol
@@ -340,6 +341,12 @@ def _identity(failure: FailedMessage) -> Identity:
     return (failure.consumer, failure.topic, failure.partition, failure.offset)
 
 
+def _event_key(failure: FailedMessage) -> uuid.UUID | None:
+    if failure.event_id is None or failure.event_source is None:
+        return None
+    return digest(failure.consumer, (failure.event_source, failure.event_id))
+
+
 def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
     """A failure's column values, in `_STAGED` order (without the two header columns: `_HEADERLESS`)."""
     row: list[Any] = [
@@ -360,9 +367,7 @@ def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
         failure.fingerprint,
         failure.worker_version,
         # the ledger key of the event, which the ledger then keeps while this row is open
-        digest(failure.consumer, (failure.event_source, failure.event_id))
-        if failure.event_id is not None and failure.event_source is not None
-        else None,
+        failure.event_key or _event_key(failure),
     ]
     if headers:
         row[6:6] = [[clean_text(k) for k, _ in failure.headers], [v for _, v in failure.headers]]

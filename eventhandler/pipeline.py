@@ -356,6 +356,7 @@ class BatchProcessor:
             event_source=event.source if event else None,
             worker_version=self.worker_version,
             replay_of=decoded.replay_of if decoded else replay_origin(record.headers),
+            event_key=decoded.key if decoded else None,
         )
         return Rejected(record, failure, decoded.key if decoded else None)
 

@@ -459,9 +459,10 @@ def test_two_copies_of_a_replay_in_one_batch_resolve_the_row_only_if_the_event_t
         producer.send(topic, value, key=key, headers=headers, partition=0)
     producer.flush()
 
-    stats = run_until_idle(make_settings(), idle=1)
+    # a long batch wait: the first consume gathers both copies (and the fix), as the defect needs
+    stats = run_until_idle(make_settings(batch_max_wait_seconds=2.0), idle=1)
 
-    assert stats.batches == 1  # both copies (and the fix) in one batch, as the defect needs
+    assert stats.batches == 1
     status, retry_count = db.execute(
         "SELECT status, retry_count FROM dlq WHERE dlq_id = %s", (dlq_id,)
     ).fetchone()
