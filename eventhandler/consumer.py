@@ -162,6 +162,11 @@ class KafkaSource:
                 "raw_headers_unavailable", topic=topic, partition=partition, offset=offset, error=str(exc)
             )
             return None
+        except Exception as exc:  # librdkafka's C API not usable here: process it without its headers
+            log.error(
+                "raw_headers_unreadable", topic=topic, partition=partition, offset=offset, error=str(exc)
+            )
+            return []
         log.info("raw_headers_read", topic=topic, partition=partition, offset=offset, headers=len(raw))
         return [(header_key(key), value) for key, value in raw]
 

@@ -87,9 +87,12 @@ def translate_db_errors() -> Iterator[None]:
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
+    # A lock wait must end as a lock timeout (55P03, transient) before the statement timeout (57014,
+    # suspect: isolated if it persists) can fire: a row someone holds locked is not the event's fault.
+    lock_ms = max(1, timeout_ms // 2)
     return {
         "connect_timeout": max(1, int(settings.db_connect_timeout_seconds)),
-        "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
+        "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={lock_ms}",
         "application_name": f"eventhandler/{settings.consumer_group}"[:63],
         # TCP keepalives turn a silent network black hole into an error instead of a hang.
         "keepalives": 1,

@@ -138,7 +138,7 @@ WITH replayed AS (
         last_failed_at = now(),
         worker_version = %(worker_version)s,
         updated_at = now()
-    WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s
+    WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s AND status IN ('pending', 'replayed')
       AND source_topic = %(origin_topic)s AND source_partition = %(origin_partition)s
       AND source_offset = %(origin_offset)s
       AND (event_id IS NULL OR %(event_id)s::text IS NULL

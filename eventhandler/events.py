@@ -21,6 +21,7 @@ from eventhandler.errors import DeserializationError, UnknownEventType
 from eventhandler.models import Headers, ReplayOrigin
 
 CE_HEADER_PREFIX = "ce_"
+_INT4_MAX, _INT8_MAX = 2**31 - 1, 2**63 - 1
 DLQ_ID_HEADER = "eventhandler-dlq-id"
 ORIGIN_HEADER = "eventhandler-origin"
 REPLAY_COUNT_HEADER = "eventhandler-replay-count"
@@ -95,7 +96,11 @@ def replay_origin(headers: Headers | None) -> ReplayOrigin | None:
         return None
     if not (dlq_id.isdigit() and partition.isdigit() and offset.isdigit() and topic):
         return None
-    return ReplayOrigin(int(dlq_id), topic, int(partition), int(offset))
+    origin = ReplayOrigin(int(dlq_id), topic, int(partition), int(offset))
+    # Beyond the columns' types they match no row, and would fail the statements that look for one.
+    if origin.dlq_id > _INT8_MAX or origin.offset > _INT8_MAX or origin.partition > _INT4_MAX:
+        return None
+    return origin
 
 
 def origin_header(dlq_id: int, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

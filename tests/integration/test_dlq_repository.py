@@ -179,6 +179,18 @@ def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRe
     assert repo.get(ids[2]).status == "pending"
 
 
+def test_a_late_failing_copy_does_not_reopen_a_row_an_operator_closed(
+    repo: PostgresDLQRepository, pool: Any
+) -> None:
+    (dlq_id,) = record(repo, pool, failed_message(offset=7))
+    assert repo.discard([dlq_id], actor="test", note="given up") == [dlq_id]
+    (other,) = record(
+        repo, pool, failed_message(offset=700, replay_of=origin(dlq_id, 7), error_message="late")
+    )
+    assert other != dlq_id  # the late copy's failure is a row of its own
+    assert (repo.get(dlq_id).status, repo.get(dlq_id).retry_count) == ("discarded", 0)
+
+
 def origin(dlq_id: int, offset: int, topic: str = "device-events", partition: int = 0) -> ReplayOrigin:
     """The origin a replay of row `dlq_id` (of the message at `offset`) carries."""
     return ReplayOrigin(dlq_id, topic, partition, offset)

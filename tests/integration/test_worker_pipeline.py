@@ -495,7 +495,7 @@ def test_a_value_postgresql_cannot_index_is_a_projection_failure_not_a_stall(
     assert stats.retries == 0  # deterministic: dead-lettered at once, not retried
 
 
-@pytest.mark.parametrize("forgery", ["id only", "other coordinates"])
+@pytest.mark.parametrize("forgery", ["id only", "other coordinates", "beyond the column types"])
 def test_a_forged_replay_header_neither_resolves_nor_overwrites_the_row_it_names(
     forgery: str,
     make_settings: Callable[..., Settings],
@@ -509,6 +509,8 @@ def test_a_forged_replay_header_neither_resolves_nor_overwrites_the_row_it_names
     ((dlq_id, offset),) = db.execute("SELECT dlq_id, source_offset FROM dlq").fetchall()
     if forgery == "id only":
         forged = [(DLQ_ID_HEADER, str(dlq_id).encode())]
+    elif forgery == "beyond the column types":  # once stalled every partition: the SQL cast failed
+        forged = origin_header(99999999999999999999, topic, 0, offset)
     else:
         forged = origin_header(dlq_id, topic, 0, offset + 1000)
     # a good event and a bad one, both naming the row: each is an ordinary message

@@ -460,6 +460,20 @@ ORIGIN = (ORIGIN_HEADER, b"device-events:3:1041")
         pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:x:2")], None, id="origin-bad-partition"),
         pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:1:" + b"9" * 400)], None, id="origin-huge"),
         pytest.param([(DLQ_ID_HEADER, b"1" * 50), ORIGIN], None, id="dlq-id-huge"),
+        pytest.param([(DLQ_ID_HEADER, b"99999999999999999999"), ORIGIN], None, id="dlq-id-beyond-int8"),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:2147483648:0")], None, id="partition-beyond-int4"
+        ),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:0:9223372036854775808")],
+            None,
+            id="offset-beyond-int8",
+        ),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"9223372036854775807"), (ORIGIN_HEADER, b"t:2147483647:9223372036854775807")],
+            ReplayOrigin(2**63 - 1, "t", 2**31 - 1, 2**63 - 1),
+            id="largest",
+        ),
     ],
 )
 def test_replay_origin_is_read_from_its_headers(
