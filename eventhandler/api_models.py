@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from eventhandler.librdkafka import raw_header_key
 from eventhandler.logs import redact_text
 from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, FingerprintGroup, Headers, Stage, Status
 from eventhandler.service import parse_time
@@ -226,7 +227,8 @@ class DLQPage(BaseModel):
 
 
 class Header(BaseModel):
-    key: str
+    key: str = Field(description="UTF-8 text, or base64 of the key's bytes when `key_encoding` says so.")
+    key_encoding: Literal["text", "base64"]
     value: str | None = Field(description="UTF-8 text, or base64 when `encoding` says so; null if none.")
     encoding: Literal["text", "base64"] | None
 
@@ -401,8 +403,10 @@ def _check_text(text: str) -> None:
 
 
 def _text_or_base64(raw: bytes | None) -> tuple[str | None, Literal["text", "base64"] | None]:
-    if raw is None:
-        return None, None
+    return (None, None) if raw is None else _as_text(raw)
+
+
+def _as_text(raw: bytes) -> tuple[str, Literal["text", "base64"]]:
     try:
         return raw.decode("utf-8"), "text"
     except UnicodeDecodeError:
@@ -439,7 +443,10 @@ def render_entry(entry: DLQEntry, redactor: Redactor) -> DLQDetail:
     headers = []
     for name, raw in entry.headers:
         value, value_encoding = _text_or_base64(raw)
-        headers.append(Header(key=name, value=value, encoding=value_encoding))
+        key_text, key_text_encoding = _as_text(raw_header_key(name))
+        headers.append(
+            Header(key=key_text, key_encoding=key_text_encoding, value=value, encoding=value_encoding)
+        )
     fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
     fields["error_message"] = redact_text(entry.error_message)
     if entry.error_traceback is not None:

@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 from eventhandler.db import deadline, translate_db_errors
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.ledger import digest
+from eventhandler.librdkafka import header_key, raw_header_key
 from eventhandler.models import (
     DepthRow,
     DepthSnapshot,
@@ -30,6 +31,7 @@ from eventhandler.models import (
     DLQSummary,
     FailedMessage,
     FingerprintGroup,
+    Headers,
     ReplayOrigin,
     Status,
 )
@@ -37,15 +39,15 @@ from eventhandler.models import (
 # The columns a failure fills in, and (for the one-statement-per-row path of replayed messages) their values.
 _INSERT_COLUMNS = """
     consumer, event_id, event_type, event_source, event_payload, message_key,
-    header_keys, header_values, source_topic, source_partition, source_offset,
+    header_keys, header_values, header_keys_raw, source_topic, source_partition, source_offset,
     message_timestamp, stage, error_type, error_message, error_traceback, fingerprint,
     worker_version, event_key
 """
 _INSERT_VALUES = """
     %(consumer)s, %(event_id)s, %(event_type)s, %(event_source)s, %(value)s, %(key)s,
-    %(header_keys)s::text[], %(header_values)s::bytea[], %(topic)s, %(partition)s, %(offset)s,
-    %(timestamp)s, %(stage)s, %(error_type)s, %(error_message)s, %(traceback)s,
-    %(fingerprint)s, %(worker_version)s, %(event_key)s
+    %(header_keys)s::text[], %(header_values)s::bytea[], %(header_keys_raw)s::bytea[],
+    %(topic)s, %(partition)s, %(offset)s, %(timestamp)s, %(stage)s, %(error_type)s,
+    %(error_message)s, %(traceback)s, %(fingerprint)s, %(worker_version)s, %(event_key)s
 """
 # A redelivered message updates the row of its (consumer, topic, partition, offset).
 _ON_CONFLICT = """
@@ -80,6 +82,7 @@ _STAGED: tuple[tuple[str, str, str], ...] = (
     ("message_key", "bytea", "key"),
     ("header_keys", "text[]", "header_keys"),
     ("header_values", "bytea[]", "header_values"),
+    ("header_keys_raw", "bytea[]", "header_keys_raw"),
     ("source_topic", "text", "topic"),
     ("source_partition", "int4", "partition"),
     ("source_offset", "int8", "offset"),
@@ -106,7 +109,8 @@ SELECT array_agg(nextval(seq)) FROM (SELECT pg_get_serial_sequence('dlq', 'dlq_i
 COPY_ROWS = f"COPY dlq (dlq_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 # Most bad messages carry no headers; leaving the header columns to their defaults then saves
 # encoding two empty arrays a row.
-_HEADERLESS = [(c, t) for c, t, _ in _STAGED if c not in ("header_keys", "header_values")]
+_HEADER_COLUMNS = ("header_keys", "header_values", "header_keys_raw")
+_HEADERLESS = [(c, t) for c, t, _ in _STAGED if c not in _HEADER_COLUMNS]
 _HEADERLESS_TYPES = [t for _, t in _HEADERLESS]
 COPY_HEADERLESS_ROWS = f"COPY dlq (dlq_id, {', '.join(c for c, _ in _HEADERLESS)}) FROM STDIN (FORMAT BINARY)"
 COPY_STAGING = f"COPY dlq_incoming ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
@@ -178,7 +182,8 @@ _SUMMARY_COLUMNS = """
 _ENTRY_COLUMNS = (
     _SUMMARY_COLUMNS
     + """,
-    event_source, event_payload, message_key, header_keys, header_values, message_timestamp,
+    event_source, event_payload, message_key, header_keys, header_values, header_keys_raw,
+    message_timestamp,
     error_traceback, replayed_to_topic, resolved_by, resolution_note, worker_version, updated_at
 """
 )
@@ -312,7 +317,10 @@ def _where(
 
 
 def _entry(row: dict[str, Any]) -> DLQEntry:
+    raw_keys = row.pop("header_keys_raw")
     keys = row.pop("header_keys") or []
+    if raw_keys is not None:  # a key that is not UTF-8: its bytes, as lone surrogates (`header_key`)
+        keys = [header_key(bytes(raw)) for raw in raw_keys]
     values = row.pop("header_values") or []
     row["headers"] = [(k, None if v is None else bytes(v)) for k, v in zip(keys, values, strict=True)]
     for column in ("event_payload", "message_key"):
@@ -348,7 +356,7 @@ def _event_key(failure: FailedMessage) -> uuid.UUID | None:
 
 
 def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
-    """A failure's column values, in `_STAGED` order (without the two header columns: `_HEADERLESS`)."""
+    """A failure's column values, in `_STAGED` order (without the three header columns: `_HEADERLESS`)."""
     row: list[Any] = [
         failure.consumer,
         clean_text(failure.event_id),
@@ -370,8 +378,16 @@ def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
         failure.event_key or _event_key(failure),
     ]
     if headers:
-        row[6:6] = [[clean_text(k) for k, _ in failure.headers], [v for _, v in failure.headers]]
+        row[6:6] = _header_columns(failure.headers)
     return row
+
+
+def _header_columns(headers: Headers) -> list[Any]:
+    """header_keys (as text), header_values, and header_keys_raw when a key does not survive as text."""
+    keys = [clean_text(k) for k, _ in headers]
+    lossy = any(shown != k for shown, (k, _) in zip(keys, headers, strict=True))
+    raw = [raw_header_key(k) for k, _ in headers] if lossy else None
+    return [keys, [v for _, v in headers], raw]
 
 
 _PARAM_KEYS = [key for _, _, key in _STAGED]

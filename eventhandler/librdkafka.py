@@ -1,9 +1,10 @@
-"""What the Python client cannot give: a message's header keys as the raw bytes they are.
+"""What the Python client cannot do: header keys as the raw bytes they are.
 
 confluent-kafka decodes every header key as UTF-8 and raises `SystemError` from `Message.headers()`
-when one is not (librdkafka, the Java and the Go clients write such keys). The worker then fetches
-that one message again through librdkafka's own C API (the library the Python client ships), with a
-plain consumer outside the group, and reads its headers as bytes.
+when one is not (librdkafka, the Java and the Go clients write such keys), and its `produce()` turns a
+`bytes` key into its repr. The worker then fetches that one message again through librdkafka's own C
+API (the library the Python client ships), with a plain consumer outside the group, and reads its
+headers as bytes; replay publishes such a row through the same C API (`RawProducer`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from eventhandler.errors import BrokerUnavailable
 
 RawHeaders = list[tuple[bytes, bytes | None]]
 
-_CONSUMER = 1
+_PRODUCER, _CONSUMER = 0, 1
 _CONF_OK = 0
 
 
@@ -36,6 +37,29 @@ class _Message(ctypes.Structure):  # rd_kafka_message_t, the public part
         ("offset", ctypes.c_int64),
         ("_private", ctypes.c_void_p),
     ]
+
+
+class _Mem(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t)]
+
+
+class _Value(ctypes.Union):  # the union of rd_kafka_vu_t
+    _fields_ = [
+        ("cstr", ctypes.c_char_p),
+        ("i32", ctypes.c_int32),
+        ("mem", _Mem),
+        ("ptr", ctypes.c_void_p),
+        ("_pad", ctypes.c_char * 64),
+    ]
+
+
+class _Vu(ctypes.Structure):  # rd_kafka_vu_t: one argument of rd_kafka_produceva
+    _fields_ = [("vtype", ctypes.c_int), ("u", _Value)]
+
+
+_VTYPE_TOPIC, _VTYPE_PARTITION, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_OPAQUE, _VTYPE_HEADERS = 1, 3, 4, 5, 6, 10
+_ANY_PARTITION = -1  # RD_KAFKA_PARTITION_UA: the partitioner chooses, by key
+_DELIVERY_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Message), ctypes.c_void_p)
 
 
 @functools.cache
@@ -63,6 +87,16 @@ def library() -> Any:
             [p, ctypes.c_size_t, ctypes.POINTER(s), ctypes.POINTER(p), ctypes.POINTER(ctypes.c_size_t)],
         ),
         "rd_kafka_err2str": (s, [i]),
+        "rd_kafka_conf_set_dr_msg_cb": (None, [p, _DELIVERY_CALLBACK]),
+        "rd_kafka_headers_new": (p, [ctypes.c_size_t]),
+        "rd_kafka_headers_destroy": (None, [p]),
+        "rd_kafka_header_add": (i, [p, s, ctypes.c_ssize_t, p, ctypes.c_ssize_t]),
+        "rd_kafka_produceva": (p, [p, ctypes.POINTER(_Vu), ctypes.c_size_t]),
+        "rd_kafka_error_string": (s, [p]),
+        "rd_kafka_error_destroy": (None, [p]),
+        "rd_kafka_poll": (i, [p, i]),
+        "rd_kafka_flush": (i, [p, i]),
+        "rd_kafka_outq_len": (i, [p]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
@@ -78,15 +112,8 @@ def fetch_headers(
     `config` is the worker's consumer configuration; its string, number and boolean librdkafka options
     (bootstrap servers, security) are used, not the group's."""
     lib = library()
-    conf = lib.rd_kafka_conf_new()
+    conf = _configure(lib, config, skip={"group.id", "group.protocol", "group.instance.id", "client.id"})
     error = ctypes.create_string_buffer(512)
-    skip = {"group.id", "group.protocol", "group.instance.id", "client.id"}
-    for name, value in config.items():
-        if name in skip or not isinstance(value, str | int | float | bool) or "." not in name:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        if lib.rd_kafka_conf_set(conf, name.encode(), text.encode(), error, len(error)) != _CONF_OK:
-            continue  # a consumer-group option a plain consumer does not take
     handle = lib.rd_kafka_new(_CONSUMER, conf, error, len(error))
     if not handle:
         raise BrokerUnavailable(
@@ -121,6 +148,19 @@ def fetch_headers(
         lib.rd_kafka_destroy(handle)
 
 
+def _configure(lib: Any, config: dict[str, Any], skip: set[str]) -> Any:
+    """A librdkafka configuration from the string, number and boolean options of `config` (those the
+    C library takes; the Python client's own keys are left out)."""
+    conf = lib.rd_kafka_conf_new()
+    error = ctypes.create_string_buffer(512)
+    for name, value in config.items():
+        if name in skip or not isinstance(value, str | int | float | bool) or "." not in name:
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        lib.rd_kafka_conf_set(conf, name.encode(), text.encode(), error, len(error))  # refused: not for C
+    return conf
+
+
 def _headers_of(lib: Any, message: Any) -> RawHeaders:
     headers_handle = ctypes.c_void_p()
     if lib.rd_kafka_message_headers(message, ctypes.byref(headers_handle)) != 0:
@@ -142,3 +182,81 @@ def header_key(raw: bytes) -> str:
     byte that is not kept as a lone surrogate, so that `key.encode("utf-8", "surrogateescape")` gives
     the exact bytes back."""
     return raw.decode("utf-8", "surrogateescape")
+
+
+def raw_header_key(key: str) -> bytes:
+    """The bytes of a header key `header_key` made."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def shown_header_key(key: str) -> str:
+    """A header key as text to print: bytes that are not UTF-8 written as \\xNN."""
+    return raw_header_key(key).decode("utf-8", "backslashreplace")
+
+
+class RawProducer:
+    """Publishes messages whose header keys are bytes. Delivery outcomes arrive, by the number given to
+    `produce`, in `outcomes` (None: delivered; else why not) while `poll` or `flush` runs."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._lib = library()
+        self.outcomes: dict[int, str | None] = {}
+        conf = _configure(self._lib, config, skip=set())
+        self._callback = _DELIVERY_CALLBACK(self._delivered)  # kept: librdkafka holds only the pointer
+        self._lib.rd_kafka_conf_set_dr_msg_cb(conf, self._callback)
+        error = ctypes.create_string_buffer(512)
+        self._handle = self._lib.rd_kafka_new(_PRODUCER, conf, error, len(error))
+        if not self._handle:
+            raise BrokerUnavailable(f"cannot create a producer: {error.value.decode(errors='replace')}")
+
+    def _delivered(self, _handle: Any, message: Any, _opaque: Any) -> None:
+        found = message.contents
+        self.outcomes[found._private or 0] = (
+            None if found.err == 0 else self._lib.rd_kafka_err2str(found.err).decode(errors="replace")
+        )
+
+    def produce(
+        self,
+        number: int,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: RawHeaders,
+        partition: int = _ANY_PARTITION,
+    ) -> str | None:
+        """Queue one message; None when queued, else why it was refused (a full queue included)."""
+        lib = self._lib
+        handle = lib.rd_kafka_headers_new(len(headers))
+        for name, header_value in headers:
+            lib.rd_kafka_header_add(
+                handle, name, len(name), header_value, -1 if header_value is None else len(header_value)
+            )
+        arguments = (_Vu * 6)()
+        arguments[0].vtype, arguments[0].u.cstr = _VTYPE_TOPIC, topic.encode()
+        arguments[5].vtype, arguments[5].u.i32 = _VTYPE_PARTITION, partition
+        for vu, vtype, data in ((arguments[1], _VTYPE_VALUE, value), (arguments[2], _VTYPE_KEY, key)):
+            vu.vtype = vtype  # librdkafka copies value and key before produceva returns
+            if data is not None:
+                vu.u.mem = _Mem(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data))
+        arguments[3].vtype, arguments[3].u.ptr = _VTYPE_OPAQUE, number
+        arguments[4].vtype, arguments[4].u.ptr = _VTYPE_HEADERS, handle
+        failed = lib.rd_kafka_produceva(self._handle, arguments, len(arguments))
+        if not failed:
+            return None  # the headers belong to the message now
+        lib.rd_kafka_headers_destroy(handle)
+        why: str = lib.rd_kafka_error_string(failed).decode(errors="replace")
+        lib.rd_kafka_error_destroy(failed)
+        return why
+
+    def poll(self, timeout: float = 0) -> None:
+        self._lib.rd_kafka_poll(self._handle, int(timeout * 1000))
+
+    def flush(self, timeout: float) -> int:
+        """Wait for the outcomes; the count of messages still without one."""
+        self._lib.rd_kafka_flush(self._handle, int(timeout * 1000))
+        return int(self._lib.rd_kafka_outq_len(self._handle))
+
+    def close(self) -> None:
+        if self._handle:
+            self._lib.rd_kafka_destroy(self._handle)
+            self._handle = None

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from eventhandler.librdkafka import shown_header_key
 from eventhandler.models import DLQEntry, DLQSummary
 from eventhandler.service import Stats
 
@@ -113,7 +114,7 @@ def print_entry(console: Console, entry: DLQEntry) -> None:
     console.print(table)
     console.print("[bold]headers[/bold]")
     for key, value in entry.headers:
-        console.print(f"  {key}: {value!r}", markup=False, highlight=False)
+        console.print(f"  {shown_header_key(key)}: {value!r}", markup=False, highlight=False)
     console.print(f"[bold]error[/bold] {entry.error_type}: ", end="")
     console.print(entry.error_message, markup=False, highlight=False)
     if entry.error_traceback:
@@ -131,7 +132,7 @@ def entry_json(entry: DLQEntry) -> dict[str, Any]:
     kind, text = payload_text(entry.event_payload)
     data["payload"] = {"kind": kind, "text": text}
     data["message_key"] = None if entry.message_key is None else repr(entry.message_key)[2:-1]
-    data["headers"] = [[k, None if v is None else repr(v)[2:-1]] for k, v in entry.headers]
+    data["headers"] = [[shown_header_key(k), None if v is None else repr(v)[2:-1]] for k, v in entry.headers]
     return data
 
 

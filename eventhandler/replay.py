@@ -6,7 +6,8 @@ broker is waited on: the worker, which updates replayed rows, is never held up b
 producer is idempotent. A row is marked `replayed` only after the broker confirmed its delivery: a
 replay killed part-way leaves the rest `pending` (its lease dies with its session) and can simply be
 run again. A row whose delivery outcome was unknown may then be published twice; the worker recognises
-the duplicate by its event id (or its `dlq_id` header) and applies it once.
+the duplicate by its event id (or its `dlq_id` header) and applies it once. A row with a header key that
+is not UTF-8 goes out through librdkafka's C API (`RawProducer`), since the Python client cannot write one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from confluent_kafka import KafkaException, Producer
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import BrokerUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
+from eventhandler.librdkafka import RawProducer, raw_header_key
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQEntry, DLQFilter, Headers
 
@@ -55,6 +57,45 @@ def replay_headers(entry: DLQEntry) -> Headers:
     headers += origin_header(entry.dlq_id, entry.source_topic, entry.source_partition, entry.source_offset)
     headers.append((REPLAY_COUNT_HEADER, str(entry.replay_count + 1).encode()))
     return headers
+
+
+def _utf8_keys(headers: Headers) -> bool:
+    try:
+        for key, _ in headers:
+            key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _RawPublisher:
+    """librdkafka's C API, for the rows the Python client cannot publish (a header key that is not
+    UTF-8); made when the first such row comes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._producer: RawProducer | None = None
+
+    def publish(self, dlq_id: int, topic: str, row: DLQEntry, headers: Headers) -> str | None:
+        if self._producer is None:
+            self._producer = RawProducer(self._config)
+        raw = [(raw_header_key(key), value) for key, value in headers]
+        return self._producer.produce(dlq_id, topic, row.event_payload, row.message_key, raw)
+
+    def settle(self, timeout: float, delivered: set[int], failed: dict[int, str]) -> None:
+        if self._producer is None:
+            return
+        self._producer.flush(timeout)
+        for dlq_id, why in self._producer.outcomes.items():
+            if why is None:
+                delivered.add(dlq_id)
+            else:
+                failed[dlq_id] = why
+        self._producer.outcomes.clear()
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
 
 
 class RateLimiter:
@@ -124,6 +165,9 @@ class Replayer:
         if not ids:
             return report
         producer = self.connect()
+        raw = _RawPublisher(
+            self._producer_config | {"message.timeout.ms": int(self._delivery_timeout * 1000)}
+        )
         limiter = RateLimiter(rate)
         # With a rate, smaller chunks keep each lease short (about ten seconds of sending).
         chunk_size = CHUNK if not rate else max(1, min(CHUNK, int(rate * 10)))
@@ -132,7 +176,7 @@ class Replayer:
                 for start in range(0, len(ids), chunk_size):
                     chunk = ids[start : start + chunk_size]
                     done, failed = self._replay_chunk(
-                        producer, flt, chunk, lease, to_topic, limiter, rate, actor
+                        producer, raw, flt, chunk, lease, to_topic, limiter, rate, actor
                     )
                     report.published_ids += done
                     report.published += len(done)
@@ -145,11 +189,13 @@ class Replayer:
                         progress(len(chunk))
         finally:
             producer.flush(5)
+            raw.close()
         return report  # the service logs the outcome with the audit line
 
     def _replay_chunk(
         self,
         producer: Producer,
+        raw: _RawPublisher,
         flt: DLQFilter,
         chunk: list[int],
         lease: int,
@@ -169,7 +215,7 @@ class Replayer:
         )
         if not rows:
             return [], {}
-        delivered, failed = self._publish(producer, rows, to_topic, limiter)
+        delivered, failed = self._publish(producer, raw, rows, to_topic, limiter)
         published: dict[str, list[int]] = {}
         for row in rows:
             if row.dlq_id in delivered:
@@ -186,7 +232,12 @@ class Replayer:
         return done, failed
 
     def _publish(
-        self, producer: Producer, rows: list[DLQEntry], to_topic: str | None, limiter: RateLimiter
+        self,
+        producer: Producer,
+        raw: _RawPublisher,
+        rows: list[DLQEntry],
+        to_topic: str | None,
+        limiter: RateLimiter,
     ) -> tuple[set[int], dict[int, str]]:
         delivered: set[int] = set()
         failed: dict[int, str] = {}
@@ -203,13 +254,19 @@ class Replayer:
         for row in rows:
             limiter.wait()
             topic = to_topic or row.source_topic
+            headers = replay_headers(row)
+            if not _utf8_keys(headers):
+                refused = raw.publish(row.dlq_id, topic, row, headers)
+                if refused is not None:
+                    failed[row.dlq_id] = refused
+                continue
             while True:
                 try:
                     producer.produce(
                         topic,
                         value=row.event_payload,
                         key=row.message_key,
-                        headers=replay_headers(row),  # type: ignore[arg-type]  # list is invariant
+                        headers=headers,  # type: ignore[arg-type]  # list is invariant
                         on_delivery=on_delivery(row.dlq_id),
                     )
                     break
@@ -220,6 +277,7 @@ class Replayer:
                     break
             producer.poll(0)
         producer.flush(self._delivery_timeout)
+        raw.settle(self._delivery_timeout, delivered, failed)
         for row in rows:
             if row.dlq_id not in delivered and row.dlq_id not in failed:
                 failed[row.dlq_id] = "delivery not confirmed before the timeout (outcome unknown)"

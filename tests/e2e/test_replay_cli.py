@@ -15,9 +15,11 @@ import pytest
 
 from eventhandler.config import Settings
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER
+from eventhandler.librdkafka import fetch_headers
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, consume_all, run_cli
+from tests.support.rawkafka import produce_raw
 from tests.support.waiting import wait_for
 from tests.support.worker import run_until_idle, scalar, threaded_worker
 
@@ -114,6 +116,51 @@ def test_replay_republishes_byte_for_byte_with_dlq_headers(
         (REPLAY_COUNT_HEADER, b"1"),
     ]
     assert scalar(db, "SELECT replayed_to_topic FROM dlq") == target
+
+
+def test_header_keys_that_are_not_utf8_are_kept_and_replayed_byte_for_byte(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    """The Python client can neither read nor write such keys; the DLQ once kept them as escaped text
+    and replay could not publish them."""
+    settings = make_settings()
+    env = settings_env(settings)
+    headers = [(b"trace\xff\xfe", b"\x00\x01"), (b"ok", None), (b"\xc3\x28", b"")]
+    produce_raw(kafka_bootstrap, topic, 0, b"\xfe{not json", b"\x00raw\xff", headers)
+    produce_raw(kafka_bootstrap, topic, 0, k.structured(k.reading("raw-device")), b"raw-device", headers)
+    run_until_idle(settings, idle=2)
+    (garbage, unregistered) = [row for (row,) in db.execute("SELECT dlq_id FROM dlq ORDER BY source_offset")]
+
+    # every view shows the row (the key that is not text as base64 or \xNN), none crashes
+    shown = cli_json(env, "dlq", "show", str(garbage))
+    assert [key for key, _ in shown["headers"]] == ["trace\\xff\\xfe", "ok", "\\xc3("]
+
+    target = f"{topic}-replayed"
+    k.create_topic(kafka_bootstrap, target, partitions=1)
+    report = cli_json(env, "replay", "--id", str(garbage), "--to-topic", target, "--yes")
+    assert (report["published"], report["failed"]) == (1, 0)
+    assert fetch_headers({"bootstrap.servers": kafka_bootstrap}, target, 0, 0) == [
+        *headers,
+        (DLQ_ID_HEADER.encode(), str(garbage).encode()),
+        (ORIGIN_HEADER.encode(), f"{topic}:0:0".encode()),
+        (REPLAY_COUNT_HEADER.encode(), b"1"),
+    ]
+    (message,) = consume_all(kafka_bootstrap, target, 1)
+    assert (message.value(), message.key()) == (b"\xfe{not json", b"\x00raw\xff")
+
+    # the loop closes: once the device exists, the replayed reading resolves its row
+    producer.send_events(topic, [k.registered("raw-device")])
+    producer.flush()
+    run_until_idle(settings, idle=2)
+    report = cli_json(env, "replay", "--id", str(unregistered), "--yes")
+    assert (report["published"], report["failed"]) == (1, 0)
+    run_until_idle(settings, idle=2)
+    assert statuses(db) == {"replayed": 1, "resolved": 1}
+    assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'raw-device'") == 1
 
 
 def test_a_poison_row_replayed_comes_back_pending_with_retry_count_one(

@@ -26,6 +26,7 @@ from eventhandler.api import create_app, serve
 from eventhandler.api_models import encode_cursor
 from eventhandler.config import Settings
 from eventhandler.errors import ConfigError
+from eventhandler.librdkafka import header_key
 from eventhandler.logs import configure_logging
 from eventhandler.metrics import Metrics
 from eventhandler.models import FailedMessage
@@ -208,7 +209,7 @@ def test_detail_shows_the_message_with_redacted_fields(api: Api) -> None:
             api,
             value=payload,
             key=b"user-1",
-            headers=[("trace", b"abc"), ("raw", b"\xff\x00"), ("empty", None)],
+            headers=[("trace", b"abc"), ("raw", b"\xff\x00"), ("empty", None), (header_key(b"\xfe!"), b"k")],
             traceback="Traceback: connecting to postgresql://app:pa55word@db/app failed",
         )
     )
@@ -222,9 +223,20 @@ def test_detail_shows_the_message_with_redacted_fields(api: Api) -> None:
     assert row["key"] == "user-1"
     assert row["key_encoding"] == "text"
     assert row["headers"] == [
-        {"key": "trace", "value": "abc", "encoding": "text"},
-        {"key": "raw", "value": base64.b64encode(b"\xff\x00").decode(), "encoding": "base64"},
-        {"key": "empty", "value": None, "encoding": None},
+        {"key": "trace", "key_encoding": "text", "value": "abc", "encoding": "text"},
+        {
+            "key": "raw",
+            "key_encoding": "text",
+            "value": base64.b64encode(b"\xff\x00").decode(),
+            "encoding": "base64",
+        },
+        {"key": "empty", "key_encoding": "text", "value": None, "encoding": None},
+        {
+            "key": base64.b64encode(b"\xfe!").decode(),
+            "key_encoding": "base64",
+            "value": "k",
+            "encoding": "text",
+        },
     ]
     assert "pa55word" not in row["error_traceback"]
     assert row["worker_version"] == "test"
