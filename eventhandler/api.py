@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -41,7 +41,6 @@ from eventhandler.api_models import (
     ErrorResponse,
     Health,
     ListQuery,
-    Redactor,
     ReplayResponse,
     ResolveRequest,
     ResolveResponse,
@@ -52,7 +51,6 @@ from eventhandler.api_models import (
     ValidationErrorResponse,
     encode_cursor,
     render_entry,
-    render_summary,
 )
 from eventhandler.config import Settings
 from eventhandler.errors import (
@@ -62,6 +60,7 @@ from eventhandler.errors import (
     EventHandlerError,
     InvalidOperation,
     NotFound,
+    NotPermitted,
     PermanentError,
     PublishFailed,
     TransientError,
@@ -77,7 +76,6 @@ log = get_logger("eventhandler.api")
 API_ROOT = "/api/"
 PREFIX = "/api/v1/events/dlq"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-REDACT_FIELDS_ENV = "EVENTHANDLER_API_REDACT_FIELDS"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -162,15 +160,9 @@ def _service(request: Request) -> DLQService:
     return state.service
 
 
-def _redactor(request: Request) -> Redactor:
-    state: ApiState = request.app.state.eventhandler
-    return state.redactor
-
-
 Reader = Annotated[Principal, Depends(_principal)]
 Admin = Annotated[Principal, Depends(_admin)]
 Service = Annotated[DLQService, Depends(_service)]
-PayloadRedactor = Annotated[Redactor, Depends(_redactor)]
 DlqIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="The DLQ row id.")]
 
 
@@ -202,21 +194,23 @@ router = APIRouter(
 
 
 @router.get("", response_model=DLQPage, summary="List DLQ rows")
-def list_rows(query: Annotated[ListQuery, Query()], _: Reader, service: Service) -> DLQPage:
+def list_rows(query: Annotated[ListQuery, Query()], principal: Reader, service: Service) -> DLQPage:
     """Rows matching the filters in id order, one page at a time (keyset pagination)."""
     flt = query.dlq_filter()
+    service.check_search(flt, reader=not principal.may_change)
     rows = service.list_rows(flt, limit=query.limit + 1, after_id=query.after_id)
     page = rows[: query.limit]
     more = len(rows) > query.limit
     return DLQPage(
-        items=[render_summary(row) for row in page],
+        items=page,
         next_cursor=encode_cursor(page[-1].dlq_id) if more else None,
         total=service.count(flt),
     )
 
 
 @router.get("/stats", response_model=StatsResponse, summary="DLQ depth by consumer, stage and status")
-def stats(query: Annotated[StatsQuery, Query()], _: Reader, service: Service) -> StatsResponse:
+def stats(query: Annotated[StatsQuery, Query()], principal: Reader, service: Service) -> StatsResponse:
+    service.check_search(query.dlq_filter(), reader=not principal.may_change)
     return StatsResponse.model_validate(service.stats(query.dlq_filter()).as_dict())
 
 
@@ -242,8 +236,8 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
 
 
 @router.get("/{dlq_id}", response_model=DLQDetail, summary="One DLQ row", responses=_errors(404))
-def get_row(dlq_id: DlqIdPath, _: Reader, service: Service, redactor: PayloadRedactor) -> DLQDetail:
-    return render_entry(service.get(dlq_id), redactor)
+def get_row(dlq_id: DlqIdPath, _: Reader, service: Service) -> DLQDetail:
+    return render_entry(service.view(dlq_id))
 
 
 @router.post(
@@ -261,9 +255,9 @@ def retry(
     """Republishes the row to its original topic (or `to_topic`). Pending and replayed rows can be
     replayed; a resolved or discarded row needs `force: true`."""
     options = request or RetryRequest()
-    entry = service.get(dlq_id)
-    if entry.status in ("resolved", "discarded") and not options.force:
-        raise InvalidOperation(f"DLQ row {dlq_id} is {entry.status}; set force to true to replay it anyway")
+    status = service.status(dlq_id)
+    if status in ("resolved", "discarded") and not options.force:
+        raise InvalidOperation(f"DLQ row {dlq_id} is {status}; set force to true to replay it anyway")
     statuses: tuple[Literal["pending", "replayed"], ...] = () if options.force else ("pending", "replayed")
     report = service.replay(
         DLQFilter(ids=(dlq_id,), statuses=statuses),
@@ -309,7 +303,7 @@ def resolve(
     changed = service.resolve([dlq_id], actor=principal.actor, note=request.note if request else None)
     if changed:
         return ResolveResponse(dlq_id=dlq_id, status="resolved", changed=True)
-    status = service.get(dlq_id).status
+    status = service.status(dlq_id)
     if status == "resolved":
         return ResolveResponse(dlq_id=dlq_id, status=status, changed=False)
     raise InvalidOperation(f"DLQ row {dlq_id} is {status}; only pending or replayed rows can be resolved")
@@ -352,6 +346,8 @@ def _error_status(exc: EventHandlerError) -> tuple[int, str]:
         return 404, str(exc)
     if isinstance(exc, InvalidOperation):
         return 409, str(exc)
+    if isinstance(exc, NotPermitted):
+        return 403, str(exc)
     if isinstance(exc, DatabaseUnavailable):
         return 503, "the database is unavailable; try again later"
     if isinstance(exc, BrokerUnavailable):
@@ -392,7 +388,6 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 class ApiState:
     service: DLQService
     metrics: Metrics
-    redactor: Redactor
 
 
 def _request_id(given: str | None) -> str:
@@ -447,14 +442,11 @@ def _gate(tokens: TokenChecker) -> Callable[[Request, Next], Awaitable[Response]
     return dispatch
 
 
-def create_app(
-    service: DLQService, settings: Settings, metrics: Metrics, *, redact_fields: Sequence[str] = ()
-) -> FastAPI:
+def create_app(service: DLQService, settings: Settings, metrics: Metrics) -> FastAPI:
     """The admin API on `service`. The DLQ depth gauges are refreshed while the app runs."""
     tokens = TokenChecker(settings)
     if not tokens.configured:
         log.warning("api_without_tokens", detail="no token is configured: every /api/ request gets 401")
-    redactor = Redactor(redact_fields)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -462,7 +454,7 @@ def create_app(
             service.repository, metrics, [settings.consumer_group], settings.dlq_refresh_seconds
         )
         refresher.start()
-        log.info("api_started", redact_fields=len(redactor.paths))
+        log.info("api_started", redact_fields=len(service.redactor.paths))
         try:
             yield
         finally:
@@ -477,7 +469,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.eventhandler = ApiState(service=service, metrics=metrics, redactor=redactor)
+    app.state.eventhandler = ApiState(service=service, metrics=metrics)
     app.add_middleware(BaseHTTPMiddleware, dispatch=_gate(tokens))
     app.add_exception_handler(EventHandlerError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -486,25 +478,15 @@ def create_app(
     return app
 
 
-def redact_fields_from(settings: Settings) -> list[str]:
-    """Payload fields to mask (`EVENTHANDLER_API_REDACT_FIELDS`)."""
-    return list(settings.api_redact_fields)
-
-
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Run the admin API under uvicorn until SIGTERM/SIGINT, then finish in-flight requests and stop."""
     configure_logging(settings.log_level, settings.log_format, consumer_group=settings.consumer_group)
     if settings.admin_token is None and settings.admin_read_token is None:
         raise ConfigError("EVENTHANDLER_ADMIN_TOKEN", "the admin API needs a token (or a read-only one)")
-    try:
-        redact_fields = redact_fields_from(settings)
-        Redactor(redact_fields)
-    except ValueError as exc:
-        raise ConfigError(REDACT_FIELDS_ENV, str(exc)) from None
     metrics = Metrics()
     service, pool = build_service(settings, metrics=metrics)
     try:
-        app = create_app(service, settings, metrics, redact_fields=redact_fields)
+        app = create_app(service, settings, metrics)
         config = uvicorn.Config(
             app,
             host=host,

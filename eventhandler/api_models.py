@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-import math
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -28,13 +25,11 @@ from pydantic import (
 )
 
 from eventhandler.librdkafka import raw_header_key
-from eventhandler.logs import redact_text
-from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, FingerprintGroup, Headers, Stage, Status
+from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Stage, Status
+from eventhandler.redaction import View
 from eventhandler.service import parse_time
 
 MAX_ID = 2**63 - 1  # dlq_id is a bigint
-MASK = "***"
-MAX_JSON_DEPTH = 64  # deeper documents are shown as base64: rendering them is not worth the risk
 MAX_PAGE = 500
 MAX_REPLAY = 10_000
 MAX_IDS = 1_000
@@ -304,104 +299,6 @@ class Health(BaseModel):
 # -- rendering rows: bytes as JSON, text or base64, with redaction ------------------------------------------
 
 
-class Redactor:
-    """Masks payload fields named by dotted paths (`data.password`, `*.token`), case-insensitively.
-
-    Lists on the way are searched element by element. In the CloudEvents binary binding the body
-    *is* `data`, so a path starting with `data.` applies to the body's top level.
-    """
-
-    def __init__(self, fields: Sequence[str]) -> None:
-        self.paths: list[tuple[str, ...]] = []
-        for field in fields:
-            if not field.strip():
-                continue
-            segments = tuple(part.strip().lower() for part in field.strip().split("."))
-            if not all(segments):
-                raise ValueError(f"redaction field {field!r} has an empty segment")
-            self.paths.append(segments)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.paths)
-
-    def apply(self, document: JsonValue, *, binary_binding: bool) -> bool:
-        """Mask in place; True when anything was masked."""
-        masked = False
-        for path in self.paths:
-            if binary_binding:
-                if path[0] in ("data", "*") and len(path) > 1:
-                    masked |= _mask(document, path[1:])
-            else:
-                masked |= _mask(document, path)
-        return masked
-
-
-def _mask(document: JsonValue, path: tuple[str, ...]) -> bool:
-    if isinstance(document, list):
-        masks = [_mask(item, path) for item in document]  # every element, not up to the first match
-        return any(masks)
-    if not isinstance(document, dict):
-        return False
-    head, rest = path[0], path[1:]
-    masked = False
-    for key in list(document):
-        if head not in ("*", key.lower()):
-            continue
-        if rest:
-            masked |= _mask(document[key], rest)
-        else:
-            document[key] = MASK
-            masked = True
-    return masked
-
-
-class _NotJson(Exception):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NotJson(name)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NotJson(text)
-    return value
-
-
-def _parse_json(raw: bytes) -> JsonValue:
-    """The payload as a JSON value that renders safely, or `_NotJson`."""
-    try:
-        value: JsonValue = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _NotJson(type(exc).__name__) from None
-    stack: list[tuple[JsonValue, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise _NotJson("too deep")
-        if isinstance(node, str):
-            _check_text(node)
-        elif isinstance(node, dict):
-            for key, child in node.items():
-                _check_text(key)
-                stack.append((child, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
-    return value
-
-
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a `\ud800` escape cannot be sent back
-        raise _NotJson("surrogate") from None
-
-
 def _text_or_base64(raw: bytes | None) -> tuple[str | None, Literal["text", "base64"] | None]:
     return (None, None) if raw is None else _as_text(raw)
 
@@ -413,32 +310,9 @@ def _as_text(raw: bytes) -> tuple[str, Literal["text", "base64"]]:
         return base64.b64encode(raw).decode("ascii"), "base64"
 
 
-def _is_binary_binding(headers: Headers) -> bool:
-    return any(key == "ce_specversion" for key, _ in headers)
-
-
-def render_payload(
-    entry: DLQEntry, redactor: Redactor
-) -> tuple[JsonValue, Literal["json", "base64", "withheld"] | None, bool]:
-    raw = entry.event_payload
-    if raw is None:
-        return None, None, False
-    try:
-        document = _parse_json(raw)
-    except _NotJson:
-        if redactor.active:
-            return None, "withheld", False  # fields cannot be found in bytes that are not JSON
-        return base64.b64encode(raw).decode("ascii"), "base64", False
-    masked = redactor.apply(document, binary_binding=_is_binary_binding(entry.headers))
-    return document, "json", masked
-
-
-def render_summary(row: DLQSummary) -> DLQSummary:
-    return row.model_copy(update={"error_message": redact_text(row.error_message)})
-
-
-def render_entry(entry: DLQEntry, redactor: Redactor) -> DLQDetail:
-    payload, encoding, masked = render_payload(entry, redactor)
+def render_entry(view: View) -> DLQDetail:
+    """A row as the API shows it (the redactor made `view`)."""
+    entry = view.entry
     key, key_encoding = _text_or_base64(entry.message_key)
     headers = []
     for name, raw in entry.headers:
@@ -448,14 +322,11 @@ def render_entry(entry: DLQEntry, redactor: Redactor) -> DLQDetail:
             Header(key=key_text, key_encoding=key_text_encoding, value=value, encoding=value_encoding)
         )
     fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
-    fields["error_message"] = redact_text(entry.error_message)
-    if entry.error_traceback is not None:
-        fields["error_traceback"] = redact_text(entry.error_traceback)
     return DLQDetail(
         **fields,
-        payload=payload,
-        payload_encoding=encoding,
-        payload_redacted=masked,
+        payload=view.payload.document,
+        payload_encoding=view.payload.encoding,
+        payload_redacted=view.payload.masked,
         key=key,
         key_encoding=key_encoding,
         headers=headers,

@@ -91,6 +91,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("api_redact_fields")
+    @classmethod
+    def _valid_redact_fields(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not all(segment.strip() for segment in path.split(".")):
+                raise ValueError(f"redaction field {path!r} has an empty segment")
+        return value
+
     @field_validator("topics")
     @classmethod
     def _valid_topics(cls, value: list[str]) -> list[str]:

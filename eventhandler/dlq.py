@@ -249,12 +249,18 @@ SELECT consumer, extract(epoch FROM now() - min(last_replayed_at))::float8 AS ag
 FROM dlq WHERE status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer
 """
+# The sample message is the oldest row's, so that a view can redact it with that row's payload.
 FINGERPRINT_GROUPS = """
-SELECT fingerprint, min(stage) AS stage, min(error_type) AS error_type,
-       min(error_message) AS sample_message, count(*) AS count,
-       min(failed_at) AS first_seen, max(last_failed_at) AS last_seen
-FROM dlq {where}
-GROUP BY fingerprint ORDER BY count(*) DESC, fingerprint LIMIT %(limit)s
+SELECT g.fingerprint, g.stage, g.error_type, sample.error_message AS sample_message, g.sample_id,
+       g.count, g.first_seen, g.last_seen
+FROM (
+    SELECT fingerprint, min(stage) AS stage, min(error_type) AS error_type, min(dlq_id) AS sample_id,
+           count(*) AS count, min(failed_at) AS first_seen, max(last_failed_at) AS last_seen
+    FROM dlq {where}
+    GROUP BY fingerprint ORDER BY count(*) DESC, fingerprint LIMIT %(limit)s
+) g
+JOIN dlq sample ON sample.dlq_id = g.sample_id
+ORDER BY g.count DESC, g.fingerprint
 """
 COUNT_BY = "SELECT {column} AS key, status, count(*) AS count FROM dlq {where} GROUP BY 1, 2 ORDER BY 1, 2"
 
@@ -529,6 +535,15 @@ class PostgresDLQRepository:
         if row is None:
             raise NotFound(f"no DLQ row with id {dlq_id}")
         return _entry(row)
+
+    def entries(self, ids: Sequence[int]) -> dict[int, DLQEntry]:
+        """Whole rows by id (the ones that exist)."""
+        if not ids:
+            return {}
+        query = sql.SQL("SELECT {} FROM dlq WHERE dlq_id = ANY(%(ids)s)").format(sql.SQL(_ENTRY_COLUMNS))
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(query, {"ids": list(ids)}).fetchall()
+        return {entry.dlq_id: entry for entry in map(_entry, rows)}
 
     def depth(self) -> list[DepthRow]:
         return self.depth_snapshot().rows

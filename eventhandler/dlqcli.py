@@ -263,7 +263,7 @@ def show(
 ) -> None:
     """Everything about one row: metadata, headers, error and traceback, payload."""
     with service() as svc:
-        entry = svc.get(dlq_id)
+        entry = svc.view(dlq_id).entry  # redacted as the API shows it
     if as_json:
         _print_json(entry_json(entry))
     else:

@@ -71,6 +71,10 @@ class InvalidOperation(EventHandlerError):
     """An operator asked for something the current state does not allow."""
 
 
+class NotPermitted(EventHandlerError):
+    """The caller's role may not do this (a read-only token asking what redaction hides)."""
+
+
 class MigrationError(EventHandlerError):
     """A migration failed or the applied migrations do not match the files."""
 

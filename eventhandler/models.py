@@ -173,6 +173,7 @@ class FingerprintGroup(BaseModel):
     stage: Stage
     error_type: str
     sample_message: str
+    sample_id: int  # the row the sample message comes from
     count: int
     first_seen: datetime
     last_seen: datetime

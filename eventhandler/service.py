@@ -17,10 +17,11 @@ import psycopg_pool
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
 from eventhandler.dlq import PostgresDLQRepository
-from eventhandler.errors import InvalidOperation, NotFound
+from eventhandler.errors import InvalidOperation, NotFound, NotPermitted
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
-from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, FingerprintGroup
+from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Status
+from eventhandler.redaction import Redactor, View
 from eventhandler.replay import Replayer, ReplayReport
 
 log = get_logger("eventhandler.audit")
@@ -84,21 +85,39 @@ class DLQService:
         replayer: Replayer,
         *,
         default_consumer: str | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.repository = repository
         self.replayer = replayer
         self.default_consumer = default_consumer
+        self.redactor = redactor or Redactor(())
 
     # -- reading ---------------------------------------------------------------------------------------
 
+    # Every read an operator sees goes through the redactor (see `redaction`).
+
+    def check_search(self, flt: DLQFilter, *, reader: bool) -> None:
+        """While fields are redacted, a search in error text would confirm a guessed value to a
+        read-only caller (`total` answers whether the text occurs): only the admin token may search."""
+        if reader and flt.error_contains is not None and self.redactor.active:
+            raise NotPermitted(
+                "error_contains needs the admin token while EVENTHANDLER_API_REDACT_FIELDS is set "
+                "(a search would confirm redacted values); filter by fingerprint instead"
+            )
+
     def list_rows(self, flt: DLQFilter, *, limit: int = 50, after_id: int | None = None) -> list[DLQSummary]:
-        return self.repository.list_rows(flt, limit=limit, after_id=after_id)
+        rows = self.repository.list_rows(flt, limit=limit, after_id=after_id)
+        full = self.repository.entries([row.dlq_id for row in rows]) if self.redactor.active else {}
+        return [self.redactor.summary(row, full.get(row.dlq_id)) for row in rows]
 
     def count(self, flt: DLQFilter) -> int:
         return self.repository.count(flt)
 
-    def get(self, dlq_id: int) -> DLQEntry:
-        return self.repository.get(dlq_id)
+    def status(self, dlq_id: int) -> Status:
+        return self.repository.get(dlq_id).status
+
+    def view(self, dlq_id: int) -> View:
+        return self.redactor.view(self.repository.get(dlq_id))
 
     def stats(self, flt: DLQFilter, *, top: int = 10) -> Stats:
         by_consumer = self.repository.counts_by("consumer", flt)
@@ -112,8 +131,13 @@ class DLQService:
             by_stage=self.repository.counts_by("stage", flt),
             by_event_type=self.repository.counts_by("event_type", flt),
             oldest_pending_age_seconds=self.repository.oldest_pending_age(),
-            top_groups=self.repository.fingerprint_groups(flt, limit=top),
+            top_groups=self._groups(flt, top),
         )
+
+    def _groups(self, flt: DLQFilter, top: int) -> list[FingerprintGroup]:
+        groups = self.repository.fingerprint_groups(flt, limit=top)
+        samples = self.repository.entries([g.sample_id for g in groups]) if self.redactor.active else {}
+        return [self.redactor.group(group, samples.get(group.sample_id)) for group in groups]
 
     # -- changing (each audited) ------------------------------------------------------------------------
 
@@ -186,4 +210,10 @@ def build_service(
     pool = create_pool(settings, min_size=1, name="eventhandler-admin")
     repository = PostgresDLQRepository(pool)
     replayer = Replayer(repository, settings.producer_config(), metrics=metrics)
-    return DLQService(repository, replayer, default_consumer=settings.consumer_group), pool
+    service = DLQService(
+        repository,
+        replayer,
+        default_consumer=settings.consumer_group,
+        redactor=Redactor(settings.api_redact_fields),
+    )
+    return service, pool

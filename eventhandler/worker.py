@@ -9,6 +9,7 @@ while running:
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -36,6 +37,7 @@ from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record
 from eventhandler.policy import SUSPECT_ATTEMPTS, Backoff
+from eventhandler.redaction import Redactor
 
 log = get_logger("eventhandler.worker")
 
@@ -83,6 +85,7 @@ class Worker:
         self.refresher = refresher
         self.worker_id = worker_id
         self.backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+        self.redactor = Redactor(settings.api_redact_fields)  # log lines show what the API shows
         self.running = True
         self.stats = WorkerStats()
         self._pending: DecodedBatch | None = None  # the batch committing or being retried
@@ -367,15 +370,16 @@ class Worker:
             groups.setdefault(failure.fingerprint, []).append(position)
         for fingerprint, positions in groups.items():
             first = result.dead_letters[positions[0]]
+            redact = functools.partial(self.redactor.failure_text, value=first.value, headers=first.headers)
             log.warning(
                 "events_dead_lettered",
                 count=len(positions),
                 stage=first.stage,
                 error_type=first.error_type,
-                error=first.error_message[:300],
+                error=redact(first.error_message)[:300],
                 fingerprint=fingerprint,
                 dlq_ids=[result.dlq_ids[p] for p in positions[:LOGGED_DLQ_IDS]],
-                event_id=first.event_id,
+                event_id=None if first.event_id is None else redact(first.event_id),
                 event_type=first.event_type,
                 topic=first.topic,
                 partition=first.partition,

@@ -42,7 +42,11 @@ class Target:
 
 @pytest.fixture
 def target(make_settings: Callable[..., Settings]) -> Iterator[Target]:
-    settings = make_settings(admin_token=ADMIN_TOKEN, admin_read_token="reader-token-0123456789abcdef")
+    settings = make_settings(
+        admin_token=ADMIN_TOKEN,
+        admin_read_token="reader-token-0123456789abcdef",
+        api_redact_fields=["data.password"],
+    )
     metrics = Metrics()
     service, pool = build_service(settings, metrics=metrics)
     # A fuzzed `to_topic` may name a topic that does not exist: give up on it quickly.
@@ -61,7 +65,7 @@ def target(make_settings: Callable[..., Settings]) -> Iterator[Target]:
         ids = service.repository.record_failures(
             conn, [failed_message(**({"consumer": group, "topic": topic} | row)) for row in rows]
         )
-    app = create_app(service, settings, metrics, redact_fields=["data.password"])
+    app = create_app(service, settings, metrics)
     yield Target(schemathesis.openapi.from_asgi("/openapi.json", app), ids)
     pool.close()
 

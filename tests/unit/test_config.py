@@ -66,6 +66,7 @@ def test_librdkafka_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> Non
         ("EVENTHANDLER_ADMIN_TOKEN", "short", "at least 16 characters"),
         ("EVENTHANDLER_KAFKA_OPTIONS", "[1, 2]", "JSON object"),
         ("EVENTHANDLER_UNKNOWN_EVENT_POLICY", "explode", "dead-letter"),
+        ("EVENTHANDLER_API_REDACT_FIELDS", "data..password", "empty segment"),
     ],
 )
 def test_a_bad_value_names_the_setting(

@@ -1,0 +1,107 @@
+"""The redaction rule on its own: where masked values are found, and that hostile rows stay cheap."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from eventhandler.models import DLQEntry
+from eventhandler.redaction import MASK, Redactor
+
+
+def entry(payload: bytes | None, **fields: Any) -> DLQEntry:
+    now = datetime.now(UTC)
+    values: dict[str, Any] = {
+        "dlq_id": 1,
+        "consumer": "c",
+        "event_id": "e-1",
+        "event_type": "t",
+        "source_topic": "topic",
+        "source_partition": 0,
+        "source_offset": 0,
+        "stage": "handler",
+        "error_type": "HandlerFailure",
+        "error_message": "boom",
+        "fingerprint": "f",
+        "status": "pending",
+        "retry_count": 0,
+        "failure_count": 1,
+        "replay_count": 0,
+        "failed_at": now,
+        "last_failed_at": now,
+        "last_replayed_at": None,
+        "resolved_at": None,
+        "payload_size": None if payload is None else len(payload),
+        "event_source": "/s",
+        "event_payload": payload,
+        "message_key": None,
+        "headers": [],
+        "message_timestamp": None,
+        "error_traceback": None,
+        "replayed_to_topic": None,
+        "resolved_by": None,
+        "resolution_note": None,
+        "worker_version": "test",
+        "updated_at": now,
+    }
+    return DLQEntry.model_validate(values | fields)
+
+
+def test_values_are_found_in_data_base64_and_in_json_held_in_a_string() -> None:
+    redactor = Redactor(["data.token"])
+    inner = base64.b64encode(json.dumps({"token": "tok-123", "n": 1}).encode()).decode()
+    view = redactor.view(entry(json.dumps({"data_base64": inner}).encode()))
+    shown = json.loads(base64.b64decode(view.payload.document["data_base64"]))
+    assert shown == {"token": MASK, "n": 1}
+
+    nested = json.dumps({"data": json.dumps({"token": "tok-456", "keep": "me"})}).encode()
+    view = redactor.view(entry(nested, error_message="token tok-456 was refused"))
+    assert json.loads(view.payload.document["data"]) == {"token": MASK, "keep": "me"}
+    assert view.entry.error_message == f"token {MASK} was refused"
+
+
+def test_bytes_that_are_not_json_are_withheld_while_redacting() -> None:
+    view = Redactor(["data.token"]).view(entry(b"\xff token=tok"))
+    assert (view.payload.document, view.payload.encoding) == (None, "withheld")
+    view = Redactor(["data.token"]).view(entry(json.dumps({"data_base64": "not base64 at all!"}).encode()))
+    assert view.payload.document == {"data_base64": MASK}
+
+
+def test_the_value_is_masked_in_key_headers_ids_and_traceback_in_the_forms_text_quotes_it() -> None:
+    value = "dév'9"
+    payload = json.dumps({"data": {"device_id": value}}).encode()
+    view = Redactor(["data.device_id"]).view(
+        entry(
+            payload,
+            message_key="dév'9".encode(),
+            headers=[("x-device", "id=dév'9".encode()), ("bin", b"\xff" + "dév'9".encode())],
+            event_id="dév'9-1",
+            error_message=f"input_value={json.dumps(value)} and {value!a}",
+            error_traceback="KeyError: dév'9",
+        )
+    )
+    assert view.entry.message_key == MASK.encode()
+    assert view.entry.headers == [("x-device", f"id={MASK}".encode()), ("bin", b"\xff" + MASK.encode())]
+    assert view.entry.event_id == f"{MASK}-1"
+    assert "9" not in view.entry.error_message.replace(MASK, "")
+    assert view.entry.error_traceback == f"KeyError: {MASK}"
+
+
+def test_hostile_rows_are_viewed_in_bounded_time() -> None:
+    redactor = Redactor(["*.v", "v", "data.x"])
+    many = json.dumps({"data": [{"v": f"value-{i}"} for i in range(50_000)]}).encode()
+    deep = ("[" * 60 + '{"v": "' + "a" * 1_000_000 + '"}' + "]" * 60).encode()
+    embedded = json.dumps({"data": json.dumps({"x": "y" * 500_000, "z": "[" * 10_000})}).encode()
+    started = time.perf_counter()
+    views = [
+        redactor.view(entry(many, error_message="value-7 " * 100_000)),
+        redactor.view(entry(deep, error_message="a" * 1_000_000)),
+        redactor.view(entry(embedded, error_message="y" * 1_000_000)),
+    ]
+    assert time.perf_counter() - started < 10
+    assert views[0].entry.error_message == MASK  # too many values to search for: the text is withheld
+    assert views[1].entry.error_message == MASK
+    assert "y" not in views[2].entry.error_message
