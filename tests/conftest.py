@@ -24,6 +24,7 @@ _TEST_VARS = {
     "EVENTHANDLER_TEST_KAFKA_BOOTSTRAP_SERVERS",
     "EVENTHANDLER_TEST_DATABASE_URL",
     "EVENTHANDLER_TEST_BROKER",
+    "EVENTHANDLER_TEST_FUZZ_EXAMPLES",
 }
 for _name in [n for n in os.environ if n.upper().startswith("EVENTHANDLER_") and n.upper() not in _TEST_VARS]:
     del os.environ[_name]
