@@ -659,9 +659,11 @@ class PostgresDLQRepository:
     @contextmanager
     def replay_lease(self) -> Iterator[int]:
         """A lease for one replay run: a session advisory lock on a connection held for the run in
-        autocommit (no transaction stays open on it), released when the block ends or the process dies."""
-        with translate_db_errors(), self._pool.connection() as conn:
-            conn.autocommit = True
+        autocommit (no transaction stays open on it), released when the block ends or the process dies.
+
+        The connection is its own, not the pool's: concurrent replays (API requests) would otherwise
+        hold every pooled connection and leave none for their claims."""
+        with translate_db_errors(), self._lease_connection() as conn:
             lease = 0
             try:
                 while True:
@@ -673,7 +675,13 @@ class PostgresDLQRepository:
             finally:
                 with suppress(psycopg.Error):  # a lost connection has released the lock already
                     conn.execute(RELEASE_LEASE, {"lease_class": LEASE_CLASS, "lease": lease})
-                    conn.autocommit = False  # as the pool's other users expect it
+
+    def _lease_connection(self) -> psycopg.Connection[Any]:
+        conninfo, kwargs = self._pool.conninfo, self._pool.kwargs
+        options = dict(kwargs() if callable(kwargs) else kwargs or {})
+        return psycopg.connect(
+            conninfo() if callable(conninfo) else conninfo, **(options | {"autocommit": True})
+        )
 
     def claim(
         self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float

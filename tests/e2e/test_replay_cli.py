@@ -16,6 +16,8 @@ import pytest
 from eventhandler.config import Settings
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER
 from eventhandler.librdkafka import fetch_headers
+from eventhandler.models import DLQFilter
+from eventhandler.service import build_service
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, consume_all, run_cli
@@ -207,6 +209,32 @@ def test_two_replays_at_once_publish_each_row_once(
     messages = consume_all(kafka_bootstrap, target, 300)
     ids = [dict(m.headers())[DLQ_ID_HEADER] for m in messages]
     assert len(ids) == len(set(ids)) == 300
+
+
+def test_replays_at_once_on_a_pool_of_one_connection_do_not_starve(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """Each replay's lease held a pooled connection for the whole run: with `EVENTHANDLER_DB_POOL_SIZE=1`
+    no claim could get one, and four API replays at once exhausted the default pool of four."""
+    settings = make_settings(db_pool_size=1)
+    seed_unregistered_readings(producer, topic, settings, 40)
+    service, pool = build_service(settings)
+    reports: list[Any] = []
+    try:
+
+        def replay(offset: int) -> None:
+            ids = tuple(range(offset * 10 + 1, offset * 10 + 11))
+            reports.append(service.replay(DLQFilter(ids=ids), actor="test"))
+
+        threads = [threading.Thread(target=replay, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        pool.close()
+    assert sorted(report.published for report in reports) == [10, 10, 10, 10]
+    assert statuses(db) == {"replayed": 40}
 
 
 def test_a_replay_killed_midway_and_rerun_loses_nothing(
