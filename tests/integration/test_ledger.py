@@ -113,3 +113,26 @@ def test_the_pruner_keeps_an_event_an_open_dlq_row_holds_until_the_row_is_closed
         assert repo.resolve([dlq_id], actor="test", note="done") == [dlq_id]
         assert pruner.prune_once() == 1  # a closed row holds nothing
         assert scalar(db, "SELECT count(*) FROM applied_events") == 0
+
+
+def test_open_rows_from_before_the_ledger_key_get_the_workers_key(db: psycopg.Connection[Any]) -> None:
+    """Rows written before migration 0006 had no key, so the pruner could forget their events."""
+    from eventhandler.migrate import migrations_dir
+
+    failures = [
+        failed_message(consumer="group-ü", event_source="/sö", event_id="é-1", offset=1),
+        failed_message(consumer="group-ü", event_source="/s", event_id="closed", offset=2),
+        failed_message(consumer="group-ü", event_source=None, event_id=None, offset=3),
+    ]
+    with (
+        psycopg_pool.ConnectionPool(db.info.dsn, min_size=1, max_size=1) as pool,
+        pool.connection() as conn,
+        conn.transaction(),
+    ):
+        PostgresDLQRepository(pool).record_failures(conn, failures)
+    db.execute("UPDATE dlq SET event_key = NULL")
+    db.execute("UPDATE dlq SET status = 'resolved' WHERE event_id = 'closed'")
+    db.execute((migrations_dir() / "0008_backfill_event_keys.sql").read_text())
+
+    keys = dict(db.execute("SELECT source_offset, event_key FROM dlq").fetchall())
+    assert keys == {1: digest("group-ü", ("/sö", "é-1")), 2: None, 3: None}
