@@ -206,6 +206,10 @@ RETURNING dlq_id
 LEASE_CLASS = 0x45484C31
 TAKE_LEASE = "SELECT pg_try_advisory_lock(%(lease_class)s, %(lease)s)"
 RELEASE_LEASE = "SELECT pg_advisory_unlock(%(lease_class)s, %(lease)s)"
+LEASE_HELD = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+               AND classid = %(lease_class)s::oid AND objid = %(lease)s::oid)
+"""
 # A row is free to claim when no lease holds it: none, expired, or its replayer's session is gone.
 LEASE_FREE = """(replay_lease IS NULL OR replay_lease_until < now() OR NOT EXISTS (
     SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
@@ -682,6 +686,13 @@ class PostgresDLQRepository:
         return psycopg.connect(
             conninfo() if callable(conninfo) else conninfo, **(options | {"autocommit": True})
         )
+
+    def lease_held(self, lease: int) -> bool:
+        """Whether the lease's session still holds it (a dropped connection has released it, and its
+        rows are then free for another replayer)."""
+        with translate_db_errors(), self._pool.connection() as conn:
+            row = conn.execute(LEASE_HELD, {"lease_class": LEASE_CLASS, "lease": lease}).fetchone()
+        return bool(row and row[0])
 
     def claim(
         self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float

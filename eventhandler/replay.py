@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import KafkaException, Producer
 
 from eventhandler.dlq import PostgresDLQRepository
-from eventhandler.errors import BrokerUnavailable
+from eventhandler.errors import BrokerUnavailable, DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
 from eventhandler.librdkafka import RawProducer, raw_header_key
 from eventhandler.metrics import Metrics
@@ -207,6 +207,11 @@ class Replayer:
         """Claim the chunk's rows (a short transaction), publish them with no transaction open, then
         mark the confirmed ones and free the rest (another short transaction)."""
         lease_seconds = self._delivery_timeout + (len(chunk) / rate if rate else 0) + 60
+        if not self._repository.lease_held(lease):
+            raise DatabaseUnavailable(
+                "the replay lost its lease (its PostgreSQL connection dropped); the rows it did not "
+                "publish are still pending: run it again"
+            )
         rows, claimed_at = self._repository.claim(
             flt.model_copy(update={"ids": tuple(chunk)}),
             limit=len(chunk),

@@ -13,7 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from eventhandler import replay as replay_module
 from eventhandler.config import Settings
+from eventhandler.dlq import LEASE_CLASS
+from eventhandler.errors import DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER
 from eventhandler.librdkafka import fetch_headers
 from eventhandler.models import DLQFilter
@@ -235,6 +238,34 @@ def test_replays_at_once_on_a_pool_of_one_connection_do_not_starve(
         pool.close()
     assert sorted(report.published for report in reports) == [10, 10, 10, 10]
     assert statuses(db) == {"replayed": 40}
+
+
+def test_a_replay_that_loses_its_lease_stops_before_its_next_chunk(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dropped lease connection frees the replay's rows for another replayer: going on would let
+    both publish them."""
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 6)
+    monkeypatch.setattr(replay_module, "CHUNK", 2)
+    service, pool = build_service(settings)
+
+    def drop_the_lease(_done: int) -> None:
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+            (LEASE_CLASS,),
+        )
+
+    try:
+        with pytest.raises(DatabaseUnavailable, match="lost its lease"):
+            service.replay(DLQFilter(), actor="test", progress=drop_the_lease)
+    finally:
+        pool.close()
+    assert statuses(db) == {"replayed": 2, "pending": 4}
 
 
 def test_a_replay_killed_midway_and_rerun_loses_nothing(
