@@ -231,6 +231,7 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
         limit=request.limit,
         to_topic=request.to_topic,
         dry_run=request.dry_run,
+        force=request.force,
     )
     return ReplayResponse.model_validate(report.as_dict())
 
@@ -255,22 +256,7 @@ def retry(
     """Republishes the row to its original topic (or `to_topic`). Pending and replayed rows can be
     replayed; a resolved or discarded row needs `force: true`."""
     options = request or RetryRequest()
-    status = service.status(dlq_id)
-    if status in ("resolved", "discarded") and not options.force:
-        raise InvalidOperation(f"DLQ row {dlq_id} is {status}; set force to true to replay it anyway")
-    statuses: tuple[Literal["pending", "replayed"], ...] = () if options.force else ("pending", "replayed")
-    report = service.replay(
-        DLQFilter(ids=(dlq_id,), statuses=statuses),
-        actor=principal.actor,
-        limit=1,
-        to_topic=options.to_topic,
-    )
-    if report.matched == 0:
-        raise InvalidOperation(f"DLQ row {dlq_id} changed status meanwhile; look at it again")
-    if report.failed:
-        raise PublishFailed(report.failures.get(dlq_id, "delivery not confirmed"))
-    if report.published == 0:
-        raise InvalidOperation(f"DLQ row {dlq_id} is being replayed by another request")
+    report = service.retry(dlq_id, actor=principal.actor, force=options.force, to_topic=options.to_topic)
     return ReplayResponse.model_validate(report.as_dict())
 
 

@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
+    StrictInt,
     StringConstraints,
     WithJsonSchema,
     model_validator,
@@ -27,7 +29,7 @@ from pydantic import (
 from eventhandler.librdkafka import raw_header_key
 from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Stage, Status
 from eventhandler.redaction import View
-from eventhandler.service import parse_time
+from eventhandler.service import parse_time, replay_target_problem
 
 MAX_ID = 2**63 - 1  # dlq_id is a bigint
 MAX_PAGE = 500
@@ -49,6 +51,13 @@ def _storable(text: str) -> str:
 def _topic_name(text: str) -> str:
     if text in (".", ".."):
         raise ValueError("is not a valid Kafka topic name")
+    return text
+
+
+def _replay_target(text: str) -> str:
+    problem = replay_target_problem(text)
+    if problem:
+        raise ValueError(problem)
     return text
 
 
@@ -85,7 +94,10 @@ def _cursor(cursor: str) -> str:
 Text = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_storable)]
 LongText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
 DlqId = Annotated[int, Field(ge=1, le=MAX_ID)]
+# In a JSON body a flag is a boolean and a count a number: "false" must not start a replay.
+BodyId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$"), AfterValidator(_topic_name)]
+TargetTopic = Annotated[TopicName, AfterValidator(_replay_target)]
 Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 TimeBound = Annotated[
     datetime,
@@ -158,16 +170,19 @@ class ListQuery(StatsQuery):
 class RetryAllRequest(_Filters):
     """Replay every row matching the filters, at most `limit` of them, oldest first."""
 
-    ids: list[DlqId] = Field(default_factory=list, max_length=MAX_IDS)
+    ids: list[BodyId] = Field(default_factory=list, max_length=MAX_IDS)
     statuses: list[Status] = Field(
-        default_factory=list, max_length=4, description="Statuses to replay; pending when empty."
+        default_factory=list,
+        max_length=4,
+        description="Statuses to replay; pending when empty (resolved and discarded need force).",
     )
-    limit: int = Field(ge=1, le=MAX_REPLAY, description="The most rows this request may replay.")
-    all: bool = Field(default=False, description="Needed to replay without any other filter.")
-    to_topic: TopicName | None = Field(
+    limit: StrictInt = Field(ge=1, le=MAX_REPLAY, description="The most rows this request may replay.")
+    all: StrictBool = Field(default=False, description="Needed to replay without any other filter.")
+    to_topic: TargetTopic | None = Field(
         default=None, description="Publish here instead of the original topic."
     )
-    dry_run: bool = Field(default=False, description="Count what would be replayed, change nothing.")
+    dry_run: StrictBool = Field(default=False, description="Count what would be replayed, change nothing.")
+    force: StrictBool = Field(default=False, description="Needed to replay resolved or discarded rows.")
 
     @model_validator(mode="after")
     def _narrowed(self) -> RetryAllRequest:
@@ -185,8 +200,8 @@ class RetryAllRequest(_Filters):
 class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    force: bool = Field(default=False, description="Replay a resolved or discarded row too.")
-    to_topic: TopicName | None = Field(
+    force: StrictBool = Field(default=False, description="Replay a resolved or discarded row too.")
+    to_topic: TargetTopic | None = Field(
         default=None, description="Publish here instead of the original topic."
     )
 

@@ -18,6 +18,7 @@ from eventhandler.errors import ConfigError
 ENV_PREFIX = "EVENTHANDLER_"
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # RFC 6750 allows fewer; this refuses whitespace and control bytes
 
 GROUP_PROTOCOLS = ("classic", "consumer")
 # Client options of the classic group protocol that the KIP-848 protocol moves to the broker.
@@ -133,9 +134,19 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token", "admin_read_token")
     @classmethod
-    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
+    def _strong_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return value
+        token = value.get_secret_value()
+        if len(token) < 16:
             raise ValueError("must be at least 16 characters")
+        if not _TOKEN.match(token):
+            raise ValueError("must be printable ASCII without spaces (a bearer token)")
+        admin = info.data.get("admin_token")
+        if info.field_name == "admin_read_token" and admin is not None and admin.get_secret_value() == token:
+            raise ValueError(
+                "must differ from EVENTHANDLER_ADMIN_TOKEN (the same value gives readers admin rights)"
+            )
         return value
 
     @field_validator("kafka_options", "kafka_consumer_options", "kafka_producer_options", mode="before")

@@ -148,6 +148,9 @@ def replay(
         bool, typer.Option("--dry-run", help="Count and list what would be replayed; change nothing.")
     ] = False,
     rate: Annotated[float | None, typer.Option(help="Messages per second at most.", min=0.01)] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow resolved and discarded rows (with --status).")
+    ] = False,
     yes: YesOpt = False,
     as_json: JsonOpt = False,
     actor: ActorOpt = None,
@@ -167,6 +170,7 @@ def replay(
     )
     console = make_console(stderr=as_json)
     with service() as svc:
+        flt = svc.replayable(flt, force=force, to_topic=to_topic)
         if ids:
             svc.require_ids(ids)
         matched = svc.count(flt)
@@ -204,6 +208,7 @@ def replay(
                 limit=limit,
                 to_topic=to_topic,
                 rate=rate,
+                force=force,
                 progress=lambda n: bar.advance(task, n),
             )
     if as_json:

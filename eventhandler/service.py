@@ -17,7 +17,7 @@ import psycopg_pool
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
 from eventhandler.dlq import PostgresDLQRepository
-from eventhandler.errors import InvalidOperation, NotFound, NotPermitted
+from eventhandler.errors import InvalidOperation, NotFound, NotPermitted, PublishFailed
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Status
@@ -36,6 +36,13 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration like 30m, 2h or 7d")
     return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def replay_target_problem(topic: str | None) -> str | None:
+    """Why a replay may not publish to `topic` (None: it may)."""
+    if topic is not None and topic.startswith("__"):
+        return f"{topic!r} is one of Kafka's internal topics; a replay never publishes there"
+    return None
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
@@ -175,6 +182,39 @@ class DLQService:
         log.info("dlq_purged", actor=actor, count=len(deleted), older_than_seconds=older_than_seconds)
         return deleted
 
+    # -- replay: one rule for the CLI, the API and the console -------------------------------------
+
+    @staticmethod
+    def replayable(flt: DLQFilter, *, force: bool = False, to_topic: str | None = None) -> DLQFilter:
+        """The rows a replay may take. A resolved or discarded row is replayed only with `force`; with
+        no status named, pending and replayed rows are (all of them with `force`). Kafka's internal
+        topics are never a target."""
+        problem = replay_target_problem(to_topic)
+        if problem:
+            raise InvalidOperation(problem)
+        if force:
+            return flt
+        closed = sorted({"resolved", "discarded"} & set(flt.statuses))
+        if closed:
+            raise InvalidOperation(f"replaying {' or '.join(closed)} rows needs force")
+        return flt if flt.statuses else flt.model_copy(update={"statuses": ("pending", "replayed")})
+
+    def retry(
+        self, dlq_id: int, *, actor: str, force: bool = False, to_topic: str | None = None
+    ) -> ReplayReport:
+        """Replay one row, or say exactly why not."""
+        status = self.status(dlq_id)
+        if status in ("resolved", "discarded") and not force:
+            raise InvalidOperation(f"DLQ row {dlq_id} is {status}; set force to true to replay it anyway")
+        report = self.replay(DLQFilter(ids=(dlq_id,)), actor=actor, limit=1, to_topic=to_topic, force=force)
+        if report.matched == 0:
+            raise InvalidOperation(f"DLQ row {dlq_id} changed status meanwhile; look at it again")
+        if report.failed:
+            raise PublishFailed(report.failures.get(dlq_id, "delivery not confirmed"))
+        if report.published == 0:
+            raise InvalidOperation(f"DLQ row {dlq_id} is being replayed by another request")
+        return report
+
     def replay(
         self,
         flt: DLQFilter,
@@ -184,8 +224,10 @@ class DLQService:
         to_topic: str | None = None,
         rate: float | None = None,
         dry_run: bool = False,
+        force: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
+        flt = self.replayable(flt, force=force, to_topic=to_topic)
         if flt.ids:
             self.require_ids(flt.ids)
         report = self.replayer.replay(

@@ -379,3 +379,27 @@ def test_a_rate_limited_replay_never_holds_up_the_worker(
     assert within_a_second == transactions, "a batch transaction waited on the replay"
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'late-device'") == 8
     assert scalar(db, "SELECT count(*) FROM dlq WHERE replay_count = 1") == 8
+
+
+def test_the_cli_keeps_the_same_replay_rule(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """`--status resolved` replayed resolved rows without any force; an internal topic was a target."""
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 2)
+    db.execute("UPDATE dlq SET status = 'resolved'")
+    env = settings_env(settings)
+
+    refused = run_cli(env, "replay", "--status", "resolved", "--yes")
+    assert refused.returncode != 0
+    assert "needs force" in refused.stderr
+    internal = run_cli(
+        env, "replay", "--status", "resolved", "--force", "--to-topic", "__consumer_offsets", "--yes"
+    )
+    assert internal.returncode != 0
+    assert "internal topics" in internal.stderr
+    assert statuses(db) == {"resolved": 2}
+
+    report = cli_json(env, "replay", "--status", "resolved", "--force", "--yes")
+    assert report["published"] == 2
+    assert statuses(db) == {"replayed": 2}

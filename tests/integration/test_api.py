@@ -425,6 +425,69 @@ def test_retry_all_needs_a_filter_or_all_and_a_limit(api: Api, db: psycopg.Conne
     assert {(actor, action) for actor, action, _ in audit(db)} == {("api:admin", "replay")}
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("retry-all", {"event_type": "device.reading", "limit": 10, "dry_run": "false"}),
+        ("retry-all", {"event_type": "device.reading", "limit": 10, "dry_run": 0}),
+        ("retry-all", {"all": "yes", "limit": 10}),
+        ("retry-all", {"all": 1, "limit": 10}),
+        ("retry-all", {"event_type": "device.reading", "limit": True}),
+        ("retry-all", {"event_type": "device.reading", "limit": "10"}),
+        ("retry-all", {"ids": ["{id}"], "limit": 10}),  # the id as a string
+        ("retry-all", {"ids": [True], "limit": 10}),
+        ("retry-all", {"event_type": "device.reading", "limit": 10, "force": "true"}),
+        ("{id}/retry", {"force": 1}),
+        ("{id}/retry", {"force": "true"}),
+    ],
+)
+def test_safety_flags_are_booleans_and_counts_are_numbers(
+    api: Api, db: psycopg.Connection[Any], path: str, body: dict[str, Any]
+) -> None:
+    """`"dry_run": "false"` started a real replay."""
+    (dlq_id,) = api.record(failure(api, event_type="device.reading"))
+    filled = json.loads(json.dumps(body).replace("{id}", str(dlq_id)))  # a string id stays a string
+    response = api.client.post(f"{DLQ}/{path.replace('{id}', str(dlq_id))}", json=filled, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert scalar(db, "SELECT replay_count FROM dlq WHERE dlq_id = %s", dlq_id) == 0
+    assert audit(db) == []
+
+
+def test_one_replay_rule_on_every_route(api: Api, db: psycopg.Connection[Any]) -> None:
+    """retry-all replayed a resolved row without force, which the single retry refused; both accepted
+    Kafka's internal topics as a target."""
+    resolved, discarded = api.record(failure(api), failure(api))
+    db.execute("UPDATE dlq SET status = 'resolved' WHERE dlq_id = %s", (resolved,))
+    db.execute("UPDATE dlq SET status = 'discarded' WHERE dlq_id = %s", (discarded,))
+    for status, dlq_id in (("resolved", resolved), ("discarded", discarded)):
+        body = {"ids": [dlq_id], "statuses": [status], "limit": 1}
+        refused = api.client.post(f"{DLQ}/retry-all", json=body, headers=ADMIN)
+        assert refused.status_code == 409, refused.text
+        assert "needs force" in refused.json()["detail"]
+        assert (
+            api.client.post(f"{DLQ}/retry-all", json=body | {"dry_run": True}, headers=ADMIN).status_code
+            == 409
+        )
+        assert status_of(db, dlq_id) == status
+    forced = api.client.post(
+        f"{DLQ}/retry-all",
+        json={"ids": [resolved], "statuses": ["resolved"], "limit": 1, "force": True},
+        headers=ADMIN,
+    )
+    assert forced.status_code == 200, forced.text
+    assert forced.json()["published_ids"] == [resolved]
+
+    for internal in ("__consumer_offsets", "__transaction_state", "__anything"):
+        for path, body in (
+            (f"{DLQ}/{discarded}/retry", {"force": True, "to_topic": internal}),
+            (f"{DLQ}/retry-all", {"all": True, "limit": 1, "to_topic": internal}),
+        ):
+            response = api.client.post(path, json=body, headers=ADMIN)
+            assert response.status_code == 422, response.text
+            assert "internal topics" in response.json()["message"]
+    assert status_of(db, discarded) == "discarded"
+
+
 def test_resolve_with_a_note_is_idempotent_and_refuses_discarded_rows(
     api: Api, db: psycopg.Connection[Any]
 ) -> None:

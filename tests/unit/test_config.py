@@ -64,6 +64,8 @@ def test_librdkafka_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> Non
         ("EVENTHANDLER_METRICS_PORT", "abc", "valid integer"),
         ("EVENTHANDLER_CONSUMER_GROUP", "  ", "must not be empty"),
         ("EVENTHANDLER_ADMIN_TOKEN", "short", "at least 16 characters"),
+        ("EVENTHANDLER_ADMIN_TOKEN", " " * 20, "without spaces"),
+        ("EVENTHANDLER_ADMIN_READ_TOKEN", "token with spaces inside", "without spaces"),
         ("EVENTHANDLER_KAFKA_OPTIONS", "[1, 2]", "JSON object"),
         ("EVENTHANDLER_UNKNOWN_EVENT_POLICY", "explode", "dead-letter"),
         ("EVENTHANDLER_API_REDACT_FIELDS", "data..password", "empty segment"),
@@ -148,3 +150,13 @@ def test_the_consumer_protocol_rebalances_incrementally() -> None:
     assert not is_incremental({"group.protocol": "classic", "partition.assignment.strategy": "range"})
     assert is_incremental({"partition.assignment.strategy": "cooperative-sticky"})
     assert is_incremental({"group.protocol": "consumer"})
+
+
+def test_the_read_only_token_must_differ_from_the_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same value would make every "reader" an admin (the first configured role wins)."""
+    monkeypatch.setenv("EVENTHANDLER_ADMIN_TOKEN", "the-same-token-0123456789")
+    monkeypatch.setenv("EVENTHANDLER_ADMIN_READ_TOKEN", "the-same-token-0123456789")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("invalid setting EVENTHANDLER_ADMIN_READ_TOKEN: must differ")
+    assert "the-same-token" not in str(caught.value)
