@@ -237,8 +237,9 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
 
 
 @router.get("/{dlq_id}", response_model=DLQDetail, summary="One DLQ row", responses=_errors(404))
-def get_row(dlq_id: DlqIdPath, _: Reader, service: Service) -> DLQDetail:
-    return render_entry(service.view(dlq_id))
+def get_row(dlq_id: DlqIdPath, principal: Reader, service: Service) -> DLQDetail:
+    """The whole row; `error_traceback` is null for the read-only token."""
+    return render_entry(service.view(dlq_id, reader=not principal.may_change))
 
 
 @router.post(

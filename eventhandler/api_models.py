@@ -257,7 +257,7 @@ class DLQDetail(DLQSummary):
     key_encoding: Literal["text", "base64"] | None
     headers: list[Header]
     message_timestamp: datetime | None
-    error_traceback: str | None
+    error_traceback: str | None = Field(description="Null for the read-only token (admin only).")
     replayed_to_topic: str | None
     resolved_by: str | None
     resolution_note: str | None

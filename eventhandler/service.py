@@ -123,8 +123,13 @@ class DLQService:
     def status(self, dlq_id: int) -> Status:
         return self.repository.get(dlq_id).status
 
-    def view(self, dlq_id: int) -> View:
-        return self.redactor.view(self.repository.get(dlq_id))
+    def view(self, dlq_id: int, *, reader: bool = False) -> View:
+        """A row as operators see it. A read-only caller gets no traceback: its source paths and
+        line numbers describe the deployment, not the message."""
+        view = self.redactor.view(self.repository.get(dlq_id))
+        if reader:
+            view.entry = view.entry.model_copy(update={"error_traceback": None})
+        return view
 
     def stats(self, flt: DLQFilter, *, top: int = 10) -> Stats:
         by_consumer = self.repository.counts_by("consumer", flt)
