@@ -15,6 +15,7 @@ from typing import Any, LiteralString, Protocol
 
 import psycopg
 import psycopg_pool
+import structlog
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -194,13 +195,21 @@ UPDATE dlq SET status = %(status)s, resolved_at = now(), resolved_by = %(actor)s
 WHERE dlq_id = ANY(%(ids)s) AND status = ANY(%(from_statuses)s)
 RETURNING dlq_id
 """
-DELETE_ROWS = "DELETE FROM dlq WHERE dlq_id = ANY(%(ids)s) RETURNING dlq_id"
-PURGE = """
+# What a deleted row was, for its audit row: its identity, status and a digest of its bytes.
+_DELETED = """
+RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
+          event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,
+          event_payload IS NULL AS tombstone, encode(sha256(coalesce(message_key, '')), 'hex') AS key_sha256
+"""
+DELETE_ROWS = "DELETE FROM dlq WHERE dlq_id = ANY(%(ids)s)" + _DELETED
+PURGE = (
+    """
 DELETE FROM dlq
 WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)s::interval
   AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
-RETURNING dlq_id
 """
+    + _DELETED
+)
 # Replay leases (migration 0005): the first key of the advisory lock a replayer holds while it runs;
 # the second is the lease itself, stored in the rows it claimed.
 LEASE_CLASS = 0x45484C31
@@ -227,7 +236,11 @@ UPDATE dlq SET
     status = CASE WHEN updated_at = %(claimed_at)s THEN 'replayed' ELSE status END,
     updated_at = CASE WHEN updated_at = %(claimed_at)s THEN now() ELSE updated_at END,
     replay_count = replay_count + 1, last_replayed_at = now(), replayed_to_topic = %(topic)s,
-    replay_lease = NULL, replay_lease_until = NULL
+    replay_lease = NULL, replay_lease_until = NULL,
+    -- a row replayed again is no longer resolved (the audit keeps who resolved it before)
+    resolved_at = CASE WHEN updated_at = %(claimed_at)s THEN NULL ELSE resolved_at END,
+    resolved_by = CASE WHEN updated_at = %(claimed_at)s THEN NULL ELSE resolved_by END,
+    resolution_note = CASE WHEN updated_at = %(claimed_at)s THEN NULL ELSE resolution_note END
 WHERE dlq_id = ANY(%(ids)s) AND replay_lease = %(lease)s
 """
 RELEASE_ROWS = """
@@ -235,8 +248,10 @@ UPDATE dlq SET replay_lease = NULL, replay_lease_until = NULL
 WHERE dlq_id = ANY(%(ids)s) AND replay_lease = %(lease)s
 """
 RECORD_AUDIT = """
-INSERT INTO dlq_audit (actor, action, dlq_ids, detail) VALUES (%(actor)s, %(action)s, %(ids)s, %(detail)s)
+INSERT INTO dlq_audit (actor, action, dlq_ids, detail, request_id, client)
+VALUES (%(actor)s, %(action)s, %(ids)s, %(detail)s, %(request_id)s, %(client)s)
 """
+AUDITED_ROWS = 1000  # a delete's audit row names at most this many rows, and counts them all
 DEPTH = "SELECT consumer, status, count(*) AS count FROM dlq GROUP BY consumer, status"
 # The lowest pending dlq_id of a consumer is its oldest first failure (ids and failed_at both come at
 # insert time; concurrent transactions blur that by one batch at most): one index probe per consumer.
@@ -337,6 +352,14 @@ def _entry(row: dict[str, Any]) -> DLQEntry:
         if row[column] is not None:
             row[column] = bytes(row[column])
     return DLQEntry.model_validate(row)
+
+
+def _deleted_detail(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    named = sorted(rows, key=lambda r: r["dlq_id"])[:AUDITED_ROWS]
+    return {
+        "count": len(rows),
+        "rows": [{k: clean_text(v) if isinstance(v, str) else v for k, v in r.items()} for r in named],
+    }
 
 
 def clean_text(text: str | None) -> str | None:
@@ -618,7 +641,10 @@ class PostgresDLQRepository:
                 },
             ).fetchall()
             changed = sorted(r[0] for r in rows)
-            self._audit(conn, actor, status if status != "resolved" else "resolve", changed, {"note": note})
+            if changed:  # a request that changed nothing is not a change
+                self._audit(
+                    conn, actor, status if status != "resolved" else "resolve", changed, {"note": note}
+                )
             return changed
 
     def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
@@ -630,32 +656,40 @@ class PostgresDLQRepository:
         return self._set_status(ids, "discarded", ("pending", "replayed"), actor, note)
 
     def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
-        with self._transaction() as conn:
-            deleted = sorted(r[0] for r in conn.execute(DELETE_ROWS, {"ids": list(ids)}).fetchall())
-            self._audit(conn, actor, "delete", deleted, {})
+        with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(DELETE_ROWS, {"ids": list(ids)}).fetchall()
+            deleted = sorted(r["dlq_id"] for r in rows)
+            if deleted:
+                self._audit(conn, actor, "delete", deleted, _deleted_detail(rows))
             return deleted
 
     def purge(self, *, older_than_seconds: float, actor: str, consumer: str | None = None) -> list[int]:
         """Delete resolved and discarded rows last changed longer ago than the given age."""
-        with self._transaction() as conn:
-            rows = conn.execute(
+        with self._transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(
                 PURGE, {"older_than": f"{older_than_seconds} seconds", "consumer": consumer}
             ).fetchall()
-            deleted = sorted(r[0] for r in rows)
-            self._audit(conn, actor, "purge", deleted, {"older_than_seconds": older_than_seconds})
+            deleted = sorted(r["dlq_id"] for r in rows)
+            if deleted:
+                detail = _deleted_detail(rows) | {"older_than_seconds": older_than_seconds}
+                self._audit(conn, actor, "purge", deleted, detail)
             return deleted
-
-    def record_audit(self, actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]) -> None:
-        with self._transaction() as conn:
-            self._audit(conn, actor, action, ids, detail)
 
     @staticmethod
     def _audit(
         conn: psycopg.Connection[Any], actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]
     ) -> None:
+        context = structlog.contextvars.get_contextvars()  # the API request or CLI run (see `logs`)
         conn.execute(
             RECORD_AUDIT,
-            {"actor": actor, "action": action, "ids": list(ids), "detail": Jsonb(detail)},
+            {
+                "actor": actor,
+                "action": action,
+                "ids": list(ids),
+                "detail": Jsonb(detail),
+                "request_id": context.get("request_id"),
+                "client": context.get("client"),
+            },
         )
 
     # -- replay ------------------------------------------------------------------------------

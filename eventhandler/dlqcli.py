@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import getpass
 import json
+import socket
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
+import structlog
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -94,12 +97,22 @@ def service() -> Iterator[DLQService]:
 
     settings = settings_or_exit()
     svc, pool = build_service(settings)
+    # what the audit rows of this run name as its request and its client
+    structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex, client=_client())
     try:
         yield svc
     except EventHandlerError as exc:
         raise _fail(str(exc)) from None
     finally:
         pool.close()
+
+
+def _client() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
 
 
 def actor_name(actor: str | None) -> str:

@@ -116,6 +116,11 @@ def test_resolve_discard_delete_and_purge_are_audited(
     actions = db.execute("SELECT actor, action FROM dlq_audit ORDER BY audit_id").fetchall()
     assert actions[:3] == [("alice", "resolve"), ("bob", "discarded"), ("carol", "delete")]
     assert actions[-1][1] == "purge"
+    # every row names the CLI run it came from and where it ran; the no-op resolve wrote none
+    contexts = db.execute("SELECT request_id, client FROM dlq_audit ORDER BY audit_id").fetchall()
+    assert len(contexts) == 4
+    assert len({request_id for request_id, _ in contexts}) == 4
+    assert all(client.startswith("cli:") and "@" in client for _, client in contexts)
 
 
 def test_acting_on_many_rows_asks_first(

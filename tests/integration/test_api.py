@@ -4,6 +4,7 @@ error bodies that leak nothing, the audit trail, and a retry the worker then res
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import signal
@@ -517,6 +518,52 @@ def test_delete_removes_the_row_and_is_audited(api: Api, db: psycopg.Connection[
     assert api.client.get(f"{DLQ}/{gone}", headers=READER).status_code == 404
     assert status_of(db, keep) == "pending"
     assert audit(db) == [("api:admin", "delete", [gone])]
+
+
+def test_the_audit_alone_says_who_did_what_to_which_rows_when_and_from_where(
+    api: Api, db: psycopg.Connection[Any]
+) -> None:
+    """A delete was audited with detail {}, rows carried the role only, a resolve that changed nothing
+    wrote a row with no ids, and a replayed resolved row kept `resolved_by`."""
+    doomed, resolved = api.record(failure(api, value=b"the doomed bytes", key=b"k-1"), failure(api))
+    request = {"X-Request-ID": "ticket-4711"}
+    assert api.client.delete(f"{DLQ}/{doomed}", headers=ADMIN | request).status_code == 204
+    (actor, action, ids, detail, request_id, client) = db.execute(
+        "SELECT actor, action, dlq_ids, detail, request_id, client FROM dlq_audit"
+    ).fetchone()
+    assert (actor, action, ids, request_id, client) == (
+        "api:admin",
+        "delete",
+        [doomed],
+        "ticket-4711",
+        "testclient",
+    )
+    (row,) = detail["rows"]
+    assert detail["count"] == 1
+    assert row["dlq_id"] == doomed
+    assert (row["consumer"], row["topic"], row["status"]) == (
+        api.settings.consumer_group,
+        api.settings.topics[0],
+        "pending",
+    )
+    assert isinstance(row["partition"], int)
+    assert isinstance(row["offset"], int)
+    assert row["payload_sha256"] == hashlib.sha256(b"the doomed bytes").hexdigest()
+    assert row["key_sha256"] == hashlib.sha256(b"k-1").hexdigest()
+
+    assert (
+        api.client.put(f"{DLQ}/{resolved}/resolve", json={"note": "fixed"}, headers=ADMIN).status_code == 200
+    )
+    again = api.client.put(f"{DLQ}/{resolved}/resolve", json={"note": "again"}, headers=ADMIN)
+    assert again.json()["changed"] is False
+    assert [a for _, a, _ in audit(db)] == ["delete", "resolve"]  # the no-op wrote nothing
+
+    forced = api.client.post(f"{DLQ}/{resolved}/retry", json={"force": True}, headers=ADMIN)
+    assert forced.status_code == 200, forced.text
+    assert db.execute(
+        "SELECT status, resolved_by, resolved_at, resolution_note FROM dlq WHERE dlq_id = %s", (resolved,)
+    ).fetchone() == ("replayed", None, None, None)
+    assert [a for _, a, _ in audit(db)] == ["delete", "resolve", "replay"]
 
 
 # -- authorization ------------------------------------------------------------------------------------------
