@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import anyio
 import anyio.to_thread
 import structlog
 import uvicorn
@@ -55,6 +56,7 @@ from eventhandler.api_models import (
 from eventhandler.config import Settings
 from eventhandler.errors import (
     BrokerUnavailable,
+    Busy,
     ConfigError,
     DatabaseUnavailable,
     EventHandlerError,
@@ -300,7 +302,8 @@ operations = APIRouter(tags=["operations"])
 
 
 @operations.get("/healthz", response_model=Health, summary="Alive (no token needed)")
-def healthz() -> Health:
+async def healthz() -> Health:
+    """On the event loop, never behind requests that wait for a thread (replays hold one each)."""
     return Health(status="ok")
 
 
@@ -310,9 +313,10 @@ def healthz() -> Health:
     summary="Ready: PostgreSQL answers (no token needed)",
     responses={503: {"model": Health, "description": "PostgreSQL does not answer."}},
 )
-def readyz(service: Service) -> Response:
-    try:
-        service.count(DLQFilter(ids=(0,)))
+async def readyz(request: Request, service: Service) -> Response:
+    state: ApiState = request.app.state.eventhandler
+    try:  # on threads of its own, so that busy request threads cannot delay it
+        await anyio.to_thread.run_sync(service.count, DLQFilter(ids=(0,)), limiter=state.probe_threads)
     except EventHandlerError as exc:
         log.warning("api_not_ready", error_type=type(exc).__name__)
         return JSONResponse({"status": "unavailable"}, status_code=503)
@@ -339,6 +343,8 @@ def _error_status(exc: EventHandlerError) -> tuple[int, str]:
         return 503, "the database is unavailable; try again later"
     if isinstance(exc, BrokerUnavailable):
         return 503, "the Kafka broker is unavailable; try again later"
+    if isinstance(exc, Busy):
+        return 503, str(exc)
     if isinstance(exc, TransientError):
         return 503, "a service this API needs is unavailable; try again later"
     if isinstance(exc, PublishFailed):
@@ -371,10 +377,11 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 # -- the application ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class ApiState:
     service: DLQService
     metrics: Metrics
+    probe_threads: anyio.CapacityLimiter | None = None  # made in the lifespan (it needs the event loop)
 
 
 def _request_id(given: str | None) -> str:
@@ -441,6 +448,7 @@ def create_app(service: DLQService, settings: Settings, metrics: Metrics) -> Fas
             service.repository, metrics, [settings.consumer_group], settings.dlq_refresh_seconds
         )
         refresher.start()
+        _app.state.eventhandler.probe_threads = anyio.CapacityLimiter(2)
         log.info("api_started", redact_fields=len(service.redactor.paths))
         try:
             yield

@@ -83,5 +83,9 @@ class BrokerUnavailable(TransientError):
     """Kafka cannot be reached or did not answer in time."""
 
 
+class Busy(TransientError):
+    """Too many operations of one kind at once (API replays); try again shortly."""
+
+
 class PublishFailed(EventHandlerError):
     """The broker rejected a message (a replay publish that did not get a successful delivery report)."""

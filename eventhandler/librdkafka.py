@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import logging
 import os
 from typing import Any
 
@@ -60,6 +61,22 @@ class _Vu(ctypes.Structure):  # rd_kafka_vu_t: one argument of rd_kafka_producev
 _VTYPE_TOPIC, _VTYPE_PARTITION, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_OPAQUE, _VTYPE_HEADERS = 1, 3, 4, 5, 6, 10
 _ANY_PARTITION = -1  # RD_KAFKA_PARTITION_UA: the partitioner chooses, by key
 _DELIVERY_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Message), ctypes.c_void_p)
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p)
+# syslog levels to logging's: 0-2 critical, 3 error, 4 warning, 5-6 info, 7 debug
+_SYSLOG_LEVELS = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20}
+
+
+def _forward_log(_handle: Any, level: int, facility: bytes | None, text: bytes | None) -> None:
+    """librdkafka's log lines go through the `librdkafka` logger (structlog's format), not raw to stderr."""
+    logging.getLogger("librdkafka").log(
+        _SYSLOG_LEVELS.get(level, logging.DEBUG),
+        "%s: %s",
+        (facility or b"").decode(errors="replace"),
+        (text or b"").decode(errors="replace"),
+    )
+
+
+_log_line = _LOG_CALLBACK(_forward_log)  # one for the process: librdkafka keeps only the pointer
 
 
 @functools.cache
@@ -88,6 +105,7 @@ def library() -> Any:
         ),
         "rd_kafka_err2str": (s, [i]),
         "rd_kafka_conf_set_dr_msg_cb": (None, [p, _DELIVERY_CALLBACK]),
+        "rd_kafka_conf_set_log_cb": (None, [p, _LOG_CALLBACK]),
         "rd_kafka_headers_new": (p, [ctypes.c_size_t]),
         "rd_kafka_headers_destroy": (None, [p]),
         "rd_kafka_header_add": (i, [p, s, ctypes.c_ssize_t, p, ctypes.c_ssize_t]),
@@ -158,6 +176,7 @@ def _configure(lib: Any, config: dict[str, Any], skip: set[str]) -> Any:
             continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         lib.rd_kafka_conf_set(conf, name.encode(), text.encode(), error, len(error))  # refused: not for C
+    lib.rd_kafka_conf_set_log_cb(conf, _log_line)
     return conf
 
 

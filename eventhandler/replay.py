@@ -12,6 +12,7 @@ is not UTF-8 goes out through librdkafka's C API (`RawProducer`), since the Pyth
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from eventhandler.metrics import Metrics
 from eventhandler.models import DLQEntry, DLQFilter, Headers
 
 CHUNK = 200
+CONNECT_SECONDS = 5.0  # how long a replay waits for the broker's metadata before it gives up
+DOWN_SECONDS = 5.0  # after the broker did not answer, replays fail at once for this long
 _OUR_HEADERS = {DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER}
 
 
@@ -128,17 +131,25 @@ class Replayer:
         self._producer_config = producer_config
         self._metrics = metrics
         self._delivery_timeout = delivery_timeout
+        self._down_until = 0.0  # monotonic time until which the broker counts as down
 
     def connect(self) -> Producer:
-        """A producer, after checking the broker answers (one clear error instead of a hang)."""
-        config = self._producer_config | {"message.timeout.ms": int(self._delivery_timeout * 1000)}
+        """A producer, after checking the broker answers (one clear error instead of a hang). Once it
+        did not, every replay fails at once for a few seconds: a burst of API retries while Kafka is
+        down answers 503 quickly instead of holding a thread each."""
+        where = self._producer_config.get("bootstrap.servers")
+        if time.monotonic() < self._down_until:
+            raise BrokerUnavailable(f"cannot reach Kafka at {where} (it did not answer a moment ago)")
+        config = self._producer_config | {
+            "message.timeout.ms": int(self._delivery_timeout * 1000),
+            "logger": logging.getLogger("librdkafka"),  # its lines through structlog, not raw stderr
+        }
         producer = Producer(config)
         try:
-            producer.list_topics(timeout=10)
+            producer.list_topics(timeout=CONNECT_SECONDS)
         except KafkaException as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Kafka at {self._producer_config.get('bootstrap.servers')}: {exc.args[0].str()}"
-            ) from None
+            self._down_until = time.monotonic() + DOWN_SECONDS
+            raise BrokerUnavailable(f"cannot reach Kafka at {where}: {exc.args[0].str()}") from None
         return producer
 
     def replay(

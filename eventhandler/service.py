@@ -7,6 +7,7 @@ log line that goes with it. The CLI and the API only parse input and render outp
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ import psycopg_pool
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
 from eventhandler.dlq import PostgresDLQRepository
-from eventhandler.errors import InvalidOperation, NotFound, NotPermitted, PublishFailed
+from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, PublishFailed
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Status
@@ -26,6 +27,7 @@ from eventhandler.replay import Replayer, ReplayReport
 
 log = get_logger("eventhandler.audit")
 
+MAX_CONCURRENT_REPLAYS = 4
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -98,6 +100,8 @@ class DLQService:
         self.replayer = replayer
         self.default_consumer = default_consumer
         self.redactor = redactor or Redactor(())
+        # Each replay holds a thread (and a producer) while it publishes; the API answers 503 beyond this.
+        self._replays = threading.BoundedSemaphore(MAX_CONCURRENT_REPLAYS)
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -235,9 +239,20 @@ class DLQService:
         flt = self.replayable(flt, force=force, to_topic=to_topic)
         if flt.ids:
             self.require_ids(flt.ids)
-        report = self.replayer.replay(
-            flt, limit=limit, to_topic=to_topic, rate=rate, dry_run=dry_run, actor=actor, progress=progress
-        )
+        if not self._replays.acquire(blocking=False):
+            raise Busy(f"{MAX_CONCURRENT_REPLAYS} replays are running already; try again when one is done")
+        try:
+            report = self.replayer.replay(
+                flt,
+                limit=limit,
+                to_topic=to_topic,
+                rate=rate,
+                dry_run=dry_run,
+                actor=actor,
+                progress=progress,
+            )
+        finally:
+            self._replays.release()
         if not dry_run:
             log.info(
                 "dlq_replayed",

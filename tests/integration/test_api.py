@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -774,6 +775,32 @@ def test_broker_down_is_503_without_details(
     assert response.json() == {"detail": "the Kafka broker is unavailable; try again later"}
     assert str(port) not in response.text
     assert status_of(db, dlq_id) == "pending"
+
+
+def test_a_burst_of_retries_while_the_broker_is_down_gets_fast_503s_and_health_stays_instant(
+    make_api: Callable[..., Api], db: psycopg.Connection[Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Each retry held a request thread for 10 s; 42 at once made /healthz take 8.5 s (a liveness probe
+    would have killed the pod), and librdkafka wrote raw lines to stderr that broke the JSON logs."""
+    api = make_api(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    ids = api.record(*(failure(api) for _ in range(40)))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        answers = [pool.submit(api.client.post, f"{DLQ}/{dlq_id}/retry", headers=ADMIN) for dlq_id in ids]
+        time.sleep(0.5)
+        probe = time.perf_counter()
+        health = api.client.get("/healthz")
+        health_seconds = time.perf_counter() - probe
+        responses = [answer.result() for answer in answers]
+    burst_seconds = time.perf_counter() - started
+
+    assert health.status_code == 200
+    assert health_seconds < 1.0
+    assert {response.status_code for response in responses} == {503}
+    assert burst_seconds < 8  # a few wait for the broker once (5 s); the rest are refused at once
+    assert scalar(db, "SELECT count(*) FROM dlq WHERE status = 'pending'") == 40
+    err = capfd.readouterr().err
+    assert not [line for line in err.splitlines() if line.startswith("%")], err[:2000]
 
 
 def test_an_unexpected_error_is_a_bare_500_and_a_log_line(
