@@ -77,7 +77,12 @@ log = get_logger("eventhandler.api")
 
 API_ROOT = "/api/"
 PREFIX = "/api/v1/events/dlq"
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_METHODS = frozenset({"GET"})
+API_METHODS = frozenset({"GET", "POST", "PUT", "DELETE"})  # any other method on /api/ is a 405
+# Every response: never cached by a browser or proxy (rows hold payloads), never content-sniffed.
+SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+MAX_ISSUES = 20  # a 422 names at most this many problems,
+MAX_ISSUE_CHARS = 200  # each part of them cut to this length: a 40 kB parameter name is not echoed
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -238,6 +243,22 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
     return ReplayResponse.model_validate(report.as_dict())
 
 
+# Without these, `DELETE /stats` or `GET /retry-all` reach the `/{dlq_id}` routes and get a 422 for
+# an id that is not a number; the right answer is 405 with the methods the path has.
+@router.api_route("/stats", methods=["POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+def _stats_other_methods() -> Response:
+    return _not_allowed("GET")
+
+
+@router.api_route("/retry-all", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+def _retry_all_other_methods() -> Response:
+    return _not_allowed("POST")
+
+
+def _not_allowed(allow: str) -> Response:
+    return JSONResponse({"detail": "method not allowed here"}, status_code=405, headers={"Allow": allow})
+
+
 @router.get("/{dlq_id}", response_model=DLQDetail, summary="One DLQ row", responses=_errors(404))
 def get_row(dlq_id: DlqIdPath, principal: Reader, service: Service) -> DLQDetail:
     """The whole row; `error_traceback` is null for the read-only token."""
@@ -365,13 +386,20 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
     issues = []
-    for error in exc.errors():
-        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        location = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
-        issues.append({"loc": location, "msg": message, "type": str(error.get("type", "value_error"))})
+    for error in errors[:MAX_ISSUES]:
+        message = _cut(str(error.get("msg", "invalid value")).removeprefix("Value error, "))
+        location = [part if isinstance(part, int) else _cut(str(part)) for part in error.get("loc", ())]
+        issues.append({"loc": location, "msg": message, "type": _cut(str(error.get("type", "value_error")))})
     summary = "; ".join(f"{'.'.join(map(str, i['loc'])) or 'request'}: {i['msg']}" for i in issues)
+    if len(errors) > MAX_ISSUES:
+        summary += f"; and {len(errors) - MAX_ISSUES} more"
     return JSONResponse({"detail": issues, "message": summary}, status_code=422)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_ISSUE_CHARS else text[: MAX_ISSUE_CHARS - 1] + "…"
 
 
 # -- the application ------------------------------------------------------------------------------------
@@ -409,6 +437,12 @@ def _gate(tokens: TokenChecker) -> Callable[[Request, Next], Awaitable[Response]
                         status_code=401,
                         headers={"WWW-Authenticate": "Bearer"},
                     )
+                elif request.method not in API_METHODS:
+                    response = JSONResponse(
+                        {"detail": f"method {request.method} is not allowed here"},
+                        status_code=405,
+                        headers={"Allow": "GET, POST, PUT, DELETE"},
+                    )
                 elif request.method not in READ_METHODS and role != "admin":
                     response = JSONResponse(
                         {"detail": "this token may read but not change the DLQ"}, status_code=403
@@ -422,6 +456,7 @@ def _gate(tokens: TokenChecker) -> Callable[[Request, Next], Awaitable[Response]
                     log.exception("api_unhandled_error", method=request.method, path=request.url.path)
                     response = JSONResponse({"detail": "internal error"}, status_code=500)
             response.headers["X-Request-ID"] = request_id
+            response.headers.update(SECURITY_HEADERS)
             level = log.debug if request.url.path in _QUIET_PATHS else log.info
             level(
                 "api_request",
@@ -463,6 +498,8 @@ def create_app(service: DLQService, settings: Settings, metrics: Metrics) -> Fas
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # the redirect of `/healthz/` to `/healthz` was built from the request's Host header
+        redirect_slashes=False,
     )
     app.state.eventhandler = ApiState(service=service, metrics=metrics)
     app.add_middleware(BaseHTTPMiddleware, dispatch=_gate(tokens))
@@ -489,6 +526,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None
             log_config=None,  # keep the structlog configuration
             access_log=False,  # one line per request comes from the app, with its request id
             server_header=False,
+            # X-Forwarded-For is believed only from the proxies named in the settings (none by default)
+            proxy_headers=bool(settings.api_trusted_proxies),
+            forwarded_allow_ips=",".join(settings.api_trusted_proxies) or None,
             lifespan="on",
             timeout_graceful_shutdown=30,
         )

@@ -5,6 +5,7 @@ Nothing here runs at import time; `load_settings()` is called by the command lin
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -72,6 +73,8 @@ class Settings(BaseSettings):
     handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Payload fields the admin API masks in responses, as dotted paths (e.g. data.password, data.*.secret).
     api_redact_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For the admin API believes.
+    api_trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     retry_initial_seconds: float = Field(default=0.2, gt=0, le=60)
     retry_max_seconds: float = Field(default=15.0, gt=0, le=600)
@@ -85,11 +88,21 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     worker_id: str | None = None
 
-    @field_validator("topics", "handlers", "api_redact_fields", mode="before")
+    @field_validator("topics", "handlers", "api_redact_fields", "api_trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network") from None
         return value
 
     @field_validator("api_redact_fields")

@@ -850,6 +850,47 @@ def test_requests_are_logged_without_tokens(api: Api) -> None:
 # -- operations ------------------------------------------------------------------------------------------------
 
 
+def test_http_hygiene(api: Api) -> None:
+    """What a probe found: a redirect built from the Host header, cacheable and sniffable payload
+    responses, a 422 that echoed 40 kB of parameter names as 672 kB, 422 where 405 is right, and HEAD
+    and OPTIONS treated as reads."""
+    (dlq_id,) = api.record(failure(api))
+    redirected = api.client.get("/healthz/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert redirected.status_code == 404
+    assert "evil.example" not in redirected.headers.get("location", "")
+
+    for response in (api.client.get(f"{DLQ}/{dlq_id}", headers=READER), api.client.get(DLQ, headers=READER)):
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+    unknown = {f"p{i}-" + "x" * 300: "1" for i in range(100)}  # 30 kB of unknown parameter names
+    echoed = api.client.get(DLQ, params=unknown | {"since": "y" * 20_000}, headers=READER)
+    assert echoed.status_code == 422
+    assert len(echoed.content) < 25_000  # it was 16 times the request
+    assert "more" in echoed.json()["message"]
+
+    for method, path, allow in (("DELETE", f"{DLQ}/stats", "GET"), ("GET", f"{DLQ}/retry-all", "POST")):
+        wrong = api.client.request(method, path, headers=ADMIN)
+        assert wrong.status_code == 405, wrong.text
+        assert wrong.headers["allow"] == allow
+    for method in ("HEAD", "OPTIONS", "PATCH"):
+        assert api.client.request(method, DLQ, headers=ADMIN).status_code == 405
+        assert api.client.request(method, DLQ, headers=READER).status_code == 405
+        assert api.client.request(method, DLQ).status_code == 401
+
+
+def test_forwarded_for_is_believed_only_from_configured_proxies(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """uvicorn believed X-Forwarded-For from loopback, so any local caller could spoof its logged client."""
+    default = make_settings()
+    assert default.api_trusted_proxies == []
+    configured = make_settings(api_trusted_proxies="10.0.0.0/8, 192.168.1.7")
+    assert configured.api_trusted_proxies == ["10.0.0.0/8", "192.168.1.7"]
+    with pytest.raises(ValueError, match="not an IP address"):
+        make_settings(api_trusted_proxies="*")
+
+
 def test_health_readiness_and_metrics_need_no_token(api: Api) -> None:
     api.record(failure(api), failure(api))
     assert api.client.get("/healthz").json() == {"status": "ok"}
@@ -925,7 +966,7 @@ def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
 
             wait_for(healthy, timeout=30, message="the API to listen")
             assert client.get(DLQ).status_code == 401
-            row = client.get(f"{DLQ}/{dlq_id}", headers=READER)
+            row = client.get(f"{DLQ}/{dlq_id}", headers=READER | {"X-Forwarded-For": "6.6.6.6"})
             assert row.status_code == 200, row.text
             assert row.json()["payload"]["data"] == {"password": "***"}
             assert "server" not in row.headers
@@ -943,6 +984,8 @@ def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
     assert "api_starting" in events
     assert "api_request" in events
     assert events.index("api_started") < events.index("api_stopped")
+    clients = {json.loads(line).get("client") for line in output.splitlines() if '"api_request"' in line}
+    assert clients == {"127.0.0.1"}  # a forged X-Forwarded-For is not believed from an untrusted peer
 
 
 def test_serve_refuses_to_start_without_a_token(make_settings: Callable[..., Settings]) -> None:
