@@ -200,7 +200,28 @@ router = APIRouter(
 )
 
 
-@router.get("", response_model=DLQPage, summary="List DLQ rows")
+def _links_to_row(id_expression: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI links from a response that names a row to what can be done with it (clients and
+    stateful API tests follow them)."""
+    targets = {
+        "GetRow": "get_row",
+        "RetryRow": "retry_row",
+        "ResolveRow": "resolve_row",
+        "DeleteRow": "delete_row",
+    }
+    links = {
+        name: {"operationId": op, "parameters": {"dlq_id": id_expression}} for name, op in targets.items()
+    }
+    return {200: {"links": links}}
+
+
+@router.get(
+    "",
+    response_model=DLQPage,
+    summary="List DLQ rows",
+    operation_id="list_rows",
+    responses=_links_to_row("$response.body#/items/0/dlq_id"),
+)
 def list_rows(query: Annotated[ListQuery, Query()], principal: Reader, service: Service) -> DLQPage:
     """Rows matching the filters in id order, one page at a time (keyset pagination)."""
     flt = query.dlq_filter()
@@ -259,7 +280,13 @@ def _not_allowed(allow: str) -> Response:
     return JSONResponse({"detail": "method not allowed here"}, status_code=405, headers={"Allow": allow})
 
 
-@router.get("/{dlq_id}", response_model=DLQDetail, summary="One DLQ row", responses=_errors(404))
+@router.get(
+    "/{dlq_id}",
+    response_model=DLQDetail,
+    summary="One DLQ row",
+    operation_id="get_row",
+    responses=_errors(404) | _links_to_row("$response.body#/dlq_id"),
+)
 def get_row(dlq_id: DlqIdPath, principal: Reader, service: Service) -> DLQDetail:
     """The whole row; `error_traceback` is null for the read-only token."""
     return render_entry(service.view(dlq_id, reader=not principal.may_change))
@@ -269,6 +296,7 @@ def get_row(dlq_id: DlqIdPath, principal: Reader, service: Service) -> DLQDetail
     "/{dlq_id}/retry",
     response_model=ReplayResponse,
     summary="Replay one row",
+    operation_id="retry_row",
     responses=_errors(403, 404, 409, 502),
 )
 def retry(
@@ -289,6 +317,7 @@ def retry(
     status_code=204,
     response_class=Response,
     summary="Delete one row",
+    operation_id="delete_row",
     responses=_errors(403, 404),
 )
 def delete_row(dlq_id: DlqIdPath, principal: Admin, service: Service) -> Response:
@@ -300,6 +329,7 @@ def delete_row(dlq_id: DlqIdPath, principal: Admin, service: Service) -> Respons
     "/{dlq_id}/resolve",
     response_model=ResolveResponse,
     summary="Mark one row resolved",
+    operation_id="resolve_row",
     responses=_errors(403, 404, 409),
 )
 def resolve(

@@ -123,7 +123,9 @@ class _Filters(BaseModel):
     consumer: Text | None = Field(default=None, description="Consumer group.")
     event_type: Text | None = Field(default=None, description="CloudEvents type, e.g. device.reading.")
     stage: Stage | None = Field(default=None, description="Where the message failed.")
-    since: TimeBound | None = Field(default=None, description="Last failed at or after this time.")
+    since: TimeBound | None = Field(
+        default=None, description="Last failed at or after this time (earlier than `until`, else a 422)."
+    )
     until: TimeBound | None = Field(default=None, description="Last failed before this time.")
     error_contains: Text | None = Field(default=None, description="Case-insensitive substring of the error.")
     fingerprint: Fingerprint | None = Field(default=None, description="Failure group (see stats).")
@@ -160,7 +162,9 @@ class StatsQuery(_Filters):
 
 class ListQuery(StatsQuery):
     limit: int = Field(default=50, ge=1, le=MAX_PAGE, description="Rows per page.")
-    cursor: Cursor | None = Field(default=None, description="`next_cursor` of the previous page.")
+    cursor: Cursor | None = Field(
+        default=None, description="`next_cursor` of the previous page, as given (any other value is a 422)."
+    )
 
     @property
     def after_id(self) -> int | None:

@@ -38,6 +38,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 class Target:
     schema: BaseSchema
     ids: list[int]
+    reset: Callable[[], list[int]]  # the DLQ back to its seeded rows, with the same ids
 
 
 @pytest.fixture
@@ -61,12 +62,16 @@ def target(make_settings: Callable[..., Settings]) -> Iterator[Target]:
         {"stage": "projection", "event_type": "device.registered", "consumer": "another-group"},
         {"error_message": "device 'fuzz-2' is not registered", "topic": "some-other-topic"},
     ]
-    with pool.connection() as conn, conn.transaction():
-        ids = service.repository.record_failures(
-            conn, [failed_message(**({"consumer": group, "topic": topic} | row)) for row in rows]
-        )
+
+    def reset() -> list[int]:
+        with pool.connection() as conn, conn.transaction():
+            conn.execute("TRUNCATE dlq, dlq_audit RESTART IDENTITY")
+            return service.repository.record_failures(
+                conn, [failed_message(**({"consumer": group, "topic": topic} | row)) for row in rows]
+            )
+
     app = create_app(service, settings, metrics)
-    yield Target(schemathesis.openapi.from_asgi("/openapi.json", app), ids)
+    yield Target(schemathesis.openapi.from_asgi("/openapi.json", app), reset(), reset)
     pool.close()
 
 
@@ -109,3 +114,33 @@ def test_no_input_breaks_the_api_or_its_schema(target: Target, mode: GenerationM
             except BaseException as exc:
                 exc.add_note(f"operation: {operation.label} ({mode} data)")
                 raise
+
+
+def test_sequences_of_calls_that_follow_the_links_keep_the_api_and_its_schema_whole(target: Target) -> None:
+    """Stateful: list → a row → retry / resolve / delete it → read it again, as the OpenAPI links say."""
+
+    answered: set[tuple[str, int]] = set()
+
+    class Workflow(target.schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            target.reset()  # each scenario starts from the same rows: Hypothesis replays scenarios
+
+        def get_call_kwargs(self, case: Case) -> dict[str, Any]:
+            return {"headers": ADMIN}
+
+        def validate_response(self, response: Any, case: Case, **kwargs: Any) -> None:
+            answered.add((case.operation.label, response.status_code))
+            case.validate_response(response, checks=CHECKS, headers=ADMIN)
+
+    Workflow.run(
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=6,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
+    # the links were followed to rows that exist, not only to 404s
+    reached = {label for label, status in answered if status < 300}
+    assert {"GET /api/v1/events/dlq/{dlq_id}", "PUT /api/v1/events/dlq/{dlq_id}/resolve"} <= reached, answered
