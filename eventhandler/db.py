@@ -120,12 +120,6 @@ def create_pool(
     return pool
 
 
-def connect(settings: Settings, **kwargs: Any) -> psycopg.Connection[Any]:
-    """A single connection outside the pool (migrations, one-shot commands)."""
-    with translate_db_errors():
-        return psycopg.connect(settings.dsn, **(connection_kwargs(settings) | kwargs))
-
-
 @contextmanager
 def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
     """Break the connection if the block takes longer than `seconds`.

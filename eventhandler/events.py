@@ -25,7 +25,6 @@ _INT4_MAX, _INT8_MAX = 2**31 - 1, 2**63 - 1
 DLQ_ID_HEADER = "eventhandler-dlq-id"
 ORIGIN_HEADER = "eventhandler-origin"
 REPLAY_COUNT_HEADER = "eventhandler-replay-count"
-_STRUCTURED_CONTENT_TYPE = "application/cloudevents"
 _MAX_ERROR_DETAILS = 3
 
 

@@ -137,7 +137,6 @@ class LedgerPruner:
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ledger-pruner", daemon=True)
-        self.pruned = 0
 
     def prune_once(self) -> int:
         total = 0
@@ -152,7 +151,6 @@ class LedgerPruner:
             log.warning("ledger_prune_failed", error=str(exc))
         if total:
             log.info("ledger_pruned", rows=total)
-        self.pruned += total
         return total
 
     def _run(self) -> None:

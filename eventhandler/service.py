@@ -93,12 +93,10 @@ class DLQService:
         repository: PostgresDLQRepository,
         replayer: Replayer,
         *,
-        default_consumer: str | None = None,
         redactor: Redactor | None = None,
     ) -> None:
         self.repository = repository
         self.replayer = replayer
-        self.default_consumer = default_consumer
         self.redactor = redactor or Redactor(())
         # Each replay holds a thread (and a producer) while it publishes; the API answers 503 beyond this.
         self._replays = threading.BoundedSemaphore(MAX_CONCURRENT_REPLAYS)
@@ -275,7 +273,6 @@ def build_service(
     service = DLQService(
         repository,
         replayer,
-        default_consumer=settings.consumer_group,
         redactor=Redactor(settings.api_redact_fields),
     )
     return service, pool

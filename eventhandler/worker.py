@@ -173,11 +173,6 @@ class Worker:
         """Finish the batch in hand, commit it, then leave (signal handler and tests)."""
         self.running = False
 
-    def process(self, records: list[Record]) -> BatchResult | None:
-        """One batch, start to end (the loop overlaps batches with `submit` and `settle`)."""
-        self.submit(records)
-        return self.settle()
-
     def submit(self, records: list[Record]) -> None:
         """Decode a batch while the previous one commits, then hand it to the committer thread.
 
