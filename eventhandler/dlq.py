@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from eventhandler import queries
 from eventhandler.db import deadline, translate_db_errors
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.ledger import digest
@@ -37,129 +38,46 @@ from eventhandler.models import (
     Status,
 )
 
-# The columns a failure fills in, and (for the one-statement-per-row path of replayed messages) their values.
-_INSERT_COLUMNS = """
-    consumer, event_id, event_type, event_source, event_payload, message_key,
-    header_keys, header_values, header_keys_raw, source_topic, source_partition, source_offset,
-    message_timestamp, stage, error_type, error_message, error_traceback, fingerprint,
-    worker_version, event_key
-"""
-_INSERT_VALUES = """
-    %(consumer)s, %(event_id)s, %(event_type)s, %(event_source)s, %(value)s, %(key)s,
-    %(header_keys)s::text[], %(header_values)s::bytea[], %(header_keys_raw)s::bytea[],
-    %(topic)s, %(partition)s, %(offset)s, %(timestamp)s, %(stage)s, %(error_type)s,
-    %(error_message)s, %(traceback)s, %(fingerprint)s, %(worker_version)s, %(event_key)s
-"""
-# A redelivered message updates the row of its (consumer, topic, partition, offset).
-_ON_CONFLICT = """
-ON CONFLICT ON CONSTRAINT dlq_message_identity DO UPDATE SET
-    failure_count = dlq.failure_count + 1,
-    status = CASE WHEN dlq.status = 'replayed' THEN 'pending' ELSE dlq.status END,
-    stage = EXCLUDED.stage,
-    error_type = EXCLUDED.error_type,
-    error_message = EXCLUDED.error_message,
-    error_traceback = EXCLUDED.error_traceback,
-    fingerprint = EXCLUDED.fingerprint,
-    last_failed_at = now(),
-    worker_version = EXCLUDED.worker_version,
-    updated_at = now()
-RETURNING dlq_id
-"""
+_WRITE = queries.load("dlq_write.sql")
+RESERVE_IDS = _WRITE["reserve_ids"]
+COPY_ROWS = _WRITE["copy_rows"]
+COPY_HEADERLESS_ROWS = _WRITE["copy_headerless_rows"]
+CREATE_STAGING = _WRITE["create_staging"]
+CLEAR_STAGING = _WRITE["clear_staging"]
+COPY_STAGING = _WRITE["copy_staging"]
+UPSERT_STAGED = _WRITE["upsert_staged"]
+INSERT_REPLAY_FAILURE = _WRITE["insert_replay_failure"]
 
-# A batch's failures are copied (binary COPY) straight into `dlq`, with dlq_ids reserved from its
-# sequence in one statement: a third of the server time of one INSERT statement per failure, which is
-# what a failure storm pays per message. When a message of the batch already has a row (its
-# consumer's position was reset, or another worker got to it first), the copy is rolled back to a
-# savepoint and the batch goes through a temporary staging table and one upsert instead. The staging
-# table lives as long as the session and is emptied at every commit; creating it "if not exists" in
-# the batch's own transaction also works behind a transaction-pooling proxy.
-# (column, PostgreSQL type, key in `_failure_params`), in COPY order; the columns are named as in `dlq`.
-_STAGED: tuple[tuple[str, str, str], ...] = (
-    ("consumer", "text", "consumer"),
-    ("event_id", "text", "event_id"),
-    ("event_type", "text", "event_type"),
-    ("event_source", "text", "event_source"),
-    ("event_payload", "bytea", "value"),
-    ("message_key", "bytea", "key"),
-    ("header_keys", "text[]", "header_keys"),
-    ("header_values", "bytea[]", "header_values"),
-    ("header_keys_raw", "bytea[]", "header_keys_raw"),
-    ("source_topic", "text", "topic"),
-    ("source_partition", "int4", "partition"),
-    ("source_offset", "int8", "offset"),
-    ("message_timestamp", "timestamptz", "timestamp"),
-    ("stage", "text", "stage"),
-    ("error_type", "text", "error_type"),
-    ("error_message", "text", "error_message"),
-    ("error_traceback", "text", "traceback"),
-    ("fingerprint", "text", "fingerprint"),
-    ("worker_version", "text", "worker_version"),
-    ("event_key", "uuid", "event_key"),
-)
-CREATE_STAGING = (
-    "CREATE TEMPORARY TABLE IF NOT EXISTS dlq_incoming ("
-    + ", ".join(f"{column} {pg_type}" for column, pg_type, _ in _STAGED)
-    + ") ON COMMIT DELETE ROWS"
-)
-_COLUMNS = ", ".join(c for c, _, _ in _STAGED)
-_COPY_TYPES = [pg_type for _, pg_type, _ in _STAGED]
-RESERVE_IDS = """
-SELECT array_agg(nextval(seq)) FROM (SELECT pg_get_serial_sequence('dlq', 'dlq_id')::regclass AS seq) s,
-       generate_series(1, %s)
-"""
-COPY_ROWS = f"COPY dlq (dlq_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-# Most bad messages carry no headers; leaving the header columns to their defaults then saves
-# encoding two empty arrays a row.
-_HEADER_COLUMNS = ("header_keys", "header_values", "header_keys_raw")
-_HEADERLESS = [(c, t) for c, t, _ in _STAGED if c not in _HEADER_COLUMNS]
-_HEADERLESS_TYPES = [t for _, t in _HEADERLESS]
-COPY_HEADERLESS_ROWS = f"COPY dlq (dlq_id, {', '.join(c for c, _ in _HEADERLESS)}) FROM STDIN (FORMAT BINARY)"
-COPY_STAGING = f"COPY dlq_incoming ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-CLEAR_STAGING = "DELETE FROM dlq_incoming"
-UPSERT_STAGED = (
-    "INSERT INTO dlq ("
-    + _INSERT_COLUMNS
-    + ") SELECT "
-    + _INSERT_COLUMNS
-    + " FROM dlq_incoming"
-    + _ON_CONFLICT
-    + ", consumer, source_topic, source_partition, source_offset"
-)
-
-# A replayed message that fails again updates the row it came from (its dlq_id header), if that row
-# belongs to this consumer; otherwise it gets a row of its own.
-INSERT_REPLAY_FAILURE = (
-    """
-WITH replayed AS (
-    UPDATE dlq SET
-        status = 'pending',
-        retry_count = retry_count + 1,
-        failure_count = failure_count + 1,
-        stage = %(stage)s,
-        error_type = %(error_type)s,
-        error_message = %(error_message)s,
-        error_traceback = %(traceback)s,
-        fingerprint = %(fingerprint)s,
-        last_failed_at = now(),
-        worker_version = %(worker_version)s,
-        updated_at = now()
-    WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s AND status IN ('pending', 'replayed')
-      AND source_topic = %(origin_topic)s AND source_partition = %(origin_partition)s
-      AND source_offset = %(origin_offset)s
-      AND (event_id IS NULL OR %(event_id)s::text IS NULL
-           OR (event_id = %(event_id)s::text AND event_source = %(event_source)s::text))
-    RETURNING dlq_id
-), inserted AS (
-    INSERT INTO dlq ("""
-    + _INSERT_COLUMNS
-    + ") SELECT "
-    + _INSERT_VALUES
-    + " WHERE NOT EXISTS (SELECT 1 FROM replayed)"
-    + _ON_CONFLICT
-    + """)
-SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted
-"""
-)
+# The binary COPY's types, in the column order of those statements and of `_copy_row`:
+# consumer … message_key, then header_keys, header_values, header_keys_raw, then source_topic … event_key.
+_HEAD_TYPES = ["text", "text", "text", "text", "bytea", "bytea"]
+_HEADER_TYPES = ["text[]", "bytea[]", "bytea[]"]
+_TAIL_TYPES = ["text", "int4", "int8", "timestamptz", "text", "text", "text", "text", "text", "text", "uuid"]
+COPY_TYPES = _HEAD_TYPES + _HEADER_TYPES + _TAIL_TYPES
+HEADERLESS_TYPES = _HEAD_TYPES + _TAIL_TYPES
+# The parameter names of `insert_replay_failure`, in the same order.
+_PARAM_KEYS = [
+    "consumer",
+    "event_id",
+    "event_type",
+    "event_source",
+    "value",
+    "key",
+    "header_keys",
+    "header_values",
+    "header_keys_raw",
+    "topic",
+    "partition",
+    "offset",
+    "timestamp",
+    "stage",
+    "error_type",
+    "error_message",
+    "traceback",
+    "fingerprint",
+    "worker_version",
+    "event_key",
+]
 
 # Only rows the replayed message matches: its origin (the original coordinates) and, when the row
 # knows its event, the same event. A forged or stale `eventhandler-dlq-id` (after a restore, or
@@ -195,21 +113,21 @@ UPDATE dlq SET status = %(status)s, resolved_at = now(), resolved_by = %(actor)s
 WHERE dlq_id = ANY(%(ids)s) AND status = ANY(%(from_statuses)s)
 RETURNING dlq_id
 """
-# What a deleted row was, for its audit row: its identity, status and a digest of its bytes.
-_DELETED = """
+# A delete returns what the row was, for its audit row: its identity, status and digests of its bytes.
+DELETE_ROWS = """
+DELETE FROM dlq WHERE dlq_id = ANY(%(ids)s)
 RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
           event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,
           event_payload IS NULL AS tombstone, encode(sha256(coalesce(message_key, '')), 'hex') AS key_sha256
 """
-DELETE_ROWS = "DELETE FROM dlq WHERE dlq_id = ANY(%(ids)s)" + _DELETED
-PURGE = (
-    """
+PURGE = """
 DELETE FROM dlq
 WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)s::interval
   AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
+RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
+          event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,
+          event_payload IS NULL AS tombstone, encode(sha256(coalesce(message_key, '')), 'hex') AS key_sha256
 """
-    + _DELETED
-)
 # Replay leases (migration 0005): the first key of the advisory lock a replayer holds while it runs;
 # the second is the lease itself, stored in the rows it claimed.
 LEASE_CLASS = 0x45484C31
@@ -389,14 +307,17 @@ def _event_key(failure: FailedMessage) -> uuid.UUID | None:
 
 
 def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
-    """A failure's column values, in `_STAGED` order (without the three header columns: `_HEADERLESS`)."""
-    row: list[Any] = [
+    """A failure's column values in COPY order (`COPY_TYPES`; without the header columns:
+    `HEADERLESS_TYPES`)."""
+    head = [
         failure.consumer,
         clean_text(failure.event_id),
         clean_text(failure.event_type),
         clean_text(failure.event_source),
         failure.value,
         failure.key,
+    ]
+    tail = [
         failure.topic,
         failure.partition,
         failure.offset,
@@ -410,9 +331,7 @@ def _copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
         # the ledger key of the event, which the ledger then keeps while this row is open
         failure.event_key or _event_key(failure),
     ]
-    if headers:
-        row[6:6] = _header_columns(failure.headers)
-    return row
+    return [*head, *_header_columns(failure.headers), *tail] if headers else [*head, *tail]
 
 
 def _header_columns(headers: Headers) -> list[Any]:
@@ -421,9 +340,6 @@ def _header_columns(headers: Headers) -> list[Any]:
     lossy = any(shown != k for shown, (k, _) in zip(keys, headers, strict=True))
     raw = [raw_header_key(k) for k, _ in headers] if lossy else None
     return [keys, [v for _, v in headers], raw]
-
-
-_PARAM_KEYS = [key for _, _, key in _STAGED]
 
 
 def _failure_params(failure: FailedMessage) -> dict[str, Any]:
@@ -493,7 +409,7 @@ class PostgresDLQRepository:
                 cur.connection.transaction(),
                 cur.copy(COPY_ROWS if headers else COPY_HEADERLESS_ROWS) as copy,
             ):
-                copy.set_types(["int8", *(_COPY_TYPES if headers else _HEADERLESS_TYPES)])
+                copy.set_types(["int8", *(COPY_TYPES if headers else HEADERLESS_TYPES)])
                 for dlq_id, failure in zip(ids, failures, strict=True):
                     copy.write_row([dlq_id, *_copy_row(failure, headers)])
             return ids
@@ -501,9 +417,9 @@ class PostgresDLQRepository:
             pass  # a message of the batch has a row already: upsert the batch instead
         with cur.connection.transaction():  # the staged rows live until the end of a transaction
             cur.execute(CREATE_STAGING)
-            cur.execute(CLEAR_STAGING)  # rows an earlier call of the same transaction staged
+            cur.execute(CLEAR_STAGING)
             with cur.copy(COPY_STAGING) as copy:
-                copy.set_types(_COPY_TYPES)
+                copy.set_types(COPY_TYPES)
                 for failure in failures:
                     copy.write_row(_copy_row(failure))
             rows = cur.execute(UPSERT_STAGED).fetchall()
