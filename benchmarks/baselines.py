@@ -19,8 +19,8 @@ from confluent_kafka import Consumer, TopicPartition
 from benchmarks.probes import Clock
 from benchmarks.services import unique
 from eventhandler.events import Deserializer
-from eventhandler.handlers import load_registry
 from eventhandler.handlers.devices import DEVICE_READING, DEVICE_REGISTERED
+from eventhandler.handlers.loading import load_registry
 
 # One statement per reading: count it on its device and upsert the latest value (the same two
 # effects the worker's projection has), then one commit.

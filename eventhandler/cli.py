@@ -6,14 +6,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from eventhandler import __version__
-from eventhandler.config import Settings, load_settings
+from eventhandler.commandline import fail, settings_or_exit
 from eventhandler.errors import ConfigError, EventHandlerError
-from eventhandler.logs import configure_logging, get_logger
+from eventhandler.logs import get_logger
 
 app = typer.Typer(
     name="eventhandler",
@@ -22,20 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def settings_or_exit() -> Settings:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        fail(str(exc), code=2)
-    configure_logging(settings.log_level, settings.log_format, consumer_group=settings.consumer_group)
-    return settings
 
 
 @app.callback(invoke_without_command=True)

@@ -15,6 +15,7 @@ import structlog
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from eventhandler.commandline import settings_or_exit
 from eventhandler.errors import EventHandlerError
 from eventhandler.models import STAGES, STATUSES, DLQFilter
 from eventhandler.render import entry_json, make_console, print_entry, print_stats, rows_table
@@ -93,8 +94,6 @@ def make_filter(
 
 @contextmanager
 def service() -> Iterator[DLQService]:
-    from eventhandler.cli import settings_or_exit
-
     settings = settings_or_exit()
     svc, pool = build_service(settings)
     # what the audit rows of this run name as its request and its client

@@ -30,7 +30,8 @@ from eventhandler.consumer import TP, KafkaSource
 from eventhandler.db import classify, create_pool, deadline, translate_db_errors
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import DatabaseUnavailable, PermanentError, SuspectFailure, TransientError
-from eventhandler.handlers import Registry, load_registry
+from eventhandler.handlers import Registry
+from eventhandler.handlers.loading import load_registry
 from eventhandler.health import DepthRefresher, HealthServer
 from eventhandler.ledger import Ledger, LedgerPruner
 from eventhandler.logs import get_logger

@@ -11,7 +11,6 @@ return `Write`s; they are sent pipelined, so a batch still costs one round trip.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -20,7 +19,6 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
-from eventhandler.errors import ConfigError
 from eventhandler.events import Event
 
 Conn = psycopg.Connection[Any]
@@ -130,26 +128,3 @@ class Registry:
     @property
     def payload_models(self) -> dict[str, type[BaseModel]]:
         return {t: p.payload_models[t] for t, p in self._by_type.items()}
-
-
-def load_registry(module_paths: Sequence[str], *, builtin: bool = True) -> Registry:
-    """The built-in device projection plus the projections of the user's modules.
-
-    A module path is `package.module` (its `projections` attribute: one projection or a list) or
-    `package.module:attribute`.
-    """
-    registry = Registry()
-    if builtin:
-        from eventhandler.handlers.devices import DeviceProjection
-
-        registry.add(DeviceProjection())
-    for path in module_paths:
-        module_name, _, attribute = path.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-            found = getattr(module, attribute or "projections")
-            for projection in found if isinstance(found, list | tuple) else [found]:
-                registry.add(projection)
-        except Exception as exc:
-            raise ConfigError("EVENTHANDLER_HANDLERS", f"cannot load {path!r}: {exc}") from exc
-    return registry

@@ -33,7 +33,7 @@ from eventhandler.config import Settings
 from eventhandler.db import create_pool, translate_db_errors
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import SuspectFailure
-from eventhandler.handlers import load_registry
+from eventhandler.handlers.loading import load_registry
 from eventhandler.ledger import Ledger
 from eventhandler.librdkafka import RawProducer, header_key
 from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record

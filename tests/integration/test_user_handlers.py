@@ -16,7 +16,8 @@ import pytest
 
 from eventhandler.config import Settings, load_settings
 from eventhandler.errors import ConfigError
-from eventhandler.handlers import SimpleProjection, load_registry
+from eventhandler.handlers import SimpleProjection
+from eventhandler.handlers.loading import load_registry
 from eventhandler.logs import configure_logging
 from eventhandler.worker import build
 from tests.conftest import settings_env

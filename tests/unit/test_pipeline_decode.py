@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from eventhandler.events import DLQ_ID_HEADER, origin_header
-from eventhandler.handlers import load_registry
 from eventhandler.handlers.devices import DeviceReading
+from eventhandler.handlers.loading import load_registry
 from eventhandler.ledger import Ledger
 from eventhandler.models import ReplayOrigin
 from eventhandler.pipeline import BatchProcessor, DecodedBatch, Record, _format_traceback
