@@ -27,8 +27,8 @@ from benchmarks.report import Row
 from benchmarks.runner import Bench, Running, check_database
 from benchmarks.services import unique
 from benchmarks.workload import BulkProducer, Workload, device_name, produce_steadily, registration
+from eventhandler.app import build_worker
 from eventhandler.logs import configure_logging
-from eventhandler.worker import build
 from tests.support.waiting import wait_for
 
 
@@ -39,7 +39,7 @@ def latency(bench: Bench) -> None:
     with services.database() as url:
         settings = services.settings(url, topic)
         configure_logging("info", "json", stream=bench.log_stream("latency"))
-        app = build(settings, serve_http=False)
+        app = build_worker(settings, serve_http=False)
         probe = WorkerProbe(app)
         running = Running(app, stop_when_idle=None)
         try:

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from eventhandler.app import App
 from eventhandler.pipeline import Record
-from eventhandler.worker import App
 
 
 @dataclass

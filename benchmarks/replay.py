@@ -28,8 +28,8 @@ def replay(bench: Bench) -> None:
             Row(SCENARIO, "DLQ rows republished", None, "rows/s", note="not available yet", status="SKIP")
         )
         return
+    from eventhandler.app import build_service
     from eventhandler.models import DLQFilter
-    from eventhandler.service import build_service
 
     profile, services = bench.profile, bench.services
     source = services.topic("replay-source", profile.partitions)

@@ -1,4 +1,4 @@
-"""Running the real worker for a scenario: `build(settings)` then `App.run(stop_when_idle=…)`, in a
+"""Running the real worker for a scenario: `build_worker(settings)` then `App.run(stop_when_idle=…)`, in a
 thread with a deadline, probed from outside, and the database checked afterwards — a fast run that
 lost or doubled events is reported as WRONG, not as fast."""
 
@@ -20,8 +20,9 @@ from benchmarks.profiles import Profile
 from benchmarks.report import Report
 from benchmarks.services import Services
 from benchmarks.workload import Workload
+from eventhandler.app import App, build_worker
 from eventhandler.logs import configure_logging
-from eventhandler.worker import App, WorkerStats, build
+from eventhandler.worker import WorkerStats
 from tests.support.services import free_port
 
 
@@ -141,7 +142,7 @@ def run_worker(
         port = free_port() if serve_http else 0
         settings = bench.services.settings(url, topic, log_level=log_level, metrics_port=port)
         configure_logging(log_level, "json", stream=bench.log_stream(name))
-        app = build(settings, serve_http=serve_http)
+        app = build_worker(settings, serve_http=serve_http)
         probe = WorkerProbe(app)
         scraper = Scraper(port, scrape_every) if serve_http and scrape_every else None
         try:

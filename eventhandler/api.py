@@ -53,6 +53,7 @@ from eventhandler.api_models import (
     encode_cursor,
     render_entry,
 )
+from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.errors import (
     BrokerUnavailable,
@@ -71,7 +72,7 @@ from eventhandler.health import DepthRefresher
 from eventhandler.logs import configure_logging, get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQFilter
-from eventhandler.service import DLQService, build_service
+from eventhandler.service import DLQService
 
 log = get_logger("eventhandler.api")
 

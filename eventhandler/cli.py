@@ -72,11 +72,12 @@ def run(
     ] = None,
 ) -> None:
     """Run the worker: consume, project into PostgreSQL, dead-letter what fails."""
-    from eventhandler.worker import build, install_signal_handlers
+    from eventhandler.app import build_worker
+    from eventhandler.worker import install_signal_handlers
 
     settings = settings_or_exit()
     try:
-        app_ = build(settings)
+        app_ = build_worker(settings)
     except ConfigError as exc:
         fail(str(exc), code=2)
     except OSError as exc:

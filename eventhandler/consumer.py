@@ -56,18 +56,18 @@ class KafkaSource:
         *,
         load_positions: PositionLoader,
         metrics: Metrics,
-        on_revoked: Callable[[set[TP]], None] = lambda _: None,
     ) -> None:
         self._config = dict(config)
         self._topics = list(topics)
         self._load_positions = load_positions
         self._metrics = metrics
-        self._on_revoked = on_revoked
+        # told of every revocation before it takes effect (the worker sets it)
+        self.on_revoked: Callable[[set[TP]], None] = lambda _: None
         self._consumer: Consumer | None = None
         self.assignment: set[TP] = set()
         self.positions: dict[TP, int] = {}  # next offset to process, as PostgreSQL has it
         self.high_watermarks: dict[TP, int] = {}  # asked of the broker while paused
-        self.lags: dict[TP, int] = {}  # see `update_lag`
+        self.lags: dict[TP, int] = {}  # see `update_lag`, and `current_lags` for the scrape thread
         self._watermarks_at = 0.0
         self._lag_at = 0.0
         self.unpositioned: set[TP] = set()  # assigned, paused until PostgreSQL tells their position
@@ -220,6 +220,10 @@ class KafkaSource:
                 return  # the broker is away too; the cached values stay
             self.high_watermarks[(topic, partition)] = high
 
+    def current_lags(self) -> dict[TP, int]:
+        """The last lag snapshot (read by the metrics scrape, on another thread)."""
+        return self.lags
+
     def update_lag(self) -> None:
         """Recompute `lags`, at most once a `_LAG_INTERVAL`, on the loop's thread: confluent-kafka lets
         no other thread call into a consumer while `consume` waits, so a scrape only reads the result.
@@ -325,7 +329,7 @@ class KafkaSource:
             self.positions.pop(tp, None)
             self.high_watermarks.pop(tp, None)
         self.lags = {tp: lag for tp, lag in self.lags.items() if tp not in tps}
-        self._on_revoked(tps)
+        self.on_revoked(tps)
         self._metrics.rebalances.labels(kind=kind).inc()
         self._metrics.assigned_partitions.set(len(self.assignment))
         log.info("partitions_revoked", kind=kind, partitions=sorted(f"{t}[{p}]" for t, p in tps))

@@ -28,6 +28,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
+from eventhandler.app import build_service, build_worker
 from eventhandler.broker import bundled_broker
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
@@ -35,8 +36,6 @@ from eventhandler.localpg import local_postgres, server_answers
 from eventhandler.migrate import apply_migrations
 from eventhandler.models import DLQFilter
 from eventhandler.render import rows_table
-from eventhandler.service import build_service
-from eventhandler.worker import build
 
 DEMO_DATABASE = "eventhandler_demo"
 DEVICES = ["boiler-1", "boiler-2", "chiller-1", "pump-7", "meter-3"]
@@ -287,7 +286,7 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
                 "kafka_consumer_options": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
             }
         )
-        app = build(settings, serve_http=False)
+        app = build_worker(settings, serve_http=False)
         worker_thread = threading.Thread(target=app.run, name="demo-worker", daemon=True)
         worker_thread.start()
         console.print(f"4. worker running in consumer group [bold]{group}[/bold] …")

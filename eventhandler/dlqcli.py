@@ -15,11 +15,12 @@ import structlog
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from eventhandler.app import build_service
 from eventhandler.commandline import settings_or_exit
 from eventhandler.errors import EventHandlerError
 from eventhandler.models import STAGES, STATUSES, DLQFilter
 from eventhandler.render import entry_json, make_console, print_entry, print_stats, rows_table
-from eventhandler.service import DLQService, build_service, parse_duration, parse_time
+from eventhandler.service import DLQService, parse_duration, parse_time
 
 dlq_app = typer.Typer(help="Inspect and change the dead letter queue.", no_args_is_help=True)
 

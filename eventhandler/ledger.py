@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from eventhandler.db import translate_db_errors
-from eventhandler.errors import EventHandlerError
+from eventhandler.db import classify, deadline, translate_db_errors
+from eventhandler.errors import EventHandlerError, TransientError
 from eventhandler.logs import get_logger
 
 log = get_logger("eventhandler.ledger")
@@ -62,6 +62,29 @@ def digest(consumer: str, key: EventKey) -> uuid.UUID:
     """The ledger's key of an event for a consumer group (MD5 as a 128-bit digest, not for secrecy)."""
     text = f"{consumer}\x00{key[0]}\x00{key[1]}".encode("utf-8", "surrogatepass")
     return uuid.UUID(bytes=hashlib.md5(text, usedforsecurity=False).digest())
+
+
+class StoredPositions:
+    """The consumed positions a worker resumes from, read when partitions are assigned. Whatever
+    goes wrong is transient: the assignment is retried, never given up."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, ledger: Ledger, *, timeout: float) -> None:
+        self._pool = pool
+        self._ledger = ledger
+        self._timeout = timeout
+
+    def load(self, partitions: Any) -> dict[tuple[str, int], int]:
+        try:
+            with (
+                translate_db_errors(),
+                self._pool.connection(timeout=self._timeout) as conn,
+                deadline(conn, self._timeout * 2),
+            ):
+                return self._ledger.load_positions(conn, list(partitions))
+        except TransientError:
+            raise
+        except Exception as exc:
+            raise TransientError(str(classify(exc))) from exc
 
 
 class Ledger:

@@ -13,14 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg_pool
-
-from eventhandler.config import Settings
-from eventhandler.db import create_pool
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, PublishFailed
 from eventhandler.logs import get_logger
-from eventhandler.metrics import Metrics
 from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Status
 from eventhandler.redaction import Redactor, View
 from eventhandler.replay import Replayer, ReplayReport
@@ -261,18 +256,3 @@ class DLQService:
                 to_topic=to_topic,
             )
         return report
-
-
-def build_service(
-    settings: Settings, *, metrics: Metrics | None = None
-) -> tuple[DLQService, psycopg_pool.ConnectionPool]:
-    """The composition root of the operator side (CLI and API). The caller closes the pool."""
-    pool = create_pool(settings, min_size=1, name="eventhandler-admin")
-    repository = PostgresDLQRepository(pool)
-    replayer = Replayer(repository, settings.producer_config(), metrics=metrics)
-    service = DLQService(
-        repository,
-        replayer,
-        redactor=Redactor(settings.api_redact_fields),
-    )
-    return service, pool

@@ -27,13 +27,9 @@ import structlog
 from eventhandler import __version__
 from eventhandler.config import Settings
 from eventhandler.consumer import TP, KafkaSource
-from eventhandler.db import classify, create_pool, deadline, translate_db_errors
-from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.db import deadline, translate_db_errors
 from eventhandler.errors import DatabaseUnavailable, PermanentError, SuspectFailure, TransientError
-from eventhandler.handlers import Registry
-from eventhandler.handlers.loading import load_registry
-from eventhandler.health import DepthRefresher, HealthServer
-from eventhandler.ledger import Ledger, LedgerPruner
+from eventhandler.health import DepthRefresher
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record
@@ -81,6 +77,7 @@ class Worker:
         self.settings = settings
         self.pool = pool
         self.source = source
+        source.on_revoked = self.on_revoked
         self.processor = processor
         self.metrics = metrics
         self.refresher = refresher
@@ -387,6 +384,10 @@ class Worker:
     def _set_db_ok(self, ok: bool) -> None:
         self._db_ok = ok
 
+    def ready_value(self) -> float:
+        """`eventhandler_ready`: 1 when ready."""
+        return 1.0 if self.is_ready()[0] else 0.0
+
     def is_ready(self) -> tuple[bool, dict[str, Any]]:
         db_ok = self._db_ok is not False and (self.refresher is None or self.refresher.last_ok is not False)
         kafka_ok = self._started and self.source.broker_error is None
@@ -418,102 +419,6 @@ def tune_gc() -> None:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass
-class App:
-    """Everything `build` wired, so the caller can start and stop it as one."""
-
-    worker: Worker
-    pool: psycopg_pool.ConnectionPool
-    metrics: Metrics
-    health: HealthServer | None
-    refresher: DepthRefresher
-    pruner: LedgerPruner
-
-    def run(self, stop_when_idle: float | None = None) -> WorkerStats:
-        tune_gc()
-        if self.health is not None:
-            self.health.start()
-        self.refresher.start()
-        self.pruner.start()
-        try:
-            return self.worker.run(stop_when_idle=stop_when_idle)
-        finally:
-            self.pruner.stop()
-            self.refresher.stop()
-            if self.health is not None:
-                self.health.stop()
-            self.pool.close()
-
-
-def build(
-    settings: Settings,
-    *,
-    registry: Registry | None = None,
-    metrics: Metrics | None = None,
-    serve_http: bool = True,
-) -> App:
-    """The composition root: pool, consumer, repositories, metrics and handlers, wired once."""
-    metrics = metrics or Metrics()
-    registry = registry or load_registry(settings.handlers)
-    worker_id = settings.worker_id or default_worker_id()
-    pool = create_pool(settings, min_size=1)
-    dlq = PostgresDLQRepository(pool)
-    ledger = Ledger(settings.consumer_group)
-
-    def load_positions(partitions: Any) -> dict[TP, int]:
-        try:
-            with (
-                translate_db_errors(),
-                pool.connection(timeout=settings.db_connect_timeout_seconds) as conn,
-                deadline(conn, settings.db_connect_timeout_seconds * 2),
-            ):
-                return ledger.load_positions(conn, list(partitions))
-        except TransientError:
-            raise
-        except Exception as exc:
-            raise TransientError(str(classify(exc))) from exc
-
-    processor = BatchProcessor(
-        consumer=settings.consumer_group,
-        registry=registry,
-        ledger=ledger,
-        dlq=dlq,
-        unknown_event_policy=settings.unknown_event_policy,
-    )
-    worker_holder: list[Worker] = []
-    source = KafkaSource(
-        settings.consumer_config() | {"client.id": f"eventhandler-{worker_id}"},
-        settings.topics,
-        load_positions=load_positions,
-        metrics=metrics,
-        on_revoked=lambda tps: worker_holder[0].on_revoked(tps),
-    )
-    refresher = DepthRefresher(
-        dlq,
-        metrics,
-        [settings.consumer_group],
-        settings.dlq_refresh_seconds,
-        timeout=settings.db_connect_timeout_seconds + settings.db_statement_timeout_seconds,
-    )
-    worker = Worker(
-        settings=settings,
-        pool=pool,
-        source=source,
-        processor=processor,
-        metrics=metrics,
-        refresher=refresher,
-        worker_id=worker_id,
-    )
-    worker_holder.append(worker)
-    metrics.consumer_lag.read = lambda: source.lags
-    metrics.ready.set_function(lambda: 1.0 if worker.is_ready()[0] else 0.0)
-    health = None
-    if serve_http and settings.metrics_port:
-        health = HealthServer("0.0.0.0", settings.metrics_port, metrics, worker.is_ready)  # noqa: S104 - scraped from outside the container
-    pruner = LedgerPruner(pool, ledger, settings.ledger_retention_hours * 3600)
-    return App(worker=worker, pool=pool, metrics=metrics, health=health, refresher=refresher, pruner=pruner)
 
 
 def install_signal_handlers(worker: Worker) -> None:

@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from eventhandler.api import create_app
+from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.logs import configure_logging
 from eventhandler.metrics import Metrics
-from eventhandler.service import build_service
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, run_cli

@@ -14,13 +14,13 @@ import psycopg
 import pytest
 
 from eventhandler import replay as replay_module
+from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.dlq import LEASE_CLASS
 from eventhandler.errors import DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER
 from eventhandler.librdkafka import fetch_headers
 from eventhandler.models import DLQFilter
-from eventhandler.service import build_service
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, consume_all, run_cli

@@ -26,13 +26,14 @@ from fastapi import FastAPI
 
 from eventhandler.api import create_app, serve
 from eventhandler.api_models import encode_cursor
+from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.errors import ConfigError
 from eventhandler.librdkafka import header_key
 from eventhandler.logs import configure_logging
 from eventhandler.metrics import Metrics
 from eventhandler.models import FailedMessage
-from eventhandler.service import DLQService, build_service
+from eventhandler.service import DLQService
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.factories import failed_message

@@ -23,10 +23,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from eventhandler.api import create_app
+from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.metrics import Metrics
 from eventhandler.replay import Replayer
-from eventhandler.service import build_service
 from tests.support import kafka as k
 from tests.support.factories import failed_message
 

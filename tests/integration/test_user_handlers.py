@@ -14,12 +14,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from eventhandler.app import build_worker
 from eventhandler.config import Settings, load_settings
 from eventhandler.errors import ConfigError
 from eventhandler.handlers import SimpleProjection
 from eventhandler.handlers.loading import load_registry
 from eventhandler.logs import configure_logging
-from eventhandler.worker import build
 from tests.conftest import settings_env
 from tests.example_handlers import orders as example
 from tests.support import kafka as k
@@ -256,7 +256,7 @@ def test_a_projection_claiming_a_built_in_type_is_a_config_error(monkeypatch: py
 
 def test_the_worker_does_not_start_with_a_bad_module_path(make_settings: Callable[..., Settings]) -> None:
     with pytest.raises(ConfigError, match="EVENTHANDLER_HANDLERS"):
-        build(make_settings(handlers=["tests.example_handlers.missing"]), serve_http=False)
+        build_worker(make_settings(handlers=["tests.example_handlers.missing"]), serve_http=False)
 
 
 def test_eventhandler_run_with_a_bad_module_path_fails_with_one_line_naming_the_setting(

@@ -14,22 +14,23 @@ from typing import Any
 
 import psycopg
 
+from eventhandler.app import App, build_worker
 from eventhandler.config import Settings
 from eventhandler.handlers import Registry
 from eventhandler.metrics import Metrics
-from eventhandler.worker import App, WorkerStats, build
+from eventhandler.worker import WorkerStats
 
 
 def run_until_idle(settings: Settings, idle: float = 2.0, registry: Registry | None = None) -> WorkerStats:
     """Run the worker in this thread until no message has arrived for `idle` seconds."""
-    return build(settings, registry=registry, serve_http=False).run(stop_when_idle=idle)
+    return build_worker(settings, registry=registry, serve_http=False).run(stop_when_idle=idle)
 
 
 class ThreadedWorker:
     def __init__(
         self, settings: Settings, *, serve_http: bool = False, metrics: Metrics | None = None
     ) -> None:
-        self.app: App = build(settings, serve_http=serve_http, metrics=metrics)
+        self.app: App = build_worker(settings, serve_http=serve_http, metrics=metrics)
         self.stats: WorkerStats | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
