@@ -405,7 +405,7 @@ class Worker:
 # Collect the youngest generation every 20,000 new container objects instead of CPython's 700: a
 # batch allocates tens of thousands (records, events, models) that die with the batch by reference
 # counting, and the default makes the collector walk each batch several times (a third of a failure
-# storm's CPU before this was set). Memory stays bounded: a generation is still collected.
+# storm's CPU at the default thresholds). Memory stays bounded: a generation is still collected.
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
