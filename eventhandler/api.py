@@ -225,8 +225,7 @@ def _links_to_row(id_expression: str) -> dict[int | str, dict[str, Any]]:
 )
 def list_rows(query: Annotated[ListQuery, Query()], principal: Reader, service: Service) -> DLQPage:
     """Rows matching the filters in id order, one page at a time (keyset pagination)."""
-    flt = query.dlq_filter()
-    service.check_search(flt, reader=not principal.may_change)
+    flt = service.readable_filter(query.dlq_filter(), reader=not principal.may_change)
     rows = service.list_rows(flt, limit=query.limit + 1, after_id=query.after_id)
     page = rows[: query.limit]
     more = len(rows) > query.limit
@@ -239,8 +238,8 @@ def list_rows(query: Annotated[ListQuery, Query()], principal: Reader, service: 
 
 @router.get("/stats", response_model=StatsResponse, summary="DLQ depth by consumer, stage and status")
 def stats(query: Annotated[StatsQuery, Query()], principal: Reader, service: Service) -> StatsResponse:
-    service.check_search(query.dlq_filter(), reader=not principal.may_change)
-    return StatsResponse.model_validate(service.stats(query.dlq_filter()).as_dict())
+    flt = service.readable_filter(query.dlq_filter(), reader=not principal.may_change)
+    return StatsResponse.model_validate(service.stats(flt).as_dict())
 
 
 @router.post(
@@ -255,7 +254,7 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
     A filter is required; replaying everything needs `all: true`. Rows the broker confirmed become
     `replayed`; the worker marks them `resolved` once they are processed."""
     report = service.replay(
-        request.dlq_filter(),
+        service.readable_filter(request.dlq_filter(), reader=False),
         actor=principal.actor,
         limit=request.limit,
         to_topic=request.to_topic,

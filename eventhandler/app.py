@@ -118,6 +118,6 @@ def build_service(
     service = DLQService(
         repository,
         replayer,
-        redactor=Redactor(settings.api_redact_fields),
+        redactor=Redactor(settings.api_redact_fields, secret=settings.dsn),
     )
     return service, pool

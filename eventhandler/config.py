@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     def _valid_proxies(cls, value: list[str]) -> list[str]:
         for proxy in value:
             try:
-                ipaddress.ip_network(proxy, strict=False)
+                ipaddress.ip_network(proxy)  # strict: 10.0.0.1/24 (host bits set) is a typo, not a network
             except ValueError:
                 raise ValueError(f"{proxy!r} is not an IP address or network") from None
         return value

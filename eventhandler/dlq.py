@@ -479,6 +479,13 @@ class PostgresDLQRepository:
             raise NotFound(f"no DLQ row with id {dlq_id}")
         return _entry(row)
 
+    def fingerprints(self, flt: DLQFilter) -> list[str]:
+        """The failure groups among the rows `flt` matches."""
+        where, params = _where(flt)
+        query = sql.SQL("SELECT DISTINCT fingerprint FROM dlq {}").format(where)
+        with translate_db_errors(), self._pool.connection() as conn:
+            return [r[0] for r in conn.execute(query, params).fetchall()]
+
     def entries(self, ids: Sequence[int]) -> dict[int, DLQEntry]:
         """Whole rows by id (the ones that exist)."""
         if not ids:

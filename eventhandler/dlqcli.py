@@ -183,7 +183,7 @@ def replay(
     )
     console = make_console(stderr=as_json)
     with service() as svc:
-        flt = svc.replayable(flt, force=force, to_topic=to_topic)
+        flt = svc.replayable(svc.readable_filter(flt, reader=False), force=force, to_topic=to_topic)
         if ids:
             svc.require_ids(ids)
         matched = svc.count(flt)
@@ -258,6 +258,7 @@ def list_rows(
         ids, consumer, event_type, stage, status, since, until, error_contains, fingerprint, topic
     )
     with service() as svc:
+        flt = svc.readable_filter(flt, reader=False)
         rows = svc.list_rows(flt, limit=limit, after_id=after)
         total = svc.count(flt)
     if as_json:

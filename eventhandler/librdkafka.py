@@ -58,7 +58,9 @@ class _Vu(ctypes.Structure):  # rd_kafka_vu_t: one argument of rd_kafka_producev
     _fields_ = [("vtype", ctypes.c_int), ("u", _Value)]
 
 
-_VTYPE_TOPIC, _VTYPE_PARTITION, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_OPAQUE, _VTYPE_HEADERS = 1, 3, 4, 5, 6, 10
+_VTYPE_TOPIC, _VTYPE_PARTITION, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_OPAQUE, _VTYPE_MSGFLAGS = 1, 3, 4, 5, 6, 7
+_VTYPE_HEADERS = 10
+_MSG_F_COPY = 0x2  # librdkafka copies the value; without it, it keeps a pointer into Python's bytes
 _ANY_PARTITION = -1  # RD_KAFKA_PARTITION_UA: the partitioner chooses, by key
 _DELIVERY_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Message), ctypes.c_void_p)
 _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p)
@@ -250,11 +252,12 @@ class RawProducer:
             lib.rd_kafka_header_add(
                 handle, name, len(name), header_value, -1 if header_value is None else len(header_value)
             )
-        arguments = (_Vu * 6)()
+        arguments = (_Vu * 7)()
         arguments[0].vtype, arguments[0].u.cstr = _VTYPE_TOPIC, topic.encode()
         arguments[5].vtype, arguments[5].u.i32 = _VTYPE_PARTITION, partition
+        arguments[6].vtype, arguments[6].u.i32 = _VTYPE_MSGFLAGS, _MSG_F_COPY
         for vu, vtype, data in ((arguments[1], _VTYPE_VALUE, value), (arguments[2], _VTYPE_KEY, key)):
-            vu.vtype = vtype  # librdkafka copies value and key before produceva returns
+            vu.vtype = vtype  # both copied before produceva returns (the key always; the value: F_COPY)
             if data is not None:
                 vu.u.mem = _Mem(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data))
         arguments[3].vtype, arguments[3].u.ptr = _VTYPE_OPAQUE, number

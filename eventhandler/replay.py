@@ -198,6 +198,8 @@ class Replayer:
                         self._metrics.replay_failed.inc(len(failed))
                     if progress is not None:
                         progress(len(chunk))
+                    if failed and not done:  # the broker took none of a chunk: the rest would fare the same
+                        break
         finally:
             producer.flush(5)
             raw.close()

@@ -23,6 +23,7 @@ from eventhandler.replay import Replayer, ReplayReport
 log = get_logger("eventhandler.audit")
 
 MAX_CONCURRENT_REPLAYS = 4
+NO_GROUP = "-"  # a fingerprint no row has (stored ones are 16 hex digits)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -37,7 +38,7 @@ def parse_duration(text: str) -> float:
 
 def replay_target_problem(topic: str | None) -> str | None:
     """Why a replay may not publish to `topic` (None: it may)."""
-    if topic is not None and topic.startswith("__"):
+    if topic is not None and topic.startswith("_"):  # __consumer_offsets, _schemas, _confluent-…
         return f"{topic!r} is one of Kafka's internal topics; a replay never publishes there"
     return None
 
@@ -100,14 +101,22 @@ class DLQService:
 
     # Every read an operator sees goes through the redactor (see `redaction`).
 
-    def check_search(self, flt: DLQFilter, *, reader: bool) -> None:
-        """While fields are redacted, a search in error text would confirm a guessed value to a
-        read-only caller (`total` answers whether the text occurs): only the admin token may search."""
+    def readable_filter(self, flt: DLQFilter, *, reader: bool) -> DLQFilter:
+        """A filter as an operator gave it (API, CLI), ready for the repository; call it once per
+        request. While fields are redacted, a search in error text would confirm a guessed value to
+        a read-only caller (`total` answers whether the text occurs), so only the admin token may
+        search; and the fingerprint a view showed is keyed (see `Redactor.fingerprint`): it is
+        turned back into the stored one here."""
         if reader and flt.error_contains is not None and self.redactor.active:
             raise NotPermitted(
                 "error_contains needs the admin token while EVENTHANDLER_API_REDACT_FIELDS is set "
                 "(a search would confirm redacted values); filter by fingerprint instead"
             )
+        if not self.redactor.active or flt.fingerprint is None:
+            return flt
+        stored = self.repository.fingerprints(flt.model_copy(update={"fingerprint": None}))
+        shown = {self.redactor.fingerprint(fingerprint): fingerprint for fingerprint in stored}
+        return flt.model_copy(update={"fingerprint": shown.get(flt.fingerprint, NO_GROUP)})
 
     def list_rows(self, flt: DLQFilter, *, limit: int = 50, after_id: int | None = None) -> list[DLQSummary]:
         rows = self.repository.list_rows(flt, limit=limit, after_id=after_id)

@@ -83,7 +83,7 @@ class Worker:
         self.refresher = refresher
         self.worker_id = worker_id
         self.backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
-        self.redactor = Redactor(settings.api_redact_fields)  # log lines show what the API shows
+        self.redactor = Redactor(settings.api_redact_fields, secret=settings.dsn)  # logs show what views show
         self.running = True
         self.stats = WorkerStats()
         self._pending: DecodedBatch | None = None  # the batch committing or being retried
@@ -370,7 +370,7 @@ class Worker:
                 stage=first.stage,
                 error_type=first.error_type,
                 error=redact(first.error_message)[:300],
-                fingerprint=fingerprint,
+                fingerprint=self.redactor.fingerprint(fingerprint),
                 dlq_ids=[result.dlq_ids[p] for p in positions[:LOGGED_DLQ_IDS]],
                 event_id=None if first.event_id is None else redact(first.event_id),
                 event_type=first.event_type,

@@ -124,6 +124,16 @@ def test_a_redacted_field_appears_in_no_response_no_log_line_and_no_cli_output(
     assert "EVENTHANDLER_API_REDACT_FIELDS" in oracle.json()["detail"]
     assert client.get(f"{DLQ}/stats", params={"error_contains": SECRET}, headers=READER).status_code == 403
 
+    # the fingerprint a view shows is keyed (the stored one hashes the error's words, so a reader could
+    # hash guesses); filtering by the shown one finds the rows, by the stored one nothing
+    stored = scalar(db, "SELECT fingerprint FROM dlq WHERE dlq_id = %s", structured)
+    shown = detail["fingerprint"]
+    assert shown != stored
+    found = client.get(DLQ, params={"fingerprint": shown}, headers=READER).json()
+    assert structured in [item["dlq_id"] for item in found["items"]]
+    assert all(item["fingerprint"] == shown for item in found["items"])
+    assert client.get(DLQ, params={"fingerprint": stored}, headers=READER).json()["total"] == 0
+
     env = settings_env(settings) | {"EVENTHANDLER_API_REDACT_FIELDS": "data.device_id"}
     outputs = [
         json.dumps(cli_json(env, "dlq", "list")),

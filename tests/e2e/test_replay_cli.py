@@ -351,7 +351,7 @@ def test_filters_select_exactly_the_right_rows(
     assert matched("--consumer", "someone-else") == set()
     fingerprint = scalar(db, "SELECT fingerprint FROM dlq WHERE dlq_id = %s", a)
     assert matched("--fingerprint", fingerprint) == {a, b, c}  # one error group: ids normalised away
-    assert matched("--status", "resolved") == set()
+    assert matched("--status", "resolved", "--force") == set()  # resolved rows need --force to be replayed
 
 
 def test_a_rate_limited_replay_never_holds_up_the_worker(

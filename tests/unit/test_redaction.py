@@ -105,3 +105,64 @@ def test_hostile_rows_are_viewed_in_bounded_time() -> None:
     assert views[0].entry.error_message == MASK  # too many values to search for: the text is withheld
     assert views[1].entry.error_message == MASK
     assert "y" not in views[2].entry.error_message
+
+
+def test_what_an_attacker_review_found_stays_masked() -> None:
+    """A payload the API cannot render (NaN, a lone surrogate) left the other text unmasked; JSON in a
+    string was skipped when it had leading spaces, NaN, broken syntax or a megabyte; dict keys,
+    changed case, URL-encoding and pydantic's cut `input_value` showed the value."""
+    redactor = Redactor(["data.password", "data.user_id"])
+    withheld = redactor.view(
+        entry(
+            b'{"data": {"password": "hunter2", "n": NaN}}',
+            error_message="refused hunter2",
+            message_key=b"hunter2",
+        )
+    )
+    assert withheld.payload.encoding == "withheld"
+    assert (withheld.entry.error_message, withheld.entry.message_key) == (f"refused {MASK}", MASK.encode())
+
+    for embedded in (
+        " " + json.dumps({"password": "hunter2"}),
+        '{"password": "hunter2", "x": NaN}',
+        '{"password": "hunter2", broken',
+        json.dumps({"password": "hunter2", "pad": "x" * 1_000_001}),
+    ):
+        shown = redactor.view(entry(json.dumps({"data": embedded}).encode())).payload.document
+        assert "hunter2" not in json.dumps(shown), embedded[:40]
+
+    token = "sk_live_" + "A1b2C3d4" * 8
+    keyed = redactor.view(
+        entry(
+            json.dumps(
+                {"data": {"user_id": "u-4242", "balances": {"u-4242": 10}, "password": token}}
+            ).encode(),
+            error_message=f"input_value='{token[:24]}...{token[-24:]}' for U-4242",
+        )
+    )
+    assert "4242" not in json.dumps(keyed.payload.document)
+    assert "4242" not in keyed.entry.error_message
+    assert token[:20] not in keyed.entry.error_message
+    assert token[-20:] not in keyed.entry.error_message
+    encoded = redactor.view(
+        entry(b'{"data": {"password": "hunter 2/x"}}', error_message="GET /login?pw=hunter+2%2Fx failed")
+    )
+    assert encoded.entry.error_message == f"GET /login?pw={MASK} failed"
+
+
+def test_a_one_character_envelope_attribute_is_masked_and_the_fingerprint_is_keyed() -> None:
+    redactor = Redactor(["subject"], secret="postgresql://db/x")
+    view = redactor.view(
+        entry(
+            b'{"a": 1}',
+            headers=[("ce_specversion", b"1.0"), ("ce_subject", b"7")],
+            fingerprint="0123456789abcdef",
+        )
+    )
+    assert view.entry.headers == [("ce_specversion", b"1.0"), ("ce_subject", MASK.encode())]
+    # the stored fingerprint hashes the error's words: a reader could hash guesses against it
+    assert view.entry.fingerprint != "0123456789abcdef"
+    assert view.entry.fingerprint == Redactor(["subject"], secret="postgresql://db/x").fingerprint(
+        "0123456789abcdef"
+    )
+    assert Redactor([]).fingerprint("0123456789abcdef") == "0123456789abcdef"  # not redacting: as stored
