@@ -181,7 +181,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         400: "The request body cannot be parsed.",
         401: "No valid bearer token.",
-        403: "The token may only read.",
+        403: "Not with this token (changes need the admin token; so does error_contains while redacting).",
         404: "No DLQ row with this id.",
         409: "The row's status does not allow this.",
         502: "The broker did not confirm the publish.",
@@ -221,7 +221,7 @@ def _links_to_row(id_expression: str) -> dict[int | str, dict[str, Any]]:
     response_model=DLQPage,
     summary="List DLQ rows",
     operation_id="list_rows",
-    responses=_links_to_row("$response.body#/items/0/dlq_id"),
+    responses=_errors(403) | _links_to_row("$response.body#/items/0/dlq_id"),
 )
 def list_rows(query: Annotated[ListQuery, Query()], principal: Reader, service: Service) -> DLQPage:
     """Rows matching the filters in id order, one page at a time (keyset pagination)."""
@@ -236,7 +236,12 @@ def list_rows(query: Annotated[ListQuery, Query()], principal: Reader, service: 
     )
 
 
-@router.get("/stats", response_model=StatsResponse, summary="DLQ depth by consumer, stage and status")
+@router.get(
+    "/stats",
+    response_model=StatsResponse,
+    summary="DLQ depth by consumer, stage and status",
+    responses=_errors(403),
+)
 def stats(query: Annotated[StatsQuery, Query()], principal: Reader, service: Service) -> StatsResponse:
     flt = service.readable_filter(query.dlq_filter(), reader=not principal.may_change)
     return StatsResponse.model_validate(service.stats(flt).as_dict())
@@ -246,7 +251,7 @@ def stats(query: Annotated[StatsQuery, Query()], principal: Reader, service: Ser
     "/retry-all",
     response_model=ReplayResponse,
     summary="Replay every row matching the filters",
-    responses=_errors(403, 404),
+    responses=_errors(403, 404, 409),
 )
 def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> ReplayResponse:
     """Republishes up to `limit` matching rows (status `pending` unless `statuses` says otherwise).
