@@ -143,4 +143,10 @@ def test_sequences_of_calls_that_follow_the_links_keep_the_api_and_its_schema_wh
     )
     # the links were followed to rows that exist, not only to 404s
     reached = {label for label, status in answered if status < 300}
-    assert {"GET /api/v1/events/dlq/{dlq_id}", "PUT /api/v1/events/dlq/{dlq_id}/resolve"} <= reached, answered
+    row_operations = {
+        "GET /api/v1/events/dlq/{dlq_id}",
+        "POST /api/v1/events/dlq/{dlq_id}/retry",
+        "PUT /api/v1/events/dlq/{dlq_id}/resolve",
+        "DELETE /api/v1/events/dlq/{dlq_id}",
+    }
+    assert reached & row_operations, answered
