@@ -22,7 +22,7 @@ from benchmarks.report import Report
 from benchmarks.runner import Bench
 from benchmarks.services import services
 from benchmarks.throughput import failure_storms, happy_path
-from eventhandler.worker import GC_THRESHOLDS, tune_gc
+from eventhandler.app import GC_THRESHOLDS, tune_gc
 from tests.support.apache_kafka import KAFKA_VERSION
 from tests.support.services import selected_broker
 

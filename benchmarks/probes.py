@@ -8,6 +8,7 @@ before `stop_when_idle` ends the run, and it is the same rule for the worker and
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import statistics
 import subprocess
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eventhandler.app import App
-from eventhandler.pipeline import Record
+from eventhandler.batch import BatchResult, Record
+from eventhandler.observer import Quiet
 
 
 @dataclass
@@ -48,25 +50,45 @@ class Clock:
         return (self.total - self.first_count) / self.seconds
 
 
-# (method owner, method name, label, nested inside another timed step)
+# (owner, method name, label, nested inside another timed step): public methods of one app's objects
 _STEPS: tuple[tuple[str, str, str, bool], ...] = (
     ("source", "consume", "consume (librdkafka → Record)", False),
     ("processor", "decode", "decode (JSON + pydantic)", False),
-    ("worker", "_commit", "PostgreSQL transaction (incl. pool, deadline timer)", False),
-    ("processor", "commit", "… of which BatchProcessor.commit", True),
-    ("source", "commit", "Kafka offset commit", False),
-    ("worker", "_record", "Worker._record (metrics + batch log line)", False),
+    ("inflight", "transaction", "PostgreSQL transaction (incl. pool, deadline timer)", False),
+    ("processor", "write", "… of which BatchProcessor.write", True),
+    ("source", "commit_offsets", "Kafka offset commit", False),
+    ("observers", "settled", "observers (metrics, stats, batch log line)", False),
 )
 
 
+class _Timed:
+    """A callable object timed like a method (the in-flight batch's `Transaction`)."""
+
+    def __init__(self, inner: Any, charge: Any) -> None:
+        self._inner, self._charge = inner, charge
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self._charge(time.perf_counter() - started)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 @dataclass
-class WorkerProbe:
-    """Wraps a few methods of one built `App`'s objects (instance attributes, so the classes and any
-    other worker stay untouched): each batch's end time and size, the time spent in each step, and
-    optionally the produce-to-commit latency of every record.
+class WorkerProbe(Quiet):
+    """Times a few public methods of one built `App`'s objects (instance attributes, so the classes
+    and any other worker stay untouched) and watches every batch as an observer: each batch's end
+    time and size, the time spent in each step, and optionally the produce-to-commit latency of every
+    record.
 
     Step times count only inside the clock's window (after the first batch, up to the last), so
-    they add up with the rate: the group join and the idle tail are left out of both."""
+    they add up with the rate: the group join and the idle tail are left out of both. (The
+    transaction runs in the in-flight batch's thread, overlapping the next batch's consume and decode,
+    so step times may add up to more than the window.)"""
 
     app: App
     latency_after_ms: float | None = None  # collect latencies of records produced after this
@@ -78,36 +100,44 @@ class WorkerProbe:
 
     def __post_init__(self) -> None:
         worker = self.app.worker
-        owners = {"worker": worker, "source": worker.source, "processor": worker.processor}
+        owners = {
+            "source": worker.source,
+            "processor": worker.processor,
+            "inflight": worker.inflight,
+            "observers": self.app.observers,
+        }
         for owner, name, label, nested in _STEPS:
             self._time(owners[owner], name, label)
             if nested:
                 self.nested.add(label)
         self._pending = dict.fromkeys(self.steps, 0.0)
-        # `Worker._record` runs once per batch, after its transaction and the Kafka commit: the end
-        # of the batch. (The transaction itself runs in the committer thread, overlapping the next
-        # batch's consume and decode, so step times may add up to more than the window.)
-        recorded = worker._record
+        self.app.observers.add(self)  # called last: after the other observers, the batch's end
 
-        def record(records: list[Record], *args: Any) -> Any:
-            result = recorded(records, *args)
-            first = self.clock.first_at is None
-            self.clock.mark(len(records))
-            if not first:
-                for label, seconds in self._pending.items():
-                    self.steps[label] += seconds
-            self._pending = dict.fromkeys(self.steps, 0.0)
-            if self.latency_after_ms is not None:
-                self._latencies(records)
-            return result
+    def settled(self, records: list[Record], result: BatchResult, seconds: float) -> None:
+        first = self.clock.first_at is None
+        self.clock.mark(len(records))
+        if not first:
+            for label, spent in self._pending.items():
+                self.steps[label] += spent
+        self._pending = dict.fromkeys(self.steps, 0.0)
+        if self.latency_after_ms is not None:
+            self._latencies(records)
 
-        worker._record = record  # type: ignore[method-assign]
+    def _charge(self, label: str) -> Any:
+        def charge(seconds: float) -> None:
+            self._pending[label] = self._pending.get(label, 0.0) + seconds
+
+        return charge
 
     def _time(self, target: object, name: str, label: str) -> None:
         method = getattr(target, name, None)
         if method is None:  # the worker changed under us: report what is still there
             return
         self.steps[label] = 0.0
+        charge = self._charge(label)
+        if not inspect.ismethod(method):
+            setattr(target, name, _Timed(method, charge))
+            return
 
         @functools.wraps(method)
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -115,7 +145,7 @@ class WorkerProbe:
             try:
                 return method(*args, **kwargs)
             finally:
-                self._pending[label] = self._pending.get(label, 0.0) + time.perf_counter() - started
+                charge(time.perf_counter() - started)
 
         setattr(target, name, timed)
 

@@ -22,7 +22,7 @@ from benchmarks.services import Services
 from benchmarks.workload import Workload
 from eventhandler.app import App, build_worker
 from eventhandler.logs import configure_logging
-from eventhandler.worker import WorkerStats
+from eventhandler.observer import WorkerStats
 from tests.support.services import free_port
 
 

@@ -114,7 +114,7 @@ def _extras(bench: Bench, topic: str, workload: Workload, base: WorkerRun) -> No
     bench.report.note(
         "Extras: each ratio compares two separate worker runs; on a shared 2-CPU machine identical runs "
         "differ by up to ±20%, so a small ratio is noise. Their exact hot-path cost is the time measured "
-        "inside Worker._record (all metric updates plus the batch_committed log line)."
+        "inside the observers (all metric updates plus the batch_committed log line)."
     )
     bench.say("extras: the worker with its /metrics endpoint on, scraped every second")
     served = run_worker(bench, "extras-http", topic, workload, serve_http=True, scrape_every=1.0)
@@ -127,7 +127,7 @@ def _extras(bench: Bench, topic: str, workload: Workload, base: WorkerRun) -> No
             base.rate,
             "endpoint off",
             note=served.note
-            or "metrics themselves cannot be turned off (Worker always records them); see _record below",
+            or "metrics themselves cannot be turned off (an observer always records them); see below",
             status="WRONG" if served.problems else "INFO",
         )
     )
@@ -145,7 +145,7 @@ def _extras(bench: Bench, topic: str, workload: Workload, base: WorkerRun) -> No
             status="WRONG" if quiet.problems else "INFO",
         )
     )
-    label = "Worker._record (metrics + batch log line)"
+    label = "observers (metrics, stats, batch log line)"
     for run, level in ((base, "info"), (quiet, "warning")):
         seconds = run.probe.steps.get(label)
         if seconds is None:
@@ -155,7 +155,7 @@ def _extras(bench: Bench, topic: str, workload: Workload, base: WorkerRun) -> No
         bench.report.add(
             Row(
                 scenario,
-                f"time in Worker._record, log_level={level}",
+                f"time in the observers, log_level={level}",
                 seconds / max(run.probe.window_events, 1) * 1e6,
                 "µs/ev",
                 note=f"{share:.1f}% of the window, {seconds / batches * 1e3:.2f} ms per batch",

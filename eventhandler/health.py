@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.dlq import DepthSource
 from eventhandler.errors import EventHandlerError
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
@@ -71,7 +71,7 @@ class DepthRefresher:
 
     def __init__(
         self,
-        repository: PostgresDLQRepository,
+        repository: DepthSource,
         metrics: Metrics,
         consumers: list[str],
         interval: float,

@@ -1,6 +1,6 @@
 """Replay: republish DLQ rows to Kafka, exactly as they were consumed, and mark them `replayed`.
 
-Rows are claimed in chunks with a lease (a short transaction with `FOR UPDATE SKIP LOCKED`), so two
+Rows are taken in chunks with a lease (a short transaction with `FOR UPDATE SKIP LOCKED`), so two
 replayers never publish the same row, and no transaction stays open while the rate limiter or the
 broker is waited on: the worker, which updates replayed rows, is never held up by a replay. The
 producer is idempotent. A row is marked `replayed` only after the broker confirmed its delivery: a
@@ -20,7 +20,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException, Producer
 
-from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.dlq import ReplayRows
 from eventhandler.errors import BrokerUnavailable, DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
 from eventhandler.librdkafka import RawProducer, raw_header_key
@@ -121,13 +121,13 @@ class RateLimiter:
 class Replayer:
     def __init__(
         self,
-        repository: PostgresDLQRepository,
+        rows: ReplayRows,
         producer_config: dict[str, Any],
         *,
         metrics: Metrics | None = None,
         delivery_timeout: float = 30.0,
     ) -> None:
-        self._repository = repository
+        self._rows = rows
         self._producer_config = producer_config
         self._metrics = metrics
         self._delivery_timeout = delivery_timeout
@@ -165,13 +165,13 @@ class Replayer:
     ) -> ReplayReport:
         report = ReplayReport(dry_run=dry_run)
         if dry_run:
-            matching = self._repository.count(flt)
+            matching = self._rows.count(flt)
             report.matched = min(matching, limit) if limit is not None else matching
             return report
-        # The ids are read once, oldest first; each chunk is then claimed by id (an index lookup,
+        # The ids are read once, oldest first; each chunk is then taken by id (an index lookup,
         # whatever the table's statistics say) with the filter applied again, so a row another
         # replayer took, or that changed meanwhile, is skipped.
-        ids = self._repository.matching_ids(flt, limit=limit)
+        ids = self._rows.matching_ids(flt, limit=limit)
         report.matched = len(ids)
         if not ids:
             return report
@@ -183,7 +183,7 @@ class Replayer:
         # With a rate, smaller chunks keep each lease short (about ten seconds of sending).
         chunk_size = CHUNK if not rate else max(1, min(CHUNK, int(rate * 10)))
         try:
-            with self._repository.replay_lease() as lease:
+            with self._rows.lease() as lease:
                 for start in range(0, len(ids), chunk_size):
                     chunk = ids[start : start + chunk_size]
                     done, failed = self._replay_chunk(
@@ -217,15 +217,15 @@ class Replayer:
         rate: float | None,
         actor: str,
     ) -> tuple[list[int], dict[int, str]]:
-        """Claim the chunk's rows (a short transaction), publish them with no transaction open, then
+        """Take the chunk's rows (a short transaction), publish them with no transaction open, then
         mark the confirmed ones and free the rest (another short transaction)."""
         lease_seconds = self._delivery_timeout + (len(chunk) / rate if rate else 0) + 60
-        if not self._repository.lease_held(lease):
+        if not self._rows.lease_held(lease):
             raise DatabaseUnavailable(
                 "the replay lost its lease (its PostgreSQL connection dropped); the rows it did not "
                 "publish are still pending: run it again"
             )
-        rows, claimed_at = self._repository.claim(
+        rows, taken_at = self._rows.take(
             flt.model_copy(update={"ids": tuple(chunk)}),
             limit=len(chunk),
             lease=lease,
@@ -239,9 +239,9 @@ class Replayer:
             if row.dlq_id in delivered:
                 published.setdefault(to_topic or row.source_topic, []).append(row.dlq_id)
         done = [row.dlq_id for row in rows if row.dlq_id in delivered]
-        self._repository.settle_claim(
+        self._rows.finish(
             lease=lease,
-            claimed_at=claimed_at,
+            taken_at=taken_at,
             published=published,
             unpublished=[row.dlq_id for row in rows if row.dlq_id not in delivered],
             actor=actor,

@@ -1,10 +1,10 @@
--- The worker's writes to the DLQ, inside its batch transaction (see `eventhandler.dlq`).
+-- The worker's writes to the DLQ, inside its batch transaction (see `eventhandler.dlq.writer`).
 -- A batch's failures are copied (binary COPY) straight into `dlq`, with dlq_ids reserved from its
 -- sequence in one statement: a third of the server time of one INSERT statement per failure, which is
 -- what a failure storm pays per message. When a message of the batch already has a row (its
 -- consumer's position was reset, or another worker got to it first), the copy is rolled back to a
 -- savepoint and the batch goes through a temporary staging table and one upsert instead.
--- The COPY column order is the order of `dlq._copy_row`; a test holds the two together.
+-- The COPY column order is the order of `dlq.writer.copy_row`; a test holds the two together.
 
 -- name: reserve_ids
 SELECT array_agg(nextval(seq))
@@ -117,3 +117,16 @@ WITH replayed AS (
     RETURNING dlq_id
 )
 SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted;
+
+-- name: resolve_replayed
+-- Only rows the replayed message matches: its origin (the original coordinates) and, when the row
+-- knows its event, the same event. A forged or stale `eventhandler-dlq-id` (after a restore, or
+-- TRUNCATE … RESTART IDENTITY) matches nothing.
+UPDATE dlq SET status = 'resolved', resolved_at = now(), resolved_by = 'replay',
+       resolution_note = 'processed successfully after replay', updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[],
+            %(sources)s::text[], %(event_ids)s::text[]) AS r(dlq_id, topic, part, off, source, event_id)
+WHERE dlq.dlq_id = r.dlq_id AND dlq.consumer = %(consumer)s AND dlq.status IN ('pending', 'replayed')
+  AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off
+  AND (dlq.event_id IS NULL OR (dlq.event_id = r.event_id AND dlq.event_source = r.source))
+RETURNING dlq.dlq_id;

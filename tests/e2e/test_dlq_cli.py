@@ -11,9 +11,9 @@ import psycopg_pool
 import pytest
 
 from eventhandler.config import Settings
-from eventhandler.dlq import PostgresDLQRepository
 from tests.conftest import settings_env
 from tests.support.cli import cli_json, run_cli
+from tests.support.dlq import DLQ
 from tests.support.factories import failed_message
 
 
@@ -53,7 +53,7 @@ def seeded(db_url: str, group: str) -> list[int]:
         pool.connection() as conn,
         conn.transaction(),
     ):
-        return PostgresDLQRepository(pool).record_failures(conn, failures)
+        return DLQ.on(pool).writer.record_failures(conn, failures)
 
 
 def test_list_as_json_and_as_a_table(env: dict[str, str], seeded: list[int]) -> None:

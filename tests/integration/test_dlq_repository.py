@@ -9,10 +9,11 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from eventhandler import dlq
-from eventhandler.dlq import LEASE_CLASS, PostgresDLQRepository
+from eventhandler.dlq import writer as dlq
+from eventhandler.dlq.rows import LEASE_CLASS
 from eventhandler.errors import NotFound
 from eventhandler.models import DLQFilter, FailedMessage, ReplayOrigin
+from tests.support.dlq import DLQ
 from tests.support.factories import failed_message
 from tests.support.waiting import wait_for
 from tests.support.worker import scalar
@@ -25,15 +26,13 @@ def pool(db_url: str) -> Iterator[psycopg_pool.ConnectionPool]:
 
 
 @pytest.fixture
-def repo(pool: psycopg_pool.ConnectionPool) -> PostgresDLQRepository:
-    return PostgresDLQRepository(pool)
+def repo(pool: psycopg_pool.ConnectionPool) -> DLQ:
+    return DLQ.on(pool)
 
 
-def record(
-    repo: PostgresDLQRepository, pool: psycopg_pool.ConnectionPool, *failures: FailedMessage
-) -> list[int]:
+def record(repo: DLQ, pool: psycopg_pool.ConnectionPool, *failures: FailedMessage) -> list[int]:
     with pool.connection() as conn, conn.transaction():
-        return repo.record_failures(conn, list(failures))
+        return repo.writer.record_failures(conn, list(failures))
 
 
 HOSTILE_PAYLOADS = {
@@ -46,7 +45,7 @@ HOSTILE_PAYLOADS = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_PAYLOADS))
-def test_hostile_payloads_round_trip_byte_for_byte(repo: PostgresDLQRepository, pool: Any, name: str) -> None:
+def test_hostile_payloads_round_trip_byte_for_byte(repo: DLQ, pool: Any, name: str) -> None:
     payload = HOSTILE_PAYLOADS[name]
     headers: list[tuple[str, bytes | None]] = [
         ("ce_id", b"\xff\x00binary"),
@@ -63,19 +62,19 @@ def test_hostile_payloads_round_trip_byte_for_byte(repo: PostgresDLQRepository, 
             value=payload, key=key, headers=headers, stage="deserialize", event_id=None, event_type=None
         ),
     )
-    entry = repo.get(dlq_id)
+    entry = repo.operators.get(dlq_id)
     assert entry.event_payload == payload
     assert entry.message_key == key
     assert entry.headers == headers
     assert entry.payload_size == (None if payload is None else len(payload))
 
 
-def test_insert_a_batch_in_one_call_and_read_every_field(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_insert_a_batch_in_one_call_and_read_every_field(repo: DLQ, pool: Any) -> None:
     failures = [failed_message(offset=100 + i, event_id=f"e{i}") for i in range(50)]
     ids = record(repo, pool, *failures)
     assert len(ids) == 50
     assert len(set(ids)) == 50
-    entry = repo.get(ids[7])
+    entry = repo.operators.get(ids[7])
     assert entry.event_id == "e7"
     assert entry.source_topic == "device-events"
     assert entry.source_offset == 107
@@ -89,32 +88,30 @@ def test_insert_a_batch_in_one_call_and_read_every_field(repo: PostgresDLQReposi
     assert len(entry.fingerprint) == 16
 
 
-def test_batches_with_and_without_headers_store_them_exactly(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_batches_with_and_without_headers_store_them_exactly(repo: DLQ, pool: Any) -> None:
     bare = record(repo, pool, *[failed_message(offset=200 + i, headers=[]) for i in range(3)])
     mixed = record(
         repo, pool, failed_message(offset=210, headers=[]), failed_message(offset=211, headers=[("h", None)])
     )
-    assert [repo.get(i).headers for i in bare] == [[], [], []]
-    assert [repo.get(i).headers for i in mixed] == [[], [("h", None)]]
+    assert [repo.operators.get(i).headers for i in bare] == [[], [], []]
+    assert [repo.operators.get(i).headers for i in mixed] == [[], [("h", None)]]
 
 
-def test_a_repeat_of_the_same_message_updates_its_row(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_a_repeat_of_the_same_message_updates_its_row(repo: DLQ, pool: Any) -> None:
     first = failed_message(offset=5, error_message="first error")
     (dlq_id,) = record(repo, pool, first)
     again = failed_message(offset=5, error_message="second error", stage="projection")
     (same_id,) = record(repo, pool, again)
     assert same_id == dlq_id
-    entry = repo.get(dlq_id)
+    entry = repo.operators.get(dlq_id)
     assert entry.error_message == "second error"
     assert entry.stage == "projection"
     assert entry.failure_count == 2
     assert entry.last_failed_at >= entry.failed_at
-    assert repo.count(DLQFilter()) == 1
+    assert repo.operators.count(DLQFilter()) == 1
 
 
-def test_ids_come_back_in_the_order_of_the_failures_whatever_the_mix(
-    repo: PostgresDLQRepository, pool: Any
-) -> None:
+def test_ids_come_back_in_the_order_of_the_failures_whatever_the_mix(repo: DLQ, pool: Any) -> None:
     (replayed_row,) = record(repo, pool, failed_message(offset=40, error_message="original"))
     mixed = [
         failed_message(offset=41, error_message="a"),
@@ -128,45 +125,45 @@ def test_ids_come_back_in_the_order_of_the_failures_whatever_the_mix(
     assert ids[0] == ids[4], "one row per message, even within one batch"
     assert len({ids[0], ids[1], ids[2], ids[3]}) == 4
     for dlq_id, failure in zip(ids, mixed, strict=True):
-        entry = repo.get(dlq_id)
+        entry = repo.operators.get(dlq_id)
         assert entry.consumer == failure.consumer
         if failure.replay_of is None:
             assert (entry.source_partition, entry.source_offset) == (failure.partition, failure.offset)
-    assert repo.get(ids[0]).error_message == "a, seen twice in one batch"
-    assert repo.get(replayed_row).retry_count == 1
-    assert repo.count(DLQFilter()) == 4
+    assert repo.operators.get(ids[0]).error_message == "a, seen twice in one batch"
+    assert repo.operators.get(replayed_row).retry_count == 1
+    assert repo.operators.count(DLQFilter()) == 4
 
 
 def test_repeats_upserted_twice_in_one_transaction_or_without_one_count_once_each(
-    repo: PostgresDLQRepository, db_url: str
+    repo: DLQ, db_url: str
 ) -> None:
     first = [failed_message(offset=300 + i) for i in range(3)]
     with psycopg.connect(db_url, autocommit=True) as conn:
-        ids = repo.record_failures(conn, first)
-        assert repo.record_failures(conn, first) == ids  # the upsert path, outside a transaction
+        ids = repo.writer.record_failures(conn, first)
+        assert repo.writer.record_failures(conn, first) == ids  # the upsert path, outside a transaction
         with conn.transaction():
-            assert repo.record_failures(conn, first[:2]) == ids[:2]
-            assert repo.record_failures(conn, first[1:]) == ids[1:]  # a second upsert, same transaction
-    assert [repo.get(i).failure_count for i in ids] == [3, 4, 3]
+            assert repo.writer.record_failures(conn, first[:2]) == ids[:2]
+            assert (
+                repo.writer.record_failures(conn, first[1:]) == ids[1:]
+            )  # a second upsert, same transaction
+    assert [repo.operators.get(i).failure_count for i in ids] == [3, 4, 3]
 
 
-def test_a_replayed_message_failing_again_returns_its_row_to_pending(
-    repo: PostgresDLQRepository, pool: Any
-) -> None:
+def test_a_replayed_message_failing_again_returns_its_row_to_pending(repo: DLQ, pool: Any) -> None:
     (dlq_id,) = record(repo, pool, failed_message(offset=9))
     replay_all(repo, DLQFilter(ids=(dlq_id,)), limit=10, expect=[dlq_id])
-    assert repo.get(dlq_id).status == "replayed"
+    assert repo.operators.get(dlq_id).status == "replayed"
     # the replayed copy arrives at a new offset, carrying its dlq_id
     again_failed = failed_message(offset=999, replay_of=origin(dlq_id, 9), error_message="still broken")
     (again,) = record(repo, pool, again_failed)
     assert again == dlq_id
-    entry = repo.get(dlq_id)
+    entry = repo.operators.get(dlq_id)
     assert (entry.status, entry.retry_count, entry.error_message) == ("pending", 1, "still broken")
     assert entry.replay_count == 1
-    assert repo.count(DLQFilter()) == 1
+    assert repo.operators.count(DLQFilter()) == 1
 
 
-def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_resolve_replayed_rows_inside_the_worker_transaction(repo: DLQ, pool: Any) -> None:
     ids = record(
         repo,
         pool,
@@ -176,22 +173,20 @@ def test_resolve_replayed_rows_inside_the_worker_transaction(repo: PostgresDLQRe
     )
     replays = [(origin(dlq_id, n), "/tests", "evt-1") for dlq_id, n in zip(ids, (1, 2, 3), strict=True)]
     with pool.connection() as conn, conn.transaction():
-        resolved = repo.resolve_replayed(conn, "group-a", replays)
+        resolved = repo.writer.resolve_replayed(conn, "group-a", replays)
     assert sorted(resolved) == ids[:2]
-    assert repo.get(ids[0]).resolved_by == "replay"
-    assert repo.get(ids[2]).status == "pending"
+    assert repo.operators.get(ids[0]).resolved_by == "replay"
+    assert repo.operators.get(ids[2]).status == "pending"
 
 
-def test_a_late_failing_copy_does_not_reopen_a_row_an_operator_closed(
-    repo: PostgresDLQRepository, pool: Any
-) -> None:
+def test_a_late_failing_copy_does_not_reopen_a_row_an_operator_closed(repo: DLQ, pool: Any) -> None:
     (dlq_id,) = record(repo, pool, failed_message(offset=7))
-    assert repo.discard([dlq_id], actor="test", note="given up") == [dlq_id]
+    assert repo.operators.discard([dlq_id], actor="test", note="given up") == [dlq_id]
     (other,) = record(
         repo, pool, failed_message(offset=700, replay_of=origin(dlq_id, 7), error_message="late")
     )
     assert other != dlq_id  # the late copy's failure is a row of its own
-    assert (repo.get(dlq_id).status, repo.get(dlq_id).retry_count) == ("discarded", 0)
+    assert (repo.operators.get(dlq_id).status, repo.operators.get(dlq_id).retry_count) == ("discarded", 0)
 
 
 def origin(dlq_id: int, offset: int, topic: str = "device-events", partition: int = 0) -> ReplayOrigin:
@@ -210,26 +205,24 @@ def origin(dlq_id: int, offset: int, topic: str = "device-events", partition: in
     ],
 )
 def test_a_replay_header_that_does_not_match_its_row_touches_nothing(
-    repo: PostgresDLQRepository, pool: Any, claimed: ReplayOrigin, source: str, event_id: str
+    repo: DLQ, pool: Any, claimed: ReplayOrigin, source: str, event_id: str
 ) -> None:
     """A forged `eventhandler-dlq-id`, or one left from before a restore or TRUNCATE … RESTART
     IDENTITY, names a row the message is not a copy of: it neither resolves nor overwrites it."""
     (dlq_id,) = record(repo, pool, failed_message(offset=5))
     forged = ReplayOrigin(dlq_id, claimed.topic, claimed.partition, claimed.offset)
     with pool.connection() as conn, conn.transaction():
-        assert repo.resolve_replayed(conn, "group-a", [(forged, source, event_id)]) == []
-    assert repo.get(dlq_id).status == "pending"
+        assert repo.writer.resolve_replayed(conn, "group-a", [(forged, source, event_id)]) == []
+    assert repo.operators.get(dlq_id).status == "pending"
     failure = failed_message(offset=600, replay_of=forged, event_id=event_id, event_source=source)
     (other,) = record(repo, pool, failure)
     assert other != dlq_id  # an ordinary failure of its own
-    original = repo.get(dlq_id)
+    original = repo.operators.get(dlq_id)
     assert (original.retry_count, original.error_message) == (0, "device 'dev-1' is not registered")
-    assert (repo.get(other).source_offset, repo.count(DLQFilter())) == (600, 2)
+    assert (repo.operators.get(other).source_offset, repo.operators.count(DLQFilter())) == (600, 2)
 
 
-def test_every_filter_selects_exactly_its_rows(
-    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
-) -> None:
+def test_every_filter_selects_exactly_its_rows(repo: DLQ, pool: Any, db: psycopg.Connection[Any]) -> None:
     ids = record(
         repo,
         pool,
@@ -264,10 +257,10 @@ def test_every_filter_selects_exactly_its_rows(
         ),
     )
     db.execute("UPDATE dlq SET last_failed_at = now() - interval '2 days' WHERE dlq_id = %s", (ids[0],))
-    repo.discard([ids[1]], actor="test")
+    repo.operators.discard([ids[1]], actor="test")
 
     def matching(**kw: Any) -> list[int]:
-        return [r.dlq_id for r in repo.list_rows(DLQFilter(**kw), limit=100)]
+        return [r.dlq_id for r in repo.operators.list_rows(DLQFilter(**kw), limit=100)]
 
     assert matching() == ids
     assert matching(ids=(ids[1], ids[3])) == [ids[1], ids[3]]
@@ -282,18 +275,18 @@ def test_every_filter_selects_exactly_its_rows(
     assert matching(error_contains="100%_") == [ids[2]]
     assert matching(error_contains="%") == [ids[2]]
     assert matching(topic="other") == [ids[3]]
-    same_group = repo.get(ids[0]).fingerprint
-    assert repo.get(ids[3]).fingerprint == same_group  # ids and numbers normalised away
+    same_group = repo.operators.get(ids[0]).fingerprint
+    assert repo.operators.get(ids[3]).fingerprint == same_group  # ids and numbers normalised away
     assert matching(fingerprint=same_group) == [ids[0], ids[3]]
     assert matching(consumer="a", stage="handler", statuses=("pending",)) == [ids[0]]
 
 
-def test_keyset_pagination_visits_every_row_once(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_keyset_pagination_visits_every_row_once(repo: DLQ, pool: Any) -> None:
     ids = record(repo, pool, *[failed_message(offset=1000 + i) for i in range(25)])
     seen: list[int] = []
     cursor = None
     while True:
-        page = repo.list_rows(DLQFilter(), limit=10, after_id=cursor)
+        page = repo.operators.list_rows(DLQFilter(), limit=10, after_id=cursor)
         if not page:
             break
         seen += [r.dlq_id for r in page]
@@ -301,29 +294,29 @@ def test_keyset_pagination_visits_every_row_once(repo: PostgresDLQRepository, po
     assert seen == ids
 
 
-def test_get_unknown_id_raises_not_found(repo: PostgresDLQRepository) -> None:
+def test_get_unknown_id_raises_not_found(repo: DLQ) -> None:
     with pytest.raises(NotFound, match="12345"):
-        repo.get(12345)
+        repo.operators.get(12345)
 
 
-def test_resolve_discard_delete_are_audited(
-    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
-) -> None:
+def test_resolve_discard_delete_are_audited(repo: DLQ, pool: Any, db: psycopg.Connection[Any]) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 5)])
-    assert repo.resolve([ids[0]], actor="alice", note="fixed upstream") == [ids[0]]
-    assert repo.discard([ids[1]], actor="bob") == [ids[1]]
-    assert repo.delete([ids[2]], actor="carol") == [ids[2]]
-    assert repo.resolve([ids[1]], actor="alice") == []  # discarded rows are not resolved behind one's back
-    resolved = repo.get(ids[0])
+    assert repo.operators.resolve([ids[0]], actor="alice", note="fixed upstream") == [ids[0]]
+    assert repo.operators.discard([ids[1]], actor="bob") == [ids[1]]
+    assert repo.operators.delete([ids[2]], actor="carol") == [ids[2]]
+    assert (
+        repo.operators.resolve([ids[1]], actor="alice") == []
+    )  # discarded rows are not resolved behind one's back
+    resolved = repo.operators.get(ids[0])
     assert (resolved.status, resolved.resolved_by, resolved.resolution_note) == (
         "resolved",
         "alice",
         "fixed upstream",
     )
     assert resolved.resolved_at is not None
-    assert repo.get(ids[1]).status == "discarded"
+    assert repo.operators.get(ids[1]).status == "discarded"
     with pytest.raises(NotFound):
-        repo.get(ids[2])
+        repo.operators.get(ids[2])
     audit = db.execute("SELECT actor, action, dlq_ids FROM dlq_audit ORDER BY audit_id").fetchall()
     assert audit == [
         ("alice", "resolve", [ids[0]]),
@@ -332,108 +325,108 @@ def test_resolve_discard_delete_are_audited(
     ]  # the resolve that changed nothing is not a change: no audit row
 
 
-def test_purge_never_deletes_pending_rows(
-    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
-) -> None:
+def test_purge_never_deletes_pending_rows(repo: DLQ, pool: Any, db: psycopg.Connection[Any]) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 5)])
-    repo.resolve([ids[0]], actor="t")
-    repo.discard([ids[1]], actor="t")
-    repo.resolve([ids[3]], actor="t")
+    repo.operators.resolve([ids[0]], actor="t")
+    repo.operators.discard([ids[1]], actor="t")
+    repo.operators.resolve([ids[3]], actor="t")
     db.execute("UPDATE dlq SET updated_at = now() - interval '10 days' WHERE dlq_id <> %s", (ids[3],))
-    assert repo.purge(older_than_seconds=86400 * 7, actor="t") == [ids[0], ids[1]]
-    remaining = [r.dlq_id for r in repo.list_rows(DLQFilter(), limit=10)]
+    assert repo.operators.purge(older_than_seconds=86400 * 7, actor="t") == [ids[0], ids[1]]
+    remaining = [r.dlq_id for r in repo.operators.list_rows(DLQFilter(), limit=10)]
     assert remaining == [ids[2], ids[3]]
 
 
-def test_depth_and_oldest_pending_age(
-    repo: PostgresDLQRepository, pool: Any, db: psycopg.Connection[Any]
-) -> None:
+def test_depth_and_oldest_pending_age(repo: DLQ, pool: Any, db: psycopg.Connection[Any]) -> None:
     ids = record(
         repo, pool, failed_message(offset=1), failed_message(offset=2), failed_message(offset=3, consumer="b")
     )
-    repo.resolve([ids[1]], actor="t")
+    repo.operators.resolve([ids[1]], actor="t")
     db.execute("UPDATE dlq SET failed_at = now() - interval '1 hour' WHERE dlq_id = %s", (ids[0],))
-    depth = {(r.consumer, r.status): r.count for r in repo.depth()}
+    depth = {(r.consumer, r.status): r.count for r in repo.operators.depth()}
     assert depth == {("group-a", "pending"): 1, ("group-a", "resolved"): 1, ("b", "pending"): 1}
-    ages = repo.oldest_pending_age()
+    ages = repo.operators.oldest_pending_age()
     assert 3590 < ages["group-a"] < 3700
     assert ages["b"] < 60
 
 
-def replay_all(repo: PostgresDLQRepository, flt: DLQFilter, *, limit: int, expect: list[int]) -> None:
-    """Claim under a lease and mark every claimed row replayed, as a replayer does."""
-    with repo.replay_lease() as lease:
-        rows, claimed_at = repo.claim(flt, limit=limit, lease=lease, lease_seconds=60)
+def replay_all(repo: DLQ, flt: DLQFilter, *, limit: int, expect: list[int]) -> None:
+    """Take rows under a lease and mark every one taken replayed, as a replayer does."""
+    with repo.replays.lease() as lease:
+        rows, taken_at = repo.replays.take(flt, limit=limit, lease=lease, lease_seconds=60)
         assert [r.dlq_id for r in rows] == expect
         published = {"device-events": [r.dlq_id for r in rows]}
-        repo.settle_claim(
-            lease=lease, claimed_at=claimed_at, published=published, unpublished=[], actor="t", detail={}
+        repo.replays.finish(
+            lease=lease, taken_at=taken_at, published=published, unpublished=[], actor="t", detail={}
         )
 
 
-def test_two_replayers_never_claim_the_same_row(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_two_replayers_never_claim_the_same_row(repo: DLQ, pool: Any) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 41)])
     pending = DLQFilter(statuses=("pending",))
-    with repo.replay_lease() as one, repo.replay_lease() as two:
-        first, first_at = repo.claim(pending, limit=25, lease=one, lease_seconds=60)
-        second, second_at = repo.claim(pending, limit=25, lease=two, lease_seconds=60)  # while one holds
+    with repo.replays.lease() as one, repo.replays.lease() as two:
+        first, first_at = repo.replays.take(pending, limit=25, lease=one, lease_seconds=60)
+        second, second_at = repo.replays.take(
+            pending, limit=25, lease=two, lease_seconds=60
+        )  # while one holds
         assert [r.dlq_id for r in first] == ids[:25]
         assert [r.dlq_id for r in second] == ids[25:]
-        assert repo.claim(pending, limit=25, lease=two, lease_seconds=60)[0] == []
+        assert repo.replays.take(pending, limit=25, lease=two, lease_seconds=60)[0] == []
         for lease, rows, at in ((one, first, first_at), (two, second, second_at)):
             published = {"device-events": [r.dlq_id for r in rows[:-1]]}
-            repo.settle_claim(
+            repo.replays.finish(
                 lease=lease,
-                claimed_at=at,
+                taken_at=at,
                 published=published,
                 unpublished=[rows[-1].dlq_id],
                 actor="t",
                 detail={},
             )
-    assert repo.count(DLQFilter(statuses=("replayed",))) == 38
+    assert repo.operators.count(DLQFilter(statuses=("replayed",))) == 38
     # the two rows whose publish failed were freed: a later replay takes them
     replay_all(repo, pending, limit=10, expect=[ids[24], ids[39]])
 
 
-def test_a_lease_whose_replayer_died_frees_its_rows_at_once(
-    repo: PostgresDLQRepository, pool: Any, db_url: str
-) -> None:
+def test_a_lease_whose_replayer_died_frees_its_rows_at_once(repo: DLQ, pool: Any, db_url: str) -> None:
     """A replayer killed mid-chunk never marks or frees its rows; its session's lock goes with it."""
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 6)])
     pending = DLQFilter(statuses=("pending",))
     dead = psycopg.connect(db_url, autocommit=True)
     assert dead.execute("SELECT pg_try_advisory_lock(%s, 77)", (LEASE_CLASS,)).fetchone() == (True,)
-    with repo.replay_lease() as other:
-        taken, _ = repo.claim(pending, limit=10, lease=77, lease_seconds=3600)  # the doomed replayer's claim
+    with repo.replays.lease() as other:
+        taken, _ = repo.replays.take(
+            pending, limit=10, lease=77, lease_seconds=3600
+        )  # the doomed replayer's rows
         assert [r.dlq_id for r in taken] == ids
-        assert repo.claim(pending, limit=10, lease=other, lease_seconds=60)[0] == []  # held while it lives
+        assert (
+            repo.replays.take(pending, limit=10, lease=other, lease_seconds=60)[0] == []
+        )  # held while it lives
         dead.close()
-        wait_for(lambda: repo.claim(pending, limit=10, lease=other, lease_seconds=60)[0], timeout=10)
+        wait_for(lambda: repo.replays.take(pending, limit=10, lease=other, lease_seconds=60)[0], timeout=10)
 
 
-def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(
-    repo: PostgresDLQRepository, pool: Any
-) -> None:
+def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(repo: DLQ, pool: Any) -> None:
     """The replayed copy can be processed before the replayer marks the row: its outcome stands."""
     (dlq_id,) = record(repo, pool, failed_message(offset=5))
-    with repo.replay_lease() as lease:
-        _, claimed_at = repo.claim(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+    with repo.replays.lease() as lease:
+        _, taken_at = repo.replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
         with pool.connection() as conn, conn.transaction():
             replayed = [(origin(dlq_id, 5), "/tests", "evt-1")]
-            assert repo.resolve_replayed(conn, "group-a", replayed) == [dlq_id]  # the worker, meanwhile
-        repo.settle_claim(
+            assert repo.writer.resolve_replayed(conn, "group-a", replayed) == [
+                dlq_id
+            ]  # the worker, meanwhile
+        repo.replays.finish(
             lease=lease,
-            claimed_at=claimed_at,
+            taken_at=taken_at,
             published={"device-events": [dlq_id]},
             unpublished=[],
             actor="t",
             detail={},
         )
-    entry = repo.get(dlq_id)
+    entry = repo.operators.get(dlq_id)
     assert (entry.status, entry.replay_count) == ("resolved", 1)
 
 
-def test_fingerprint_groups_and_counts(repo: PostgresDLQRepository, pool: Any) -> None:
+def test_fingerprint_groups_and_counts(repo: DLQ, pool: Any) -> None:
     record(
         repo,
         pool,
@@ -445,22 +438,22 @@ def test_fingerprint_groups_and_counts(repo: PostgresDLQRepository, pool: Any) -
             error_message="message value is empty",
         ),
     )
-    groups = repo.fingerprint_groups(DLQFilter(), limit=10)
+    groups = repo.operators.fingerprint_groups(DLQFilter(), limit=10)
     assert [(g.stage, g.count) for g in groups] == [("handler", 5), ("deserialize", 1)]
-    by_stage = repo.counts_by("stage", DLQFilter())
+    by_stage = repo.operators.counts_by("stage", DLQFilter())
     assert sorted(by_stage) == [("deserialize", "pending", 1), ("handler", "pending", 5)]
 
 
 def test_the_copy_statements_name_their_columns_in_the_order_of_their_types(
     db: psycopg.Connection[Any],
 ) -> None:
-    """The statements live whole in queries/dlq_write.sql and the COPY types in dlq.py: this holds the
+    """The statements live whole in queries/dlq_write.sql and the COPY types in dlq/writer.py: this holds the
     two together (a column added to one and not the other would write values into the wrong columns)."""
-    db.execute(dlq.CREATE_STAGING)
+    db.execute(dlq.WRITE["create_staging"])
     for statement, types in (
-        (dlq.COPY_ROWS, ["int8", *dlq.COPY_TYPES]),
-        (dlq.COPY_HEADERLESS_ROWS, ["int8", *dlq.HEADERLESS_TYPES]),
-        (dlq.COPY_STAGING, dlq.COPY_TYPES),
+        (dlq.WRITE["copy_rows"], ["int8", *dlq.COPY_TYPES]),
+        (dlq.WRITE["copy_headerless_rows"], ["int8", *dlq.HEADERLESS_TYPES]),
+        (dlq.WRITE["copy_staging"], dlq.COPY_TYPES),
     ):
         found = re.search(r"COPY (\w+) \(([^)]*)\)", statement)
         assert found is not None

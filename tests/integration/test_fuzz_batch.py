@@ -29,16 +29,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from eventhandler.batch import BatchResult, DecodedBatch, Record
 from eventhandler.config import Settings
 from eventhandler.db import create_pool, translate_db_errors
-from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import SuspectFailure
 from eventhandler.handlers.loading import load_registry
 from eventhandler.ledger import Ledger
 from eventhandler.librdkafka import RawProducer, header_key
-from eventhandler.pipeline import BatchProcessor, BatchResult, DecodedBatch, Record
-from eventhandler.policy import SUSPECT_ATTEMPTS
+from eventhandler.pipeline import BatchProcessor
+from eventhandler.policy import SUSPECT_ATTEMPTS, FailurePolicy
 from tests.support import kafka as k
+from tests.support.dlq import DLQ
 from tests.support.worker import run_until_idle
 
 EXAMPLES = int(os.environ.get("EVENTHANDLER_TEST_FUZZ_EXAMPLES", "300"))
@@ -198,7 +199,7 @@ def commit_like_the_worker(
     for attempt in range(SUSPECT_ATTEMPTS + 1):
         try:
             with translate_db_errors(), pool.connection() as conn:
-                return processor.commit(conn, batch, isolate_suspects=attempt >= SUSPECT_ATTEMPTS)
+                return processor.write(conn, batch, isolate_suspects=attempt >= SUSPECT_ATTEMPTS)
         except SuspectFailure:
             continue
     raise AssertionError("a suspect failure survived isolation")
@@ -242,13 +243,13 @@ def run_batch(pool: psycopg_pool.ConnectionPool, batch: list[Message], skip_unkn
         shown = [(header_key(name), header_value) for name, header_value in headers]
         records.append(Record(topic, partition, offsets[partition], key, value, shown or None))
         offsets[partition] += 1
-    repository = PostgresDLQRepository(pool)
+    repository = DLQ.on(pool)
     processor = BatchProcessor(
-        consumer=GROUP,
+        consumer_group=GROUP,
         registry=load_registry([]),
         ledger=Ledger(GROUP),
-        dlq=repository,
-        unknown_event_policy="skip" if skip_unknown else "dead-letter",
+        dlq=repository.writer,
+        policy=FailurePolicy(skip_unknown=skip_unknown),
     )
     applied_before = _count(pool, "SELECT count(*) FROM applied_events")
 
@@ -277,7 +278,7 @@ def run_batch(pool: psycopg_pool.ConnectionPool, batch: list[Message], skip_unkn
     # each applied event claimed once in the ledger
     assert _count(pool, "SELECT count(*) FROM applied_events") - applied_before == applied
     by_position = {(r.partition, r.offset): r for r in records}
-    entries = repository.entries(result.dlq_ids)
+    entries = repository.operators.entries(result.dlq_ids)
     for dlq_id, partition, offset in rows:
         record, entry = by_position[(partition, offset)], entries[dlq_id]
         assert (entry.event_payload, entry.message_key) == (record.value, record.key)

@@ -7,8 +7,8 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.ledger import Ledger, LedgerPruner, digest
+from tests.support.dlq import DLQ
 from tests.support.factories import failed_message
 from tests.support.worker import scalar
 
@@ -96,9 +96,11 @@ def test_the_pruner_keeps_an_event_an_open_dlq_row_holds_until_the_row_is_closed
     forget copy 2 after its retention, replaying the row would apply the event a second time."""
     ledger = Ledger("group-a")
     with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=2) as pool:
-        repo = PostgresDLQRepository(pool)
+        repo = DLQ.on(pool)
         with pool.connection() as conn, conn.transaction():
-            (dlq_id,) = repo.record_failures(conn, [failed_message(event_source="/s", event_id="held")])
+            (dlq_id,) = repo.writer.record_failures(
+                conn, [failed_message(event_source="/s", event_id="held")]
+            )
         db.execute("UPDATE dlq SET status = %s WHERE dlq_id = %s", (status, dlq_id))
         held, other = ledger.key("/s", "held"), ledger.key("/s", "other")
         ledger.claim(db, [held, other])
@@ -110,7 +112,7 @@ def test_the_pruner_keeps_an_event_an_open_dlq_row_holds_until_the_row_is_closed
         with pool.connection() as conn, conn.transaction():  # the replayed copy arrives: a duplicate
             assert ledger.claim(conn, [held]) == set()
 
-        assert repo.resolve([dlq_id], actor="test", note="done") == [dlq_id]
+        assert repo.operators.resolve([dlq_id], actor="test", note="done") == [dlq_id]
         assert pruner.prune_once() == 1  # a closed row holds nothing
         assert scalar(db, "SELECT count(*) FROM applied_events") == 0
 
@@ -129,7 +131,7 @@ def test_open_rows_from_before_the_ledger_key_get_the_workers_key(db: psycopg.Co
         pool.connection() as conn,
         conn.transaction(),
     ):
-        PostgresDLQRepository(pool).record_failures(conn, failures)
+        DLQ.on(pool).writer.record_failures(conn, failures)
     db.execute("UPDATE dlq SET event_key = NULL")
     db.execute("UPDATE dlq SET status = 'resolved' WHERE event_id = 'closed'")
     db.execute((migrations_dir() / "0008_backfill_event_keys.sql").read_text())

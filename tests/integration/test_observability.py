@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from eventhandler import __version__
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
-from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.models import DLQFilter
 from eventhandler.replay import replay_headers
 from tests.support import kafka as k
+from tests.support.dlq import DLQ
 from tests.support.proxy import TcpProxy
 from tests.support.services import free_port
 from tests.support.waiting import wait_for
@@ -166,7 +166,7 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
     replayed_age = "eventhandler_dlq_oldest_replayed_age_seconds"
     settings = make_settings(metrics_port=endpoint_port)
     pool = create_pool(settings)
-    repository = PostgresDLQRepository(pool)
+    repository = DLQ.on(pool)
     try:
         with threaded_worker(settings, serve_http=True):
             wait_ready(endpoint)
@@ -181,23 +181,23 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
 
             # an operator resolves one row
             junk = scalar(db, "SELECT min(dlq_id) FROM dlq WHERE stage = 'deserialize'")
-            assert repository.resolve([junk], actor="test", note="junk") == [junk]
+            assert repository.operators.resolve([junk], actor="test", note="junk") == [junk]
             endpoint.wait_value(depth, 2, consumer=group, status="pending")
             endpoint.wait_value(depth, 1, consumer=group, status="resolved")
 
             # the cause of the handler failure is fixed, and the row is replayed
             send(producer, topic, [k.structured(k.registered("ghost-1"))])
             wait_for(lambda: scalar(db, "SELECT count(*) FROM devices") == 1, message="device registered")
-            with repository.replay_lease() as lease:
-                [row], claimed_at = repository.claim(
+            with repository.replays.lease() as lease:
+                [row], taken_at = repository.replays.take(
                     DLQFilter(event_type="device.reading", statuses=("pending",)),
                     limit=10,
                     lease=lease,
                     lease_seconds=60,
                 )
-                repository.settle_claim(
+                repository.replays.finish(
                     lease=lease,
-                    claimed_at=claimed_at,
+                    taken_at=taken_at,
                     published={topic: [row.dlq_id]},
                     unpublished=[],
                     actor="test",
@@ -231,7 +231,7 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
 
             # the last pending row goes: nothing is waiting, so nothing is old
             last = scalar(db, "SELECT dlq_id FROM dlq WHERE status = 'pending'")
-            assert repository.discard([last], actor="test") == [last]
+            assert repository.operators.discard([last], actor="test") == [last]
             endpoint.wait_value(depth, 0, consumer=group, status="pending")
             endpoint.wait_value(depth, 1, consumer=group, status="discarded")
             endpoint.wait_value(age, 0, consumer=group)

@@ -17,7 +17,7 @@ import pytest
 from eventhandler.config import Settings
 from eventhandler.events import DLQ_ID_HEADER, origin_header
 from eventhandler.logs import configure_logging
-from eventhandler.worker import LOGGED_DLQ_IDS
+from eventhandler.observer import LOGGED_DLQ_IDS
 from tests.conftest import unique
 from tests.support import kafka as k
 from tests.support.rawkafka import produce_raw

@@ -18,7 +18,7 @@ from eventhandler.app import App, build_worker
 from eventhandler.config import Settings
 from eventhandler.handlers import Registry
 from eventhandler.metrics import Metrics
-from eventhandler.worker import WorkerStats
+from eventhandler.observer import WorkerStats
 
 
 def run_until_idle(settings: Settings, idle: float = 2.0, registry: Registry | None = None) -> WorkerStats:

@@ -144,7 +144,7 @@ def test_kip848_protocol_set_for_every_client_is_checked_too(monkeypatch: pytest
 
 
 def test_the_consumer_protocol_rebalances_incrementally() -> None:
-    from eventhandler.consumer import is_incremental
+    from eventhandler.source import is_incremental
 
     assert not is_incremental({})
     assert not is_incremental({"group.protocol": "classic", "partition.assignment.strategy": "range"})

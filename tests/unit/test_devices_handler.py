@@ -25,7 +25,7 @@ from eventhandler.handlers.devices import (
     DeviceReading,
     DeviceRegistered,
 )
-from eventhandler.policy import Decision, decide
+from eventhandler.policy import Decision, FailurePolicy
 from tests.fakes import FakeConnection
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -144,7 +144,7 @@ def test_a_reading_for_an_unknown_device_is_a_handler_failure() -> None:
     error = outcome.rejected[ghost.id]
     assert isinstance(error, HandlerFailure)
     assert isinstance(error, PermanentError)
-    assert decide(error) is Decision.DEAD_LETTER
+    assert FailurePolicy().decide(error, "projection") is Decision.DEAD_LETTER
     assert str(error) == "device 'ghost' is not registered"
     assert outcome.writes() == []
 

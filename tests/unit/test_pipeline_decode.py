@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 
+from eventhandler.batch import DecodedBatch, Record
 from eventhandler.events import DLQ_ID_HEADER, origin_header
 from eventhandler.handlers.devices import DeviceReading
 from eventhandler.handlers.loading import load_registry
 from eventhandler.ledger import Ledger
 from eventhandler.models import ReplayOrigin
-from eventhandler.pipeline import BatchProcessor, DecodedBatch, Record, _format_traceback
+from eventhandler.pipeline import BatchProcessor
+from eventhandler.policy import FailurePolicy
+from eventhandler.tracebacks import format_traceback
 from tests.fakes import FakeDLQRepository
 
 Headers = list[tuple[str, bytes | None]]
@@ -47,11 +50,11 @@ def processor(policy: str = "dead-letter") -> tuple[BatchProcessor, FakeDLQRepos
     dlq = FakeDLQRepository()
     return (
         BatchProcessor(
-            consumer="group",
+            consumer_group="group",
             registry=load_registry([]),
             ledger=Ledger("group"),
             dlq=dlq,
-            unknown_event_policy=policy,
+            policy=FailurePolicy(skip_unknown=policy == "skip"),
         ),
         dlq,
     )
@@ -267,7 +270,7 @@ def test_a_traceback_names_its_own_file_even_when_another_is_alike() -> None:
         try:
             namespace["fail"]()
         except ValueError as exc:
-            texts.append(_format_traceback(exc))
+            texts.append(format_traceback(exc))
     assert 'File "a_module.py", line 2, in fail' in texts[0]
     assert 'File "b_module.py", line 2, in fail' in texts[1]
     assert texts[1].endswith("ValueError: boom")

@@ -23,7 +23,9 @@ from eventhandler.errors import (
     UnknownEventType,
 )
 from eventhandler.models import fingerprint, normalise_error
-from eventhandler.policy import Backoff, Decision, decide
+from eventhandler.policy import SUSPECT_ATTEMPTS, Backoff, Decision, FailurePolicy
+
+POLICY = FailurePolicy()
 
 # -- decide ----------------------------------------------------------------------------------------------
 
@@ -46,7 +48,7 @@ from eventhandler.policy import Backoff, Decision, decide
     ],
 )
 def test_transient_failures_are_retried(exc: BaseException) -> None:
-    assert decide(exc) is Decision.RETRY
+    assert POLICY.decide(exc, "projection") is Decision.RETRY
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,7 @@ def test_transient_failures_are_retried(exc: BaseException) -> None:
     ],
 )
 def test_deterministic_failures_are_dead_lettered(exc: BaseException) -> None:
-    assert decide(exc) is Decision.DEAD_LETTER
+    assert POLICY.decide(exc, "projection") is Decision.DEAD_LETTER
 
 
 @pytest.mark.parametrize(
@@ -90,8 +92,8 @@ def test_deterministic_failures_are_dead_lettered(exc: BaseException) -> None:
 )
 def test_suspect_failures_are_retried_until_the_policy_isolates_them(exc: BaseException) -> None:
     assert isinstance(classify(exc), SuspectFailure)
-    assert decide(exc) is Decision.RETRY
-    assert decide(exc, isolate_suspects=True) is Decision.DEAD_LETTER
+    assert POLICY.decide(exc, "projection") is Decision.RETRY
+    assert POLICY.decide(exc, "projection", isolating=True) is Decision.DEAD_LETTER
 
 
 @pytest.mark.parametrize(
@@ -104,7 +106,60 @@ def test_suspect_failures_are_retried_until_the_policy_isolates_them(exc: BaseEx
     ],
 )
 def test_an_outage_or_the_situation_is_never_isolated(exc: BaseException) -> None:
-    assert decide(exc, isolate_suspects=True) is Decision.RETRY
+    assert POLICY.decide(exc, "projection", isolating=True) is Decision.RETRY
+
+
+def test_a_handler_failure_is_dead_lettered_at_the_handler_stage_too() -> None:
+    assert POLICY.decide(HandlerFailure("device not registered"), "handler") is Decision.DEAD_LETTER
+    assert POLICY.decide(DatabaseUnavailable("down"), "handler") is Decision.RETRY
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(DeserializationError("not json"), id="deserialize"),
+        pytest.param(ValueError("a bug in a user deserializer"), id="value-error"),
+        pytest.param(DatabaseUnavailable("down"), id="even-a-transient-one"),
+    ],
+)
+def test_anything_that_fails_to_deserialize_is_the_message_s_fault(exc: BaseException) -> None:
+    assert POLICY.decide(exc, "deserialize") is Decision.DEAD_LETTER
+
+
+def test_unknown_types_are_skipped_only_when_the_policy_says_so() -> None:
+    unknown = UnknownEventType("no handler")
+    assert POLICY.decide(unknown, "deserialize") is Decision.DEAD_LETTER
+    assert FailurePolicy(skip_unknown=True).decide(unknown, "deserialize") is Decision.SKIP
+    assert (
+        FailurePolicy(skip_unknown=True).decide(DeserializationError("x"), "deserialize")
+        is Decision.DEAD_LETTER
+    )
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(ProjectionFailure("a constraint of a batch-level statement"), id="permanent"),
+        pytest.param(DatabaseUnavailable("down"), id="outage"),
+        pytest.param(pg_errors.UndefinedTable("relation dlq does not exist"), id="missing-table"),
+    ],
+)
+def test_a_batch_whose_own_statements_fail_is_retried_however_often(exc: BaseException) -> None:
+    for attempt in (1, SUSPECT_ATTEMPTS, 100):
+        assert POLICY.decide(exc, "batch", attempt) is Decision.RETRY
+
+
+def test_a_batch_is_isolated_after_suspect_attempts_suspect_failures_in_a_row() -> None:
+    suspect = pg_errors.QueryCanceled("canceling statement due to statement timeout")
+    decisions = [POLICY.decide(suspect, "batch", attempt) for attempt in range(1, SUSPECT_ATTEMPTS + 2)]
+    assert decisions == [Decision.RETRY] * (SUSPECT_ATTEMPTS - 1) + [Decision.ISOLATE] * 2
+    assert FailurePolicy(suspect_attempts=1).decide(suspect, "batch", 1) is Decision.ISOLATE
+
+
+@pytest.mark.parametrize("where", ["deserialize", "handler", "projection", "batch"])
+def test_what_is_not_an_exception_stops_the_worker(where: str) -> None:
+    assert POLICY.decide(KeyboardInterrupt(), where) is Decision.STOP  # type: ignore[arg-type]
+    assert POLICY.decide(SystemExit(1), where) is Decision.STOP  # type: ignore[arg-type]
 
 
 # -- Backoff -----------------------------------------------------------------------------------------------

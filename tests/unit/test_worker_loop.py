@@ -4,14 +4,13 @@ it was given up, nor for partitions revoked while it waited."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from eventhandler.config import Settings
+from eventhandler.batch import BatchResult, DecodedBatch, Record
 from eventhandler.errors import DatabaseUnavailable, SuspectFailure
-from eventhandler.metrics import Metrics
-from eventhandler.pipeline import BatchResult, DecodedBatch, Record
+from eventhandler.inflight import InFlight
+from eventhandler.observer import BatchHealth, Observers, WorkerStats
+from eventhandler.policy import Backoff, FailurePolicy
 from eventhandler.worker import SETTLE_SLICE_SECONDS, Worker
 
 
@@ -34,7 +33,7 @@ class FakeSource:
         if self.on_poll:
             self.on_poll.pop(0)()
 
-    def commit(self, positions: dict[tuple[str, int], int]) -> None:
+    def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
         self.committed.append(positions)
 
 
@@ -50,7 +49,7 @@ class FakeProcessor:
     def decode(self, records: list[Record]) -> DecodedBatch:
         return DecodedBatch(records)
 
-    def commit(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
+    def write(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
         self.isolations.append(isolate_suspects)
         if self.down:
             raise DatabaseUnavailable("connection refused")
@@ -60,33 +59,40 @@ class FakeProcessor:
         return BatchResult(positions=batch.positions())
 
 
-class FakeConnection:
-    def execute(self, query: str) -> None:
-        return None  # the readiness probe's SELECT 1: PostgreSQL answers
+class FakeTransaction:
+    """The transaction the in-flight batch runs: straight into the processor, PostgreSQL answering."""
 
+    def __init__(self, processor: FakeProcessor) -> None:
+        self.processor = processor
 
-class FakePool:
-    @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Any]:
-        yield FakeConnection()
+    def __call__(self, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
+        return self.processor.write(None, batch, isolate_suspects=isolate_suspects)
+
+    def postgres_answers(self) -> bool:
+        return True
 
 
 def records(partition: int, *offsets: int) -> list[Record]:
     return [Record("t", partition, offset, None, b"{}", None) for offset in offsets]
 
 
-def make_worker() -> tuple[Worker, FakeSource, FakeProcessor]:
-    source, processor = FakeSource(), FakeProcessor()
-    settings = Settings(retry_initial_seconds=0.001, retry_max_seconds=0.002, metrics_port=0)
+def make_worker(
+    wait: float = 0.5, source: FakeSource | None = None
+) -> tuple[Worker, FakeSource, FakeProcessor]:
+    source, processor = source or FakeSource(), FakeProcessor()
+    health = BatchHealth()
+    policy = FailurePolicy(Backoff(0.001, 0.002))
+    inflight = InFlight(FakeTransaction(processor), source, policy, Observers([health]))  # type: ignore[arg-type]
     worker = Worker(
-        settings=settings,
-        pool=FakePool(),
-        source=source,
+        source=source,  # type: ignore[arg-type]
         processor=processor,  # type: ignore[arg-type]
-        metrics=Metrics(),
-        worker_id="test",
+        inflight=inflight,
+        stats=WorkerStats(),
+        health=health,
+        batch_max_messages=500,
+        batch_max_wait_seconds=wait,
+        labels={},
     )
-    worker._commit = lambda batch, **options: processor.commit(None, batch, **options)  # type: ignore[method-assign]
     return worker, source, processor
 
 
@@ -94,7 +100,7 @@ def test_batches_commit_in_order_and_kafka_hears_only_what_postgres_has() -> Non
     worker, source, processor = make_worker()
     worker.submit(records(0, 1, 2))
     worker.submit(records(0, 3, 4))
-    worker.settle()
+    worker.inflight.settle()
     assert processor.committed == [[("t", 0, 1), ("t", 0, 2)], [("t", 0, 3), ("t", 0, 4)]]
     assert source.committed == [{("t", 0): 3}, {("t", 0): 5}]
 
@@ -110,7 +116,7 @@ def test_nothing_is_committed_past_a_batch_given_up_at_shutdown() -> None:
 
     source.on_poll.append(shutdown_then_postgres_returns)
     worker.submit(records(0, 3, 4))  # settles the first batch: retried, then given up at shutdown
-    worker.settle()
+    worker.inflight.settle()
     assert processor.committed == []  # offsets 3-4 were not committed ahead of 1-2
     assert source.committed == []
 
@@ -122,12 +128,12 @@ def test_partitions_revoked_while_a_batch_waits_are_left_to_their_new_owner() ->
 
     def rebalance_then_postgres_returns() -> None:
         source.assignment.discard(("t", 1))
-        worker.on_revoked({("t", 1)})
+        source.on_revoked({("t", 1)})
         processor.down = False
 
     source.on_poll.append(rebalance_then_postgres_returns)
     worker.submit(records(0, 2) + records(1, 2))
-    worker.settle()
+    worker.inflight.settle()
     assert processor.committed == [[("t", 0, 1)], [("t", 0, 2)]]
     assert all(("t", 1) not in positions for positions in source.committed)
 
@@ -149,54 +155,52 @@ class SlicedSource(FakeSource):
         return answer() if callable(answer) else answer
 
 
-def sliced_worker(answers: list[Any], wait: float) -> tuple[Worker, SlicedSource]:
-    worker, _, _ = make_worker()
+def sliced_worker(answers: list[Any], wait: float) -> tuple[Worker, SlicedSource, FakeProcessor]:
     source = SlicedSource(answers)
-    worker.source = source  # type: ignore[assignment]
-    worker.settings = Settings(batch_max_wait_seconds=wait, metrics_port=0)
-    return worker, source
+    worker, _, processor = make_worker(wait, source)
+    return worker, source, processor
+
+
+class SlowProcessor(FakeProcessor):
+    def write(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
+        time.sleep(0.05)  # PostgreSQL at work
+        return super().write(conn, batch, isolate_suspects=isolate_suspects)
 
 
 def test_a_batch_in_flight_is_settled_as_soon_as_it_commits_not_a_batch_wait_later() -> None:
-    worker, source = sliced_worker([], wait=0.5)
-    commit = worker._commit
-
-    def slow_commit(batch: DecodedBatch) -> BatchResult:
-        time.sleep(0.05)  # PostgreSQL at work
-        return commit(batch)
-
-    worker._commit = slow_commit  # type: ignore[method-assign]
+    worker, source, _ = sliced_worker([], wait=0.5)
+    worker.inflight.transaction = FakeTransaction(SlowProcessor())  # type: ignore[assignment]
     worker.submit(records(0, 1, 2))
     started = time.monotonic()
-    assert worker._next_batch() == []
+    assert worker.next_batch() == []
     assert source.committed == [{("t", 0): 3}]  # Kafka heard of it within the wait ...
     assert source.timeouts[0] <= SETTLE_SLICE_SECONDS  # ... because the wait was sliced while in flight
     assert time.monotonic() - started >= 0.45  # and the batch wait itself is kept
 
 
 def test_records_of_partitions_revoked_between_slices_are_left_to_their_new_owner() -> None:
-    worker, source = sliced_worker([], wait=0.2)
+    worker, source, _ = sliced_worker([], wait=0.2)
     worker.submit(records(0, 1))
 
     def rebalance() -> list[Record]:
-        worker.on_revoked({("t", 1)})
+        source.on_revoked({("t", 1)})
         return records(0, 3)
 
     source.answers = [records(1, 7) + records(0, 2), rebalance]
-    got = worker._next_batch()
+    got = worker.next_batch()
     assert [(r.partition, r.offset) for r in got] == [(0, 2), (0, 3)]
 
 
 def test_a_partition_revoked_and_assigned_back_between_slices_is_read_again_not_lost() -> None:
-    worker, source = sliced_worker([], wait=0.2)
+    worker, source, _ = sliced_worker([], wait=0.2)
     worker.submit(records(0, 1))
 
     def revoke_and_reassign() -> list[Record]:
-        worker.on_revoked({("t", 0)})  # eager rebalance: everything revoked, the same given back
+        source.on_revoked({("t", 0)})  # eager rebalance: everything revoked, the same given back
         return records(0, 2, 3, 4)  # read again from the stored position (2)
 
     source.answers = [records(0, 2, 3), revoke_and_reassign]
-    got = worker._next_batch()
+    got = worker.next_batch()
     assert [(r.partition, r.offset) for r in got] == [(0, 2), (0, 3), (0, 4)]
 
 
@@ -204,16 +208,16 @@ def test_the_revocations_it_remembers_do_not_grow_with_every_rebalance() -> None
     worker, source, _ = make_worker()
     source.consume = lambda limit, timeout: []  # type: ignore[attr-defined]
     for _ in range(1000):
-        worker.on_revoked({("t", 0)})
-        worker._next_batch()
-    assert len(worker._revocations) <= 1
+        source.on_revoked({("t", 0)})
+        worker.next_batch()
+    assert worker.inflight.revocations.mark() <= 1
 
 
 def test_a_suspect_failure_that_persists_while_postgres_answers_is_isolated_after_three_attempts() -> None:
     worker, _, processor = make_worker()
     processor.suspect = True
-    worker._pending = DecodedBatch(records(0, 1, 2))
-    result = worker._commit_with_retry()
+    worker.submit(records(0, 1, 2))
+    result = worker.inflight.settle()
     assert result is not None
     assert processor.isolations == [False, False, False, True]
     assert processor.committed == [[("t", 0, 1), ("t", 0, 2)]]
@@ -224,11 +228,13 @@ def test_readiness_tells_an_outage_from_a_batch_postgres_refuses() -> None:
     source.consume = lambda limit, timeout: []  # type: ignore[attr-defined]
     worker._started = True
     batch = DecodedBatch(records(0, 1))
-    worker._on_transient(DatabaseUnavailable("connection refused"), 1, batch)
+    worker.inflight.observer.retrying(DatabaseUnavailable("connection refused"), 1, batch)
     ready, detail = worker.is_ready()
     assert not ready
     assert detail["postgres"] == "unreachable"
-    worker._on_transient(SuspectFailure("canceling statement due to statement timeout"), 2, batch)
+    worker.inflight.observer.retrying(
+        SuspectFailure("canceling statement due to statement timeout"), 2, batch
+    )
     ready, detail = worker.is_ready()
     assert not ready
     assert detail["postgres"] == "ok"

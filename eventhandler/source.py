@@ -1,5 +1,6 @@
-"""A thin confluent-kafka consumer: batches of `Record`s, positions from PostgreSQL on assignment,
-pause/resume while a failure is retried, and offsets committed to Kafka only for visibility.
+"""The Kafka side of the worker, `KafkaSource`: a thin confluent-kafka consumer handing out batches of
+`Record`s, positions from PostgreSQL on assignment, pause/resume while a failure is retried, and
+offsets committed to Kafka only for visibility.
 
 The authoritative position of each partition is the `consumer_positions` row written in the same
 transaction as the batch; the offsets committed to Kafka trail it and exist so that standard lag
@@ -17,13 +18,12 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
+from eventhandler.batch import TP, Record
 from eventhandler.errors import BrokerUnavailable, TransientError
 from eventhandler.librdkafka import fetch_headers, header_key
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
-from eventhandler.pipeline import Record
 
-TP = tuple[str, int]
 PositionLoader = Callable[[Sequence[TP]], dict[TP, int]]
 
 log = get_logger("eventhandler.consumer")
@@ -58,7 +58,7 @@ class KafkaSource:
         metrics: Metrics,
     ) -> None:
         self._config = dict(config)
-        self._topics = list(topics)
+        self.topics = list(topics)
         self._load_positions = load_positions
         self._metrics = metrics
         # told of every revocation before it takes effect (the worker sets it)
@@ -89,7 +89,7 @@ class KafkaSource:
         config = self._config | {"error_cb": self._on_error, "logger": logging.getLogger("librdkafka")}
         self._consumer = Consumer(config)
         self._consumer.subscribe(
-            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
 
     def close(self) -> None:
@@ -101,7 +101,7 @@ class KafkaSource:
             self._consumer = None
 
     @property
-    def consumer(self) -> Consumer:
+    def client(self) -> Consumer:
         if self._consumer is None:
             raise RuntimeError("consumer not started")
         return self._consumer
@@ -111,7 +111,7 @@ class KafkaSource:
     def consume(self, max_messages: int, timeout: float) -> list[Record]:
         if self.unpositioned:
             self.reposition()
-        messages = self.consumer.consume(num_messages=max_messages, timeout=timeout)
+        messages = self.client.consume(num_messages=max_messages, timeout=timeout)
         records: list[Record] = []
         append = records.append
         held: dict[TP, int] = {}  # partitions to read again from this offset
@@ -142,7 +142,7 @@ class KafkaSource:
                 )
             )
         for (topic, partition), offset in held.items():
-            self.consumer.seek(TopicPartition(topic, partition, offset))
+            self.client.seek(TopicPartition(topic, partition, offset))
         if records:
             self.broker_error = None
         elif self.broker_error is not None:
@@ -177,7 +177,7 @@ class KafkaSource:
             return
         self._last_probe = now
         try:
-            self.consumer.list_topics(timeout=2)
+            self.client.list_topics(timeout=2)
         except KafkaException:
             return
         self.broker_error = None
@@ -186,21 +186,21 @@ class KafkaSource:
         """Serve group membership and rebalance callbacks while processing is held."""
         self._refresh_watermarks()
         self.update_lag()
-        message = self.consumer.poll(timeout)
+        message = self.client.poll(timeout)
         if message is not None and message.error() is None:
             # Fetched before the pause took effect: rewind so it is read again after resuming.
-            self.consumer.seek(
+            self.client.seek(
                 TopicPartition(message.topic(), message.partition(), message.offset())  # type: ignore[arg-type]
             )
 
-    def commit(self, positions: dict[TP, int]) -> None:
+    def commit_offsets(self, positions: dict[TP, int]) -> None:
         """Tell Kafka how far we are (asynchronously; PostgreSQL already has it durably)."""
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items() if (t, p) in self.assignment]
         for offset in offsets:
             self.positions[(offset.topic, offset.partition)] = offset.offset
         if offsets:
             try:
-                self.consumer.commit(offsets=offsets, asynchronous=True)
+                self.client.commit(offsets=offsets, asynchronous=True)
             except KafkaException as exc:
                 log.warning("kafka_commit_failed", error=str(exc))
 
@@ -213,7 +213,7 @@ class KafkaSource:
         self._watermarks_at = now
         for topic, partition in sorted(self.assignment):
             try:
-                _, high = self.consumer.get_watermark_offsets(
+                _, high = self.client.get_watermark_offsets(
                     TopicPartition(topic, partition), timeout=_WATERMARK_TIMEOUT, cached=False
                 )
             except KafkaException:
@@ -254,14 +254,14 @@ class KafkaSource:
     def pause_all(self) -> None:
         partitions = self._partitions(self.assignment)
         if partitions:
-            self.consumer.pause(partitions)
+            self.client.pause(partitions)
         self.paused = True
         self._metrics.paused_partitions.set(len(partitions))
 
     def resume_all(self) -> None:
         resumable = self.assignment - self.unpositioned
         if resumable:
-            self.consumer.resume(self._partitions(resumable))
+            self.client.resume(self._partitions(resumable))
         self.paused = False
         self._metrics.paused_partitions.set(len(self.unpositioned))
 
@@ -275,11 +275,11 @@ class KafkaSource:
         for tp in pending:
             offset = positions.get(tp)
             if offset is not None:
-                self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+                self.client.seek(TopicPartition(tp[0], tp[1], offset))
                 self.positions[tp] = offset
         self.unpositioned -= set(pending)
         if not self.paused:
-            self.consumer.resume(self._partitions(pending))
+            self.client.resume(self._partitions(pending))
         self._metrics.paused_partitions.set(len(self.assignment) if self.paused else len(self.unpositioned))
         log.info("partitions_repositioned", partitions=len(pending))
 

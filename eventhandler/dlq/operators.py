@@ -1,0 +1,187 @@
+"""The operators' side of the DLQ: reads (lists, rows, counts, error groups, depth) and changes
+(resolve, discard, delete, purge), each change with its audit row in the same transaction.
+
+The statements are in `queries/dlq_read.sql` and `queries/dlq_change.sql`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from eventhandler.db import deadline, translate_db_errors
+from eventhandler.dlq import rows
+from eventhandler.dlq.rows import CHANGE, ENTRY_COLUMNS, READ, SUMMARY_COLUMNS
+from eventhandler.errors import InvalidOperation, NotFound
+from eventhandler.models import (
+    DepthRow,
+    DepthSnapshot,
+    DLQEntry,
+    DLQFilter,
+    DLQSummary,
+    FingerprintGroup,
+    Status,
+)
+
+AUDITED_ROWS = 1000  # a delete's audit row names at most this many rows, and counts them all
+
+
+class PostgresOperatorStore:
+    """The operators' `OperatorStore` on a psycopg pool."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool) -> None:
+        self._pool = pool
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def list_rows(self, flt: DLQFilter, *, limit: int = 100, after_id: int | None = None) -> list[DLQSummary]:
+        """Rows matching `flt` in dlq_id order, `limit` at a time after the cursor `after_id`."""
+        where, params = rows.where(flt, after_id)
+        query = sql.SQL(READ["list_rows"]).format(columns=SUMMARY_COLUMNS, where=where)
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            found = cur.execute(query, params | {"limit": limit}).fetchall()
+        return [DLQSummary.model_validate(r) for r in found]
+
+    def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]:
+        return rows.matching_ids(self._pool, flt, limit)
+
+    def count(self, flt: DLQFilter) -> int:
+        return rows.count(self._pool, flt)
+
+    def get(self, dlq_id: int) -> DLQEntry:
+        query = sql.SQL(READ["get"]).format(columns=ENTRY_COLUMNS)
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(query, {"id": dlq_id}).fetchone()
+        if row is None:
+            raise NotFound(f"no DLQ row with id {dlq_id}")
+        return rows.entry(row)
+
+    def fingerprints(self, flt: DLQFilter) -> list[str]:
+        """The failure groups among the rows `flt` matches."""
+        where, params = rows.where(flt)
+        query = sql.SQL(READ["fingerprints"]).format(where=where)
+        with translate_db_errors(), self._pool.connection() as conn:
+            return [r[0] for r in conn.execute(query, params).fetchall()]
+
+    def entries(self, ids: Sequence[int]) -> dict[int, DLQEntry]:
+        """Whole rows by id (the ones that exist)."""
+        if not ids:
+            return {}
+        query = sql.SQL(READ["entries"]).format(columns=ENTRY_COLUMNS)
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            found = cur.execute(query, {"ids": list(ids)}).fetchall()
+        return {entry.dlq_id: entry for entry in map(rows.entry, found)}
+
+    def depth(self) -> list[DepthRow]:
+        return self.depth_snapshot().rows
+
+    def oldest_pending_age(self) -> dict[str, float]:
+        """Seconds since the oldest pending row of each consumer failed."""
+        return self.depth_snapshot().oldest_pending
+
+    def depth_snapshot(self, timeout: float = 30.0) -> DepthSnapshot:
+        """Depth, oldest pending age and oldest replayed age in one go, given up after `timeout`
+        seconds whatever happens (a silent network must not hang the metrics refresh)."""
+        with (
+            translate_db_errors(),
+            self._pool.connection(timeout=timeout) as conn,
+            deadline(conn, timeout),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            depth = [DepthRow.model_validate(r) for r in cur.execute(READ["depth"]).fetchall()]
+            pending = [r.consumer for r in depth if r.status == "pending" and r.count]
+            oldest = {
+                r["consumer"]: float(r["age"])
+                for r in cur.execute(READ["oldest_pending"], {"consumers": pending}).fetchall()
+                if r["age"] is not None
+            }
+            replayed = [r.consumer for r in depth if r.status == "replayed" and r.count]
+            oldest_replayed = {
+                r["consumer"]: float(r["age"])
+                for r in cur.execute(READ["oldest_replayed"], {"consumers": replayed}).fetchall()
+                if r["age"] is not None
+            }
+        return DepthSnapshot(depth, oldest, oldest_replayed)
+
+    def counts_by(self, column: str, flt: DLQFilter) -> list[tuple[str | None, str, int]]:
+        """Row counts by (`column`, status): column is one of consumer, stage, event_type."""
+        if column not in ("consumer", "stage", "event_type", "source_topic"):
+            raise InvalidOperation(f"cannot group by {column!r}")
+        where, params = rows.where(flt)
+        query = sql.SQL(READ["count_by"]).format(column=sql.Identifier(column), where=where)
+        with translate_db_errors(), self._pool.connection() as conn:
+            return [(r[0], r[1], int(r[2])) for r in conn.execute(query, params).fetchall()]
+
+    def fingerprint_groups(self, flt: DLQFilter, *, limit: int = 10) -> list[FingerprintGroup]:
+        where, params = rows.where(flt)
+        query = sql.SQL(READ["fingerprint_groups"]).format(where=where)
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            found = cur.execute(query, params | {"limit": limit}).fetchall()
+        return [FingerprintGroup.model_validate(r) for r in found]
+
+    # -- changing, each with its audit row in the same transaction ------------------------
+
+    def _set_status(
+        self,
+        ids: Sequence[int],
+        status: Status,
+        from_statuses: Sequence[Status],
+        actor: str,
+        note: str | None,
+    ) -> list[int]:
+        with rows.transaction(self._pool) as conn:
+            found = conn.execute(
+                CHANGE["set_status"],
+                {
+                    "ids": list(ids),
+                    "status": status,
+                    "from_statuses": list(from_statuses),
+                    "actor": actor,
+                    "note": note,
+                },
+            ).fetchall()
+            changed = sorted(r[0] for r in found)
+            if changed:  # a request that changed nothing is not a change
+                action = status if status != "resolved" else "resolve"
+                rows.audit(conn, actor, action, changed, {"note": note})
+            return changed
+
+    def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        """Mark rows resolved (the cause is fixed some other way); returns the ids changed."""
+        return self._set_status(ids, "resolved", ("pending", "replayed"), actor, note)
+
+    def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        """Give up on rows: they stay for the record but are never replayed by default."""
+        return self._set_status(ids, "discarded", ("pending", "replayed"), actor, note)
+
+    def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
+        with rows.transaction(self._pool) as conn, conn.cursor(row_factory=dict_row) as cur:
+            gone = cur.execute(CHANGE["delete_rows"], {"ids": list(ids)}).fetchall()
+            deleted = sorted(r["dlq_id"] for r in gone)
+            if deleted:
+                rows.audit(conn, actor, "delete", deleted, _deleted_detail(gone))
+            return deleted
+
+    def purge(self, *, older_than_seconds: float, actor: str, consumer: str | None = None) -> list[int]:
+        """Delete resolved and discarded rows last changed longer ago than the given age."""
+        with rows.transaction(self._pool) as conn, conn.cursor(row_factory=dict_row) as cur:
+            gone = cur.execute(
+                CHANGE["purge"], {"older_than": f"{older_than_seconds} seconds", "consumer": consumer}
+            ).fetchall()
+            deleted = sorted(r["dlq_id"] for r in gone)
+            if deleted:
+                detail = _deleted_detail(gone) | {"older_than_seconds": older_than_seconds}
+                rows.audit(conn, actor, "purge", deleted, detail)
+            return deleted
+
+
+def _deleted_detail(gone: list[dict[str, Any]]) -> dict[str, Any]:
+    named = sorted(gone, key=lambda r: r["dlq_id"])[:AUDITED_ROWS]
+    return {
+        "count": len(gone),
+        "rows": [{k: rows.clean_text(v) if isinstance(v, str) else v for k, v in r.items()} for r in named],
+    }

@@ -1,0 +1,114 @@
+"""A replay's hold on the rows it publishes.
+
+A replay run holds a lease (a session advisory lock on a connection of its own); it takes a chunk of
+rows for that lease in one short transaction, publishes them with no transaction open, then, in
+another short one, marks the rows the broker confirmed and frees the rest, with the audit row. Two
+replays never take the same row, and a replay that dies frees its rows with its session.
+
+The statements are in `queries/dlq_replay.sql`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from eventhandler.db import translate_db_errors
+from eventhandler.dlq import rows
+from eventhandler.dlq.rows import ENTRY_COLUMNS, LEASE_CLASS, REPLAY
+from eventhandler.models import DLQEntry, DLQFilter
+
+
+class PostgresReplayRows:
+    """The replayer's `ReplayRows` on a psycopg pool."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool) -> None:
+        self._pool = pool
+
+    def count(self, flt: DLQFilter) -> int:
+        return rows.count(self._pool, flt)
+
+    def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]:
+        return rows.matching_ids(self._pool, flt, limit)
+
+    @contextmanager
+    def lease(self) -> Iterator[int]:
+        """A lease for one replay run: a session advisory lock on a connection held for the run in
+        autocommit (no transaction stays open on it), released when the block ends or the process dies.
+
+        The connection is its own, not the pool's: concurrent replays (API requests) would otherwise
+        hold every pooled connection and leave none for their claims."""
+        with translate_db_errors(), self._lease_connection() as conn:
+            lease = 0
+            try:
+                while True:
+                    lease = secrets.randbelow(2**31 - 2) + 1
+                    row = conn.execute(
+                        REPLAY["take_lease"], {"lease_class": LEASE_CLASS, "lease": lease}
+                    ).fetchone()
+                    if row and row[0]:
+                        break
+                yield lease
+            finally:
+                with suppress(psycopg.Error):  # a lost connection has released the lock already
+                    conn.execute(REPLAY["release_lease"], {"lease_class": LEASE_CLASS, "lease": lease})
+
+    def _lease_connection(self) -> psycopg.Connection[Any]:
+        conninfo, kwargs = self._pool.conninfo, self._pool.kwargs
+        options = dict(kwargs() if callable(kwargs) else kwargs or {})
+        return psycopg.connect(
+            conninfo() if callable(conninfo) else conninfo, **(options | {"autocommit": True})
+        )
+
+    def lease_held(self, lease: int) -> bool:
+        """Whether the lease's session still holds it (a dropped connection has released it, and its
+        rows are then free for another replayer)."""
+        with translate_db_errors(), self._pool.connection() as conn:
+            row = conn.execute(REPLAY["lease_held"], {"lease_class": LEASE_CLASS, "lease": lease}).fetchone()
+        return bool(row and row[0])
+
+    def take(
+        self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float
+    ) -> tuple[list[DLQEntry], Any]:
+        """Take up to `limit` matching rows no other lease holds, for `lease`, in one short
+        transaction. Returns the rows and the time they were taken, which `finish` needs."""
+        where, params = rows.where(flt, lease_free=True)
+        query = sql.SQL(REPLAY["free_rows"]).format(columns=ENTRY_COLUMNS, where=where)
+        with rows.transaction(self._pool) as conn, conn.cursor(row_factory=dict_row) as cur:
+            free = cur.execute(query, params | {"limit": limit}).fetchall()
+            entries = [rows.entry(r) for r in free]
+            if not entries:
+                return [], None
+            taken = {"ids": [e.dlq_id for e in entries], "lease": lease, "lease_seconds": lease_seconds}
+            taken_at = conn.execute(REPLAY["take_rows"], taken).fetchone()
+        return entries, taken_at[0] if taken_at else None
+
+    def finish(
+        self,
+        *,
+        lease: int,
+        taken_at: Any,
+        published: dict[str, list[int]],
+        unpublished: Sequence[int],
+        actor: str,
+        detail: dict[str, Any],
+    ) -> None:
+        """After the publish: mark the rows the broker confirmed (by topic) and free the others, with
+        the audit row, in one short transaction."""
+        with rows.transaction(self._pool) as conn:
+            for topic, ids in published.items():
+                conn.execute(
+                    REPLAY["mark_replayed"],
+                    {"ids": ids, "topic": topic, "lease": lease, "taken_at": taken_at},
+                )
+            if unpublished:
+                conn.execute(REPLAY["release_rows"], {"ids": list(unpublished), "lease": lease})
+            done = [dlq_id for ids in published.values() for dlq_id in ids]
+            rows.audit(conn, actor, "replay", done, detail)

@@ -1,0 +1,27 @@
+-- The operators' changes to the DLQ, each with its audit row in the same transaction
+-- (see `eventhandler.dlq.operators`), and the audit row itself.
+
+-- name: set_status
+UPDATE dlq SET status = %(status)s, resolved_at = now(), resolved_by = %(actor)s,
+       resolution_note = %(note)s, updated_at = now()
+WHERE dlq_id = ANY(%(ids)s) AND status = ANY(%(from_statuses)s)
+RETURNING dlq_id;
+
+-- name: delete_rows
+-- A delete returns what the row was, for its audit row: its identity, status and digests of its bytes.
+DELETE FROM dlq WHERE dlq_id = ANY(%(ids)s)
+RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
+          event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,
+          event_payload IS NULL AS tombstone, encode(sha256(coalesce(message_key, '')), 'hex') AS key_sha256;
+
+-- name: purge
+DELETE FROM dlq
+WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)s::interval
+  AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
+RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
+          event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,
+          event_payload IS NULL AS tombstone, encode(sha256(coalesce(message_key, '')), 'hex') AS key_sha256;
+
+-- name: record_audit
+INSERT INTO dlq_audit (actor, action, dlq_ids, detail, request_id, client)
+VALUES (%(actor)s, %(action)s, %(ids)s, %(detail)s, %(request_id)s, %(client)s);
