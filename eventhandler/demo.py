@@ -30,12 +30,12 @@ from rich.table import Table
 
 from eventhandler.app import build_service, build_worker
 from eventhandler.broker import bundled_broker
+from eventhandler.cli.render import rows_table
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
 from eventhandler.localpg import local_postgres, server_answers
 from eventhandler.migrate import apply_migrations
 from eventhandler.models import DLQFilter
-from eventhandler.render import rows_table
 
 DEMO_DATABASE = "eventhandler_demo"
 DEVICES = ["boiler-1", "boiler-2", "chiller-1", "pump-7", "meter-3"]

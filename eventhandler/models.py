@@ -8,9 +8,11 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from eventhandler.filters import TimeBound
 
 Stage = Literal["deserialize", "handler", "projection"]
 Status = Literal["pending", "replayed", "resolved", "discarded"]
@@ -146,8 +148,42 @@ class DLQEntry(DLQSummary):
     updated_at: datetime
 
 
+class Header(BaseModel):
+    key: str = Field(description="UTF-8 text, or base64 of the key's bytes when `key_encoding` says so.")
+    key_encoding: Literal["text", "base64"]
+    value: str | None = Field(description="UTF-8 text, or base64 when `encoding` says so; null if none.")
+    encoding: Literal["text", "base64"] | None
+
+
+# The admin API's row and the one `dlq show --json` prints (see `service.row_detail`); its docstring is
+# the OpenAPI description.
+class DLQDetail(DLQSummary):
+    """A whole DLQ row. Bytes are shown as JSON or text when they are, else as base64."""
+
+    event_source: str | None
+    payload: JsonValue = Field(description="The message value: parsed JSON, base64 text, or null.")
+    payload_encoding: Literal["json", "base64", "withheld"] | None = Field(
+        description="json: `payload` is the parsed value; base64: the raw bytes; withheld: not JSON, so "
+        "redaction cannot be applied and the bytes are not shown; null: the value was null."
+    )
+    payload_redacted: bool = Field(description="True when fields of the payload were masked.")
+    key: str | None
+    key_encoding: Literal["text", "base64"] | None
+    headers: list[Header]
+    message_timestamp: datetime | None
+    error_traceback: str | None = Field(description="Null for the read-only token (admin only).")
+    replayed_to_topic: str | None
+    resolved_by: str | None
+    resolution_note: str | None
+    worker_version: str
+    updated_at: datetime
+
+
 class DLQFilter(BaseModel):
-    """Which DLQ rows an operation applies to. Every field narrows; an empty filter matches all."""
+    """Which DLQ rows an operation applies to. Every field narrows; an empty filter matches all.
+
+    The one filter model: the command line validates its options into it, and so do the admin API's
+    queries, so a stage or status name, an age such as `2h` and a list of ids mean the same on both."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -156,11 +192,16 @@ class DLQFilter(BaseModel):
     event_type: str | None = None
     stage: Stage | None = None
     statuses: tuple[Status, ...] = ()
-    since: datetime | None = None
-    until: datetime | None = None
+    since: TimeBound | None = None
+    until: TimeBound | None = None
     error_contains: str | None = None
     fingerprint: str | None = None
     topic: str | None = None
+
+    @field_validator("ids", "statuses", mode="after")
+    @classmethod
+    def _once_each(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(dict.fromkeys(values))
 
     def is_empty(self) -> bool:
         return self == DLQFilter()
@@ -177,6 +218,33 @@ class FingerprintGroup(BaseModel):
     count: int
     first_seen: datetime
     last_seen: datetime
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The DLQ's depth by consumer, stage, event type and status, and its largest failure groups."""
+
+    total: int
+    by_status: dict[str, int]
+    by_consumer: list[tuple[str | None, str, int]]
+    by_stage: list[tuple[str | None, str, int]]
+    by_event_type: list[tuple[str | None, str, int]]
+    oldest_pending_age_seconds: dict[str, float]
+    top_groups: list[FingerprintGroup]
+
+    def as_dict(self) -> dict[str, Any]:
+        def rows(items: list[tuple[str | None, str, int]], name: str) -> list[dict[str, Any]]:
+            return [{name: key, "status": status, "count": count} for key, status, count in items]
+
+        return {
+            "total": self.total,
+            "by_status": self.by_status,
+            "by_consumer": rows(self.by_consumer, "consumer"),
+            "by_stage": rows(self.by_stage, "stage"),
+            "by_event_type": rows(self.by_event_type, "event_type"),
+            "oldest_pending_age_seconds": self.oldest_pending_age_seconds,
+            "top_groups": [g.model_dump(mode="json") for g in self.top_groups],
+        }
 
 
 class DepthRow(BaseModel):

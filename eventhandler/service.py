@@ -6,17 +6,18 @@ log line that goes with it. The CLI and the API only parse input and render outp
 
 from __future__ import annotations
 
-import re
+import base64
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 from eventhandler.dlq import PostgresDLQRepository
 from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, PublishFailed
+from eventhandler.filters import replay_target_problem
+from eventhandler.librdkafka import raw_header_key
 from eventhandler.logs import get_logger
-from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Status
+from eventhandler.models import DLQDetail, DLQFilter, DLQSummary, FingerprintGroup, Header, Stats, Status
 from eventhandler.redaction import Redactor, View
 from eventhandler.replay import Replayer, ReplayReport
 
@@ -24,63 +25,53 @@ log = get_logger("eventhandler.audit")
 
 MAX_CONCURRENT_REPLAYS = 4
 NO_GROUP = "-"  # a fingerprint no row has (stored ones are 16 hex digits)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """`90s`, `15m`, `2h`, `7d`, `1w` → seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 30m, 2h or 7d")
-    return float(match[1]) * _UNIT_SECONDS[match[2]]
-
-
-def replay_target_problem(topic: str | None) -> str | None:
-    """Why a replay may not publish to `topic` (None: it may)."""
-    if topic is not None and topic.startswith("_"):  # __consumer_offsets, _schemas, _confluent-…
-        return f"{topic!r} is one of Kafka's internal topics; a replay never publishes there"
-    return None
-
-
-def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """An ISO 8601 time (UTC if no offset is given) or an age such as `2h` (meaning 2 hours ago)."""
-    try:
-        return (now or datetime.now(UTC)) - timedelta(seconds=parse_duration(text))
-    except OverflowError:
-        raise ValueError(f"{text!r} reaches too far back") from None
-    except ValueError:
-        pass
-    try:
-        value = datetime.fromisoformat(text.strip())
-    except (ValueError, OverflowError):
-        raise ValueError(f"{text!r} is neither an ISO 8601 time nor an age like 2h") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
-class Stats:
-    total: int
-    by_status: dict[str, int]
-    by_consumer: list[tuple[str | None, str, int]]
-    by_stage: list[tuple[str | None, str, int]]
-    by_event_type: list[tuple[str | None, str, int]]
-    oldest_pending_age_seconds: dict[str, float]
-    top_groups: list[FingerprintGroup]
+class ReplayPlan:
+    """What a replay would take, found without changing anything: how many rows, and the first ones."""
 
-    def as_dict(self) -> dict[str, Any]:
-        def rows(items: list[tuple[str | None, str, int]], name: str) -> list[dict[str, Any]]:
-            return [{name: key, "status": status, "count": count} for key, status, count in items]
+    matched: int
+    rows: list[DLQSummary] = field(default_factory=list)
 
-        return {
-            "total": self.total,
-            "by_status": self.by_status,
-            "by_consumer": rows(self.by_consumer, "consumer"),
-            "by_stage": rows(self.by_stage, "stage"),
-            "by_event_type": rows(self.by_event_type, "event_type"),
-            "oldest_pending_age_seconds": self.oldest_pending_age_seconds,
-            "top_groups": [g.model_dump(mode="json") for g in self.top_groups],
-        }
+    def report(self) -> ReplayReport:
+        """The plan as the report of a dry run."""
+        return ReplayReport(matched=self.matched, dry_run=True)
+
+
+def row_detail(view: View) -> DLQDetail:
+    """A row as operators see it, in JSON (the redactor made `view`): every byte field as text when
+    it is UTF-8, else as base64, and the payload as the view rendered it."""
+    entry = view.entry
+    key, key_encoding = _text_or_base64(entry.message_key)
+    headers = []
+    for name, raw in entry.headers:
+        value, value_encoding = _text_or_base64(raw)
+        key_text, key_text_encoding = _as_text(raw_header_key(name))
+        headers.append(
+            Header(key=key_text, key_encoding=key_text_encoding, value=value, encoding=value_encoding)
+        )
+    fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
+    return DLQDetail(
+        **fields,
+        payload=view.payload.document,
+        payload_encoding=view.payload.encoding,
+        payload_redacted=view.payload.masked,
+        key=key,
+        key_encoding=key_encoding,
+        headers=headers,
+    )
+
+
+def _text_or_base64(raw: bytes | None) -> tuple[str | None, Literal["text", "base64"] | None]:
+    return (None, None) if raw is None else _as_text(raw)
+
+
+def _as_text(raw: bytes) -> tuple[str, Literal["text", "base64"]]:
+    try:
+        return raw.decode("utf-8"), "text"
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"
 
 
 class DLQService:
@@ -137,6 +128,9 @@ class DLQService:
             view.entry = view.entry.model_copy(update={"error_traceback": None})
         return view
 
+    def detail(self, dlq_id: int, *, reader: bool = False) -> DLQDetail:
+        return row_detail(self.view(dlq_id, reader=reader))
+
     def stats(self, flt: DLQFilter, *, top: int = 10) -> Stats:
         by_consumer = self.repository.counts_by("consumer", flt)
         by_status: dict[str, int] = {}
@@ -174,6 +168,17 @@ class DLQService:
         log.info("dlq_resolved", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
         return changed
 
+    def resolve_row(self, dlq_id: int, *, actor: str, note: str | None = None) -> bool:
+        """Resolve one row: True when it changed, False when it was resolved already. A discarded
+        row cannot be resolved (an operator gave up on it; resolving it would say its cause was dealt
+        with)."""
+        if self.resolve([dlq_id], actor=actor, note=note):
+            return True
+        status = self.status(dlq_id)
+        if status == "resolved":
+            return False
+        raise InvalidOperation(f"DLQ row {dlq_id} is {status}; only pending or replayed rows can be resolved")
+
     def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
         self.require_ids(ids)
         changed = self.repository.discard(ids, actor=actor, note=note)
@@ -195,20 +200,39 @@ class DLQService:
 
     # -- replay: one rule for the CLI, the API and the console -------------------------------------
 
-    @staticmethod
-    def replayable(flt: DLQFilter, *, force: bool = False, to_topic: str | None = None) -> DLQFilter:
+    def _replayable(self, flt: DLQFilter, *, force: bool, to_topic: str | None) -> DLQFilter:
         """The rows a replay may take. A resolved or discarded row is replayed only with `force`; with
         no status named, pending and replayed rows are (all of them with `force`). Kafka's internal
-        topics are never a target."""
+        topics are never a target, and every id named must exist."""
         problem = replay_target_problem(to_topic)
         if problem:
             raise InvalidOperation(problem)
-        if force:
-            return flt
-        closed = sorted({"resolved", "discarded"} & set(flt.statuses))
-        if closed:
-            raise InvalidOperation(f"replaying {' or '.join(closed)} rows needs force")
-        return flt if flt.statuses else flt.model_copy(update={"statuses": ("pending", "replayed")})
+        if not force:
+            closed = sorted({"resolved", "discarded"} & set(flt.statuses))
+            if closed:
+                raise InvalidOperation(f"replaying {' or '.join(closed)} rows needs force")
+            if not flt.statuses:
+                flt = flt.model_copy(update={"statuses": ("pending", "replayed")})
+        if flt.ids:
+            self.require_ids(flt.ids)
+        return flt
+
+    def preview(
+        self,
+        flt: DLQFilter,
+        *,
+        limit: int | None = None,
+        to_topic: str | None = None,
+        force: bool = False,
+        rows: int = 0,
+    ) -> ReplayPlan:
+        """The dry run of `replay` with the same arguments: how many rows it would take and (`rows`)
+        the first of them. Nothing changes and nothing is audited."""
+        flt = self._replayable(flt, force=force, to_topic=to_topic)
+        matched = self.count(flt)
+        matched = min(matched, limit) if limit is not None else matched
+        shown = self.list_rows(flt, limit=min(matched, rows)) if matched and rows else []
+        return ReplayPlan(matched=matched, rows=shown)
 
     def retry(
         self, dlq_id: int, *, actor: str, force: bool = False, to_topic: str | None = None
@@ -234,34 +258,25 @@ class DLQService:
         limit: int | None = None,
         to_topic: str | None = None,
         rate: float | None = None,
-        dry_run: bool = False,
         force: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
-        flt = self.replayable(flt, force=force, to_topic=to_topic)
-        if flt.ids:
-            self.require_ids(flt.ids)
+        """Republish the matching rows (at most `limit`, oldest first); `preview` is its dry run."""
+        flt = self._replayable(flt, force=force, to_topic=to_topic)
         if not self._replays.acquire(blocking=False):
             raise Busy(f"{MAX_CONCURRENT_REPLAYS} replays are running already; try again when one is done")
         try:
             report = self.replayer.replay(
-                flt,
-                limit=limit,
-                to_topic=to_topic,
-                rate=rate,
-                dry_run=dry_run,
-                actor=actor,
-                progress=progress,
+                flt, limit=limit, to_topic=to_topic, rate=rate, actor=actor, progress=progress
             )
         finally:
             self._replays.release()
-        if not dry_run:
-            log.info(
-                "dlq_replayed",
-                actor=actor,
-                matched=report.matched,
-                published=report.published,
-                failed=report.failed,
-                to_topic=to_topic,
-            )
+        log.info(
+            "dlq_replayed",
+            actor=actor,
+            matched=report.matched,
+            published=report.published,
+            failed=report.failed,
+            to_topic=to_topic,
+        )
         return report

@@ -25,7 +25,7 @@ import pytest
 from fastapi import FastAPI
 
 from eventhandler.api import create_app, serve
-from eventhandler.api_models import encode_cursor
+from eventhandler.api.models import encode_cursor
 from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.errors import ConfigError
@@ -925,11 +925,6 @@ def test_the_openapi_document_names_the_endpoints_and_the_bearer_scheme(api: Api
 
 # -- the real server --------------------------------------------------------------------------------------------
 
-SERVE = (
-    "import sys; from eventhandler.api import serve; from eventhandler.config import load_settings; "
-    "serve(load_settings(), '127.0.0.1', int(sys.argv[1]))"
-)
-
 
 def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
     make_settings: Callable[..., Settings], db_url: str, tmp_path: Any
@@ -953,7 +948,12 @@ def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
     }
     log_path = tmp_path / "api.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], env=env, stdout=log, stderr=log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "eventhandler", "api", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=5) as client:

@@ -1,35 +1,29 @@
-"""What the admin API takes and gives: every input is validated here, before any query runs, and a DLQ
-row becomes a response here, with its bytes shown safely and the configured payload fields masked.
+"""What the admin API takes and gives: every input is validated here, before any query runs.
 
 Filters mirror the CLI's (`--consumer`, `--event-type`, `--stage`, `--status`, `--since`, `--until`,
-`--error-contains`, `--fingerprint`, `--topic`, `--id`) and all become one `DLQFilter`.
+`--error-contains`, `--fingerprint`, `--topic`, `--id`) and all become one `DLQFilter`; a row is the
+`DLQDetail` the service renders for the CLI too.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    JsonValue,
     StrictBool,
     StrictInt,
     StringConstraints,
-    WithJsonSchema,
     model_validator,
 )
 
-from eventhandler.librdkafka import raw_header_key
+from eventhandler.filters import TimeBound, replay_target_problem
 from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Stage, Status
-from eventhandler.redaction import View
-from eventhandler.service import parse_time, replay_target_problem
 
 MAX_ID = 2**63 - 1  # dlq_id is a bigint
 MAX_PAGE = 500
@@ -61,16 +55,6 @@ def _replay_target(text: str) -> str:
     return text
 
 
-def _time(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_time(value)
-        except (ValueError, OverflowError) as exc:
-            message = str(exc) if isinstance(exc, ValueError) else f"{value!r} is out of range"
-            raise ValueError(message) from None
-    return value
-
-
 def encode_cursor(dlq_id: int) -> str:
     return base64.urlsafe_b64encode(f"dlq:{dlq_id}".encode()).decode().rstrip("=")
 
@@ -99,19 +83,6 @@ BodyId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 TopicName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,249}$"), AfterValidator(_topic_name)]
 TargetTopic = Annotated[TopicName, AfterValidator(_replay_target)]
 Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
-TimeBound = Annotated[
-    datetime,
-    BeforeValidator(_time),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "format": "date-time"},
-                {"type": "string", "pattern": r"^\d{1,5}[smhdw]$"},
-            ],
-            "description": "An ISO 8601 time (UTC without an offset) or an age: 90s, 15m, 2h, 7d.",
-        }
-    ),
-]
 Cursor = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_cursor)]
 
 
@@ -138,18 +109,8 @@ class _Filters(BaseModel):
         return self
 
     def _filter(self, ids: list[int], statuses: list[Status]) -> DLQFilter:
-        return DLQFilter(
-            ids=tuple(dict.fromkeys(ids)),
-            consumer=self.consumer,
-            event_type=self.event_type,
-            stage=self.stage,
-            statuses=tuple(dict.fromkeys(statuses)),
-            since=self.since,
-            until=self.until,
-            error_contains=self.error_contains,
-            fingerprint=self.fingerprint,
-            topic=self.topic,
-        )
+        shared = self.model_dump(include=set(_Filters.model_fields))
+        return DLQFilter.model_validate(shared | {"ids": ids, "statuses": statuses})
 
 
 class StatsQuery(_Filters):
@@ -240,35 +201,6 @@ class DLQPage(BaseModel):
     total: int = Field(description="Rows matching the filters, on all pages.")
 
 
-class Header(BaseModel):
-    key: str = Field(description="UTF-8 text, or base64 of the key's bytes when `key_encoding` says so.")
-    key_encoding: Literal["text", "base64"]
-    value: str | None = Field(description="UTF-8 text, or base64 when `encoding` says so; null if none.")
-    encoding: Literal["text", "base64"] | None
-
-
-class DLQDetail(DLQSummary):
-    """A whole DLQ row. Bytes are shown as JSON or text when they are, else as base64."""
-
-    event_source: str | None
-    payload: JsonValue = Field(description="The message value: parsed JSON, base64 text, or null.")
-    payload_encoding: Literal["json", "base64", "withheld"] | None = Field(
-        description="json: `payload` is the parsed value; base64: the raw bytes; withheld: not JSON, so "
-        "redaction cannot be applied and the bytes are not shown; null: the value was null."
-    )
-    payload_redacted: bool = Field(description="True when fields of the payload were masked.")
-    key: str | None
-    key_encoding: Literal["text", "base64"] | None
-    headers: list[Header]
-    message_timestamp: datetime | None
-    error_traceback: str | None = Field(description="Null for the read-only token (admin only).")
-    replayed_to_topic: str | None
-    resolved_by: str | None
-    resolution_note: str | None
-    worker_version: str
-    updated_at: datetime
-
-
 class StatusCount(BaseModel):
     status: Status
     count: int
@@ -313,40 +245,3 @@ class ResolveResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "ready", "unavailable"]
-
-
-# -- rendering rows: bytes as JSON, text or base64, with redaction ------------------------------------------
-
-
-def _text_or_base64(raw: bytes | None) -> tuple[str | None, Literal["text", "base64"] | None]:
-    return (None, None) if raw is None else _as_text(raw)
-
-
-def _as_text(raw: bytes) -> tuple[str, Literal["text", "base64"]]:
-    try:
-        return raw.decode("utf-8"), "text"
-    except UnicodeDecodeError:
-        return base64.b64encode(raw).decode("ascii"), "base64"
-
-
-def render_entry(view: View) -> DLQDetail:
-    """A row as the API shows it (the redactor made `view`)."""
-    entry = view.entry
-    key, key_encoding = _text_or_base64(entry.message_key)
-    headers = []
-    for name, raw in entry.headers:
-        value, value_encoding = _text_or_base64(raw)
-        key_text, key_text_encoding = _as_text(raw_header_key(name))
-        headers.append(
-            Header(key=key_text, key_encoding=key_text_encoding, value=value, encoding=value_encoding)
-        )
-    fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
-    return DLQDetail(
-        **fields,
-        payload=view.payload.document,
-        payload_encoding=view.payload.encoding,
-        payload_redacted=view.payload.masked,
-        key=key,
-        key_encoding=key_encoding,
-        headers=headers,
-    )

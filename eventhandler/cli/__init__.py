@@ -1,4 +1,8 @@
-"""The `eventhandler` command: one entry point, settings built here and passed down."""
+"""The `eventhandler` command: one entry point, settings built here and passed down.
+
+The root app holds the commands that run a process (`migrate`, `run`, `api`, `demo`) and registers the
+operators' commands: `replay` (`cli.replay`) and the `dlq` group (`cli.dlq`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from typing import Annotated
 import typer
 
 from eventhandler import __version__
-from eventhandler.commandline import fail, settings_or_exit
+from eventhandler.cli.dlq import dlq_app
+from eventhandler.cli.replay import replay
+from eventhandler.cli.settings import fail, settings_or_exit
 from eventhandler.errors import ConfigError, EventHandlerError
 from eventhandler.logs import get_logger
 
@@ -131,7 +137,7 @@ def demo(
 ) -> None:
     """The whole story in a minute: bad events land in the DLQ, the cause is fixed, they are replayed."""
     from eventhandler import demo as demo_module
-    from eventhandler.render import make_console
+    from eventhandler.cli.render import make_console
 
     if postgres not in demo_module.POSTGRES_CHOICES:
         fail(f"--postgres must be one of {', '.join(demo_module.POSTGRES_CHOICES)}, not {postgres!r}", code=2)
@@ -161,14 +167,8 @@ def _until_signal() -> threading.Event:
     return stop
 
 
-def _register_dlq_commands() -> None:
-    from eventhandler.dlqcli import dlq_app, replay
-
-    app.command(help="Republish DLQ rows to their original topic (or --to-topic), byte for byte.")(replay)
-    app.add_typer(dlq_app, name="dlq")
-
-
-_register_dlq_commands()
+app.command(help="Republish DLQ rows to their original topic (or --to-topic), byte for byte.")(replay)
+app.add_typer(dlq_app, name="dlq")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What every command shares: the settings, or one line and a clean exit."""
+"""What every command starts with: the settings, or one line and a clean exit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def settings_or_exit() -> Settings:
-    """The settings, with logging configured from them; a bad setting is one line and exit 2."""
+    """The settings, with logging configured from them (the one place a command does that); a bad
+    setting is one line and exit 2."""
     try:
         settings = load_settings()
     except ConfigError as exc:

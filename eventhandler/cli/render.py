@@ -1,4 +1,4 @@
-"""How DLQ rows and reports look to a person (rich tables) and to a program (JSON)."""
+"""How DLQ rows and reports look on a terminal (rich tables), and a row's bytes in the CLI's JSON."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eventhandler.librdkafka import shown_header_key
-from eventhandler.models import DLQEntry, DLQSummary
-from eventhandler.service import Stats
+from eventhandler.models import DLQDetail, DLQEntry, DLQSummary, Stats
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -127,13 +126,20 @@ def print_entry(console: Console, entry: DLQEntry) -> None:
     )
 
 
-def entry_json(entry: DLQEntry) -> dict[str, Any]:
-    data = entry.model_dump(mode="json", exclude={"event_payload", "message_key", "headers"})
+def row_json(detail: DLQDetail, entry: DLQEntry) -> dict[str, Any]:
+    """`dlq show --json`: the row the admin API gives (`detail`), but with its bytes — payload, key,
+    header keys and values — as the text a person reads at a terminal (`\\xff` for a byte that is
+    not UTF-8, the payload pretty-printed), from `entry`, the same redacted view."""
+    data = detail.model_dump(mode="json", exclude={"payload", "key", "key_encoding", "headers"})
     kind, text = payload_text(entry.event_payload)
     data["payload"] = {"kind": kind, "text": text}
-    data["message_key"] = None if entry.message_key is None else repr(entry.message_key)[2:-1]
-    data["headers"] = [[shown_header_key(k), None if v is None else repr(v)[2:-1]] for k, v in entry.headers]
+    data["key"] = _escaped(entry.message_key)
+    data["headers"] = [[shown_header_key(key), _escaped(value)] for key, value in entry.headers]
     return data
+
+
+def _escaped(raw: bytes | None) -> str | None:
+    return None if raw is None else repr(raw)[2:-1]
 
 
 def print_stats(console: Console, stats: Stats) -> None:

@@ -1,0 +1,123 @@
+"""`eventhandler replay`: republish DLQ rows to their original topic (or `--to-topic`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from eventhandler.cli.render import make_console, rows_table
+from eventhandler.cli.shared import (
+    ActorOpt,
+    ConsumerOpt,
+    ErrorOpt,
+    EventTypeOpt,
+    FingerprintOpt,
+    IdsOpt,
+    JsonOpt,
+    SinceOpt,
+    StageOpt,
+    TopicOpt,
+    UntilOpt,
+    YesOpt,
+    actor_name,
+    confirm,
+    dlq_filter,
+    print_json,
+    service,
+)
+
+DRY_RUN_ROWS = 1000  # a dry run lists at most this many rows
+
+
+def replay(
+    ids: IdsOpt = None,
+    consumer: ConsumerOpt = None,
+    event_type: EventTypeOpt = None,
+    stage: StageOpt = None,
+    status: Annotated[
+        list[str] | None, typer.Option(help="Row status (repeatable). Default: pending.")
+    ] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    error_contains: ErrorOpt = None,
+    fingerprint: FingerprintOpt = None,
+    topic: TopicOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Replay at most this many rows.", min=1)] = None,
+    to_topic: Annotated[
+        str | None, typer.Option("--to-topic", help="Publish here instead of the original topic.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count and list what would be replayed; change nothing.")
+    ] = False,
+    rate: Annotated[float | None, typer.Option(help="Messages per second at most.", min=0.01)] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow resolved and discarded rows (with --status).")
+    ] = False,
+    yes: YesOpt = False,
+    as_json: JsonOpt = False,
+    actor: ActorOpt = None,
+) -> None:
+    """Republish DLQ rows to their original topic (or --to-topic), byte for byte."""
+    flt = dlq_filter(
+        ids=ids,
+        consumer=consumer,
+        event_type=event_type,
+        stage=stage,
+        statuses=status or ["pending"],
+        since=since,
+        until=until,
+        error_contains=error_contains,
+        fingerprint=fingerprint,
+        topic=topic,
+    )
+    console = make_console(stderr=as_json)
+    with service() as svc:
+        flt = svc.readable_filter(flt, reader=False)
+        plan = svc.preview(
+            flt, limit=limit, to_topic=to_topic, force=force, rows=DRY_RUN_ROWS if dry_run else 0
+        )
+        if dry_run:
+            if as_json:
+                print_json({"matched": plan.matched, "dry_run": True, "ids": [r.dlq_id for r in plan.rows]})
+            else:
+                console.print(rows_table(plan.rows))
+                console.print(
+                    f"dry run: {plan.matched} rows would be replayed"
+                    + (f" to {to_topic}" if to_topic else "")
+                )
+            return
+        if plan.matched == 0:
+            if as_json:
+                print_json({"matched": 0, "published": 0, "failed": 0})
+            else:
+                console.print("nothing to replay: no row matches")
+            return
+        confirm("replay", plan.matched, yes)
+        with Progress(
+            TextColumn("replaying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=as_json or not console.is_terminal,
+        ) as bar:
+            task = bar.add_task("replay", total=plan.matched)
+            report = svc.replay(
+                flt,
+                actor=actor_name(actor),
+                limit=limit,
+                to_topic=to_topic,
+                rate=rate,
+                force=force,
+                progress=lambda n: bar.advance(task, n),
+            )
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        console.print(f"matched {report.matched}, published {report.published}, failed {report.failed}")
+        for dlq_id, why in list(report.failures.items())[:20]:
+            console.print(f"  not published: {dlq_id}: {why}", markup=False)
+    if report.failed:
+        raise typer.Exit(1)
