@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 from benchmarks.probes import Clock
 from benchmarks.services import unique
 from eventhandler.events import Deserializer
-from eventhandler.handlers.devices import DEVICE_READING, DEVICE_REGISTERED
+from eventhandler.example.devices import DEVICE_READING, DEVICE_REGISTERED
 from eventhandler.handlers.loading import load_registry
 
 # One statement per reading: count it on its device and upsert the latest value (the same two

@@ -1,4 +1,5 @@
-"""Apply `migrations/*.sql` in order, each in its own transaction, once.
+"""Apply the migrations in version order, each in its own transaction, once: the engine's
+(`migrations/*.sql`) and the example domain's (`eventhandler/example/migrations/*.sql`).
 
 Two processes migrating at once serialize on an advisory lock; the second finds nothing to do.
 A file whose content changed after it was applied is reported, not silently re-run.
@@ -60,11 +61,18 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations"
 
 
+EXAMPLE_MIGRATIONS = Path(__file__).resolve().parent / "example" / "migrations"
+
+
 def load_migrations(directory: Path | None = None) -> list[Migration]:
-    directory = directory or migrations_dir()
-    files = sorted(directory.glob("*.sql"))
+    """The migrations of `directory`, else the engine's and the example domain's, in version order."""
+    directories = [directory] if directory else [migrations_dir(), EXAMPLE_MIGRATIONS]
+    files = sorted((path for d in directories for path in d.glob("*.sql")), key=lambda path: path.stem)
     if not files:
-        raise MigrationError(f"no migrations found in {directory}")
+        raise MigrationError(f"no migrations found in {', '.join(map(str, directories))}")
+    versions = [path.stem for path in files]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migrations share a version in {', '.join(map(str, directories))}")
     return [Migration(path.stem, path.read_text(encoding="utf-8")) for path in files]
 
 

@@ -8,8 +8,8 @@ import importlib
 from collections.abc import Sequence
 
 from eventhandler.errors import ConfigError
+from eventhandler.example.devices import DeviceProjection
 from eventhandler.handlers import Registry
-from eventhandler.handlers.devices import DeviceProjection
 
 
 def load_registry(module_paths: Sequence[str], *, builtin: bool = True) -> Registry:

@@ -16,7 +16,7 @@ import pytest
 from eventhandler import replay as replay_module
 from eventhandler.app import build_service
 from eventhandler.config import Settings
-from eventhandler.dlq import LEASE_CLASS
+from eventhandler.dlq.rows import LEASE_CLASS
 from eventhandler.errors import DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER
 from eventhandler.librdkafka import fetch_headers

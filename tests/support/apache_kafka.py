@@ -97,7 +97,7 @@ def _cluster_id() -> str:
 @contextmanager
 def apache_kafka(port: int, controller_port: int) -> Iterator[str]:
     """A fresh broker+controller on 127.0.0.1:`port`, its data in a temporary directory removed after."""
-    from eventhandler.broker import stop_process
+    from eventhandler.local.broker import stop_process
     from tests.support.services import kafka_answers
 
     jars = classpath()

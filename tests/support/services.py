@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from eventhandler.localpg import local_postgres, server_answers
+from eventhandler.local.postgres import local_postgres, server_answers
 from tests.support import apache_kafka
 from tests.support.waiting import wait_for
 
@@ -144,7 +144,7 @@ def kafka_broker() -> Iterator[str]:
 @contextmanager
 def tansu_broker(port: int | None = None) -> Iterator[str]:
     """The bundled broker the demo uses too, its output kept in a temporary file for debugging."""
-    from eventhandler.broker import bundled_broker
+    from eventhandler.local.broker import bundled_broker
 
     with (
         tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log") as log,

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from eventhandler.errors import HandlerFailure, PermanentError
 from eventhandler.events import Event
-from eventhandler.handlers.devices import (
+from eventhandler.example.devices import (
     ADD_READINGS,
     DECOMMISSION,
     DEVICE_DECOMMISSIONED,

@@ -22,7 +22,7 @@ from eventhandler.events import (
     origin_header,
     replay_origin,
 )
-from eventhandler.handlers.devices import DeviceProjection, DeviceReading, DeviceRegistered
+from eventhandler.example.devices import DeviceProjection, DeviceReading, DeviceRegistered
 from eventhandler.models import ReplayOrigin
 
 Headers = list[tuple[str, bytes | None]]

@@ -11,7 +11,7 @@ import pytest
 
 from eventhandler.batch import DecodedBatch, Record
 from eventhandler.events import DLQ_ID_HEADER, origin_header
-from eventhandler.handlers.devices import DeviceReading
+from eventhandler.example.devices import DeviceReading
 from eventhandler.handlers.loading import load_registry
 from eventhandler.ledger import Ledger
 from eventhandler.models import ReplayOrigin
