@@ -36,6 +36,7 @@ from eventhandler.models import FailedMessage
 from eventhandler.service import DLQService
 from tests.conftest import settings_env
 from tests.support import kafka as k
+from tests.support.dlq import DLQ as DLQStore
 from tests.support.factories import failed_message
 from tests.support.services import free_port
 from tests.support.waiting import wait_for
@@ -66,7 +67,7 @@ class Api:
 
     def record(self, *failures: FailedMessage) -> list[int]:
         with self.pool.connection() as conn, conn.transaction():
-            return self.service.repository.record_failures(conn, list(failures))
+            return DLQStore.on(self.pool).writer.record_failures(conn, list(failures))
 
 
 @pytest.fixture
@@ -931,11 +932,11 @@ def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
 ) -> None:
     settings = make_settings(admin_token=ADMIN_TOKEN, admin_read_token=READ_TOKEN)
     metrics = Metrics()
-    service, pool = build_service(settings, metrics=metrics)
+    _service, pool = build_service(settings, metrics=metrics)
     try:
         with pool.connection() as conn, conn.transaction():
             payload = k.structured(k.cloud_event("user.created", {"password": "hunter2"}))
-            (dlq_id,) = service.repository.record_failures(
+            (dlq_id,) = DLQStore.on(pool).writer.record_failures(
                 conn, [failed_message(consumer=settings.consumer_group, value=payload)]
             )
     finally:

@@ -28,6 +28,7 @@ from eventhandler.config import Settings
 from eventhandler.metrics import Metrics
 from eventhandler.replay import Replayer
 from tests.support import kafka as k
+from tests.support.dlq import DLQ
 from tests.support.factories import failed_message
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -51,7 +52,8 @@ def target(make_settings: Callable[..., Settings]) -> Iterator[Target]:
     metrics = Metrics()
     service, pool = build_service(settings, metrics=metrics)
     # A fuzzed `to_topic` may name a topic that does not exist: give up on it quickly.
-    service.replayer = Replayer(service.repository, settings.producer_config(), delivery_timeout=2)
+    dlq = DLQ.on(pool)
+    service.replayer = Replayer(dlq.replays, settings.producer_config(), delivery_timeout=2)
     group, topic = settings.consumer_group, settings.topics[0]
     rows: list[dict[str, Any]] = [
         {"value": k.structured(k.reading("fuzz-1")), "event_type": "device.reading"},
@@ -66,7 +68,7 @@ def target(make_settings: Callable[..., Settings]) -> Iterator[Target]:
     def reset() -> list[int]:
         with pool.connection() as conn, conn.transaction():
             conn.execute("TRUNCATE dlq, dlq_audit RESTART IDENTITY")
-            return service.repository.record_failures(
+            return dlq.writer.record_failures(
                 conn, [failed_message(**({"consumer": group, "topic": topic} | row)) for row in rows]
             )
 
