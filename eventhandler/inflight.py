@@ -42,6 +42,13 @@ class Source(Protocol):
     def poll_while_paused(self, timeout: float) -> None: ...
 
 
+class BatchWrites(Protocol):
+    """How the in-flight batch writes a batch (`Transaction`)."""
+
+    def __call__(self, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult: ...
+    def postgres_answers(self) -> bool: ...
+
+
 class Transaction:
     """One batch's PostgreSQL transaction: a pooled connection, a deadline, the processor's writes."""
 
@@ -117,7 +124,7 @@ class _Writing:
 
 class InFlight:
     def __init__(
-        self, transaction: Transaction, source: Source, policy: FailurePolicy, observer: Observer
+        self, transaction: BatchWrites, source: Source, policy: FailurePolicy, observer: Observer
     ) -> None:
         self.transaction = transaction
         self.source = source

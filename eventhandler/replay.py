@@ -159,15 +159,10 @@ class Replayer:
         limit: int | None = None,
         to_topic: str | None = None,
         rate: float | None = None,
-        dry_run: bool = False,
         actor: str = "unknown",
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
-        report = ReplayReport(dry_run=dry_run)
-        if dry_run:
-            matching = self._rows.count(flt)
-            report.matched = min(matching, limit) if limit is not None else matching
-            return report
+        report = ReplayReport()
         # The ids are read once, oldest first; each chunk is then taken by id (an index lookup,
         # whatever the table's statistics say) with the filter applied again, so a row another
         # replayer took, or that changed meanwhile, is skipped.

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from eventhandler.dlq import PostgresDLQRepository
+from eventhandler.dlq import OperatorStore
 from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, PublishFailed
 from eventhandler.filters import replay_target_problem
 from eventhandler.librdkafka import raw_header_key
@@ -77,7 +77,7 @@ def _as_text(raw: bytes) -> tuple[str, Literal["text", "base64"]]:
 class DLQService:
     def __init__(
         self,
-        repository: PostgresDLQRepository,
+        repository: OperatorStore,
         replayer: Replayer,
         *,
         redactor: Redactor | None = None,

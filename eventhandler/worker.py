@@ -16,31 +16,51 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from eventhandler import __version__
-from eventhandler.batch import Record, without_partitions
+from eventhandler.batch import TP, DecodedBatch, Record, without_partitions
 from eventhandler.health import DepthRefresher
-from eventhandler.inflight import InFlight
+from eventhandler.inflight import InFlight, Source
 from eventhandler.logs import get_logger
 from eventhandler.observer import BatchHealth, WorkerStats
-from eventhandler.pipeline import BatchProcessor
-from eventhandler.source import KafkaSource
 
 log = get_logger("eventhandler.worker")
 
 SETTLE_SLICE_SECONDS = 0.01  # how long the loop reads before it looks at the batch in flight again
 
 
+class Reader(Source, Protocol):
+    """What the loop needs of the Kafka side (`source.KafkaSource`)."""
+
+    topics: list[str]
+    session_timeout_ms: int
+    assigned_at: float  # time.monotonic() of the last assignment, 0 before the first
+    assignment: set[TP]
+    broker_error: str | None
+    on_revoked: Callable[[set[TP]], None]
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def consume(self, max_messages: int, timeout: float) -> list[Record]: ...
+
+
+class Decoder(Protocol):
+    """Bytes to events, no I/O (`pipeline.BatchProcessor`)."""
+
+    def decode(self, records: list[Record]) -> DecodedBatch: ...
+
+
 class Worker:
     def __init__(
         self,
         *,
-        source: KafkaSource,
-        processor: BatchProcessor,
+        source: Reader,
+        processor: Decoder,
         inflight: InFlight,
         stats: WorkerStats,
         health: BatchHealth,

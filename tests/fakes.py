@@ -1,14 +1,21 @@
-"""Fakes for unit tests: stand-ins for the seams the package talks through (a psycopg connection,
-the DLQ repository), recording what was asked of them so tests can assert on it."""
+"""Fakes for unit tests: stand-ins for the seams the package talks through, each declared as the
+Protocol it fakes (mypy checks this module against them), recording what was asked of them so tests
+can assert on it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from eventhandler.batch import TP, BatchResult, DecodedBatch, Record
+from eventhandler.dlq import DeadLetterWriter, Replay
+from eventhandler.errors import DatabaseUnavailable, SuspectFailure
+from eventhandler.inflight import BatchWrites
 from eventhandler.models import FailedMessage
+from eventhandler.worker import Decoder, Reader
 
 Rows = list[tuple[Any, ...]]
 Answer = Callable[[str, Any], Rows]
@@ -80,8 +87,8 @@ class FakeConnection:
 
 
 @dataclass
-class FakeDLQRepository:
-    """An in-memory `DLQRepository`: failures get ids in order; resolutions are recorded."""
+class FakeDeadLetterWriter(DeadLetterWriter):
+    """An in-memory DLQ for the worker: failures get ids in order; resolutions are recorded."""
 
     failures: list[FailedMessage] = field(default_factory=list)
     resolved: list[int] = field(default_factory=list)
@@ -91,6 +98,90 @@ class FakeDLQRepository:
         self.failures.extend(failures)
         return list(range(start, start + len(failures)))
 
-    def resolve_replayed(self, conn: Any, consumer: str, dlq_ids: Sequence[int]) -> list[int]:
-        self.resolved.extend(dlq_ids)
-        return list(dlq_ids)
+    def resolve_replayed(self, conn: Any, consumer: str, replays: Sequence[Replay]) -> list[int]:
+        ids = [origin.dlq_id for origin, _, _ in replays]
+        self.resolved.extend(ids)
+        return ids
+
+
+class FakeSource(Reader):
+    """Kafka for the loop: `answers` are what consume() returns, one per call (a callable is called),
+    then nothing; pauses, polls and offset commits are recorded."""
+
+    def __init__(self, answers: list[Any] | None = None) -> None:
+        self.topics = ["t"]
+        self.session_timeout_ms = 45000
+        self.assigned_at = 0.0
+        self.paused = False
+        self.assignment: set[TP] = {("t", 0), ("t", 1)}
+        self.broker_error: str | None = None
+        self.on_revoked: Callable[[set[TP]], None] = lambda _: None
+        self.answers = answers or []
+        self.timeouts: list[float] = []
+        self.committed: list[dict[TP, int]] = []
+        self.on_poll: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def consume(self, max_messages: int, timeout: float) -> list[Record]:
+        self.timeouts.append(timeout)
+        if not self.answers:
+            time.sleep(timeout)
+            return []
+        answer = self.answers.pop(0)
+        return list(answer() if callable(answer) else answer)
+
+    def pause_all(self) -> None:
+        self.paused = True
+
+    def resume_all(self) -> None:
+        self.paused = False
+
+    def poll_while_paused(self, timeout: float) -> None:
+        if self.on_poll:
+            self.on_poll.pop(0)()
+
+    def commit_offsets(self, positions: dict[TP, int]) -> None:
+        self.committed.append(positions)
+
+
+class FakeProcessor(Decoder):
+    """Decodes nothing; writes fail while `down` is set, like PostgreSQL being away, and with a
+    statement timeout while `suspect` is set unless they isolate."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay  # PostgreSQL at work
+        self.down = False
+        self.suspect = False
+        self.isolations: list[bool] = []
+        self.committed: list[list[tuple[str, int, int]]] = []
+
+    def decode(self, records: list[Record]) -> DecodedBatch:
+        return DecodedBatch(records)
+
+    def write(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
+        time.sleep(self.delay)
+        self.isolations.append(isolate_suspects)
+        if self.down:
+            raise DatabaseUnavailable("connection refused")
+        if self.suspect and not isolate_suspects:
+            raise SuspectFailure("canceling statement due to statement timeout")
+        self.committed.append([(r.topic, r.partition, r.offset) for r in batch.records])
+        return BatchResult(positions=batch.positions())
+
+
+class FakeTransaction(BatchWrites):
+    """The in-flight batch's transaction: straight into the processor, PostgreSQL answering a probe."""
+
+    def __init__(self, processor: FakeProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
+        return self.processor.write(None, batch, isolate_suspects=isolate_suspects)
+
+    def postgres_answers(self) -> bool:
+        return True

@@ -136,8 +136,8 @@ def demo(
     ] = False,
 ) -> None:
     """The whole story in a minute: bad events land in the DLQ, the cause is fixed, they are replayed."""
-    from eventhandler import demo as demo_module
     from eventhandler.cli.render import make_console
+    from eventhandler.example import demo as demo_module
 
     if postgres not in demo_module.POSTGRES_CHOICES:
         fail(f"--postgres must be one of {', '.join(demo_module.POSTGRES_CHOICES)}, not {postgres!r}", code=2)

@@ -32,9 +32,6 @@ class PostgresReplayRows:
     def __init__(self, pool: psycopg_pool.ConnectionPool) -> None:
         self._pool = pool
 
-    def count(self, flt: DLQFilter) -> int:
-        return rows.count(self._pool, flt)
-
     def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]:
         return rows.matching_ids(self._pool, flt, limit)
 

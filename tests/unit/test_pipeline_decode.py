@@ -18,7 +18,7 @@ from eventhandler.models import ReplayOrigin
 from eventhandler.pipeline import BatchProcessor
 from eventhandler.policy import FailurePolicy
 from eventhandler.tracebacks import format_traceback
-from tests.fakes import FakeDLQRepository
+from tests.fakes import FakeDeadLetterWriter
 
 Headers = list[tuple[str, bytes | None]]
 _offsets: dict[tuple[str, int], int] = {}
@@ -46,8 +46,8 @@ def ce(event_type: str = "device.reading", data: Any = None, **attrs: Any) -> by
     return json.dumps(event | attrs).encode()
 
 
-def processor(policy: str = "dead-letter") -> tuple[BatchProcessor, FakeDLQRepository]:
-    dlq = FakeDLQRepository()
+def processor(policy: str = "dead-letter") -> tuple[BatchProcessor, FakeDeadLetterWriter]:
+    dlq = FakeDeadLetterWriter()
     return (
         BatchProcessor(
             consumer_group="group",

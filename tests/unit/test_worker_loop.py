@@ -6,70 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from eventhandler.batch import BatchResult, DecodedBatch, Record
+from eventhandler.batch import DecodedBatch, Record
 from eventhandler.errors import DatabaseUnavailable, SuspectFailure
 from eventhandler.inflight import InFlight
 from eventhandler.observer import BatchHealth, Observers, WorkerStats
 from eventhandler.policy import Backoff, FailurePolicy
 from eventhandler.worker import SETTLE_SLICE_SECONDS, Worker
-
-
-class FakeSource:
-    def __init__(self) -> None:
-        self.paused = False
-        self.assignment = {("t", 0), ("t", 1)}
-        self.unpositioned: set[tuple[str, int]] = set()
-        self.broker_error = None
-        self.committed: list[dict[tuple[str, int], int]] = []
-        self.on_poll: list[Any] = []
-
-    def pause_all(self) -> None:
-        self.paused = True
-
-    def resume_all(self) -> None:
-        self.paused = False
-
-    def poll_while_paused(self, timeout: float) -> None:
-        if self.on_poll:
-            self.on_poll.pop(0)()
-
-    def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
-        self.committed.append(positions)
-
-
-class FakeProcessor:
-    """Commits fail while `down` is set, like PostgreSQL being away."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self.suspect = False  # every commit fails with a statement timeout unless it isolates
-        self.isolations: list[bool] = []
-        self.committed: list[list[tuple[str, int, int]]] = []
-
-    def decode(self, records: list[Record]) -> DecodedBatch:
-        return DecodedBatch(records)
-
-    def write(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
-        self.isolations.append(isolate_suspects)
-        if self.down:
-            raise DatabaseUnavailable("connection refused")
-        if self.suspect and not isolate_suspects:
-            raise SuspectFailure("canceling statement due to statement timeout")
-        self.committed.append([(r.topic, r.partition, r.offset) for r in batch.records])
-        return BatchResult(positions=batch.positions())
-
-
-class FakeTransaction:
-    """The transaction the in-flight batch runs: straight into the processor, PostgreSQL answering."""
-
-    def __init__(self, processor: FakeProcessor) -> None:
-        self.processor = processor
-
-    def __call__(self, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
-        return self.processor.write(None, batch, isolate_suspects=isolate_suspects)
-
-    def postgres_answers(self) -> bool:
-        return True
+from tests.fakes import FakeProcessor, FakeSource, FakeTransaction
 
 
 def records(partition: int, *offsets: int) -> list[Record]:
@@ -82,10 +25,10 @@ def make_worker(
     source, processor = source or FakeSource(), FakeProcessor()
     health = BatchHealth()
     policy = FailurePolicy(Backoff(0.001, 0.002))
-    inflight = InFlight(FakeTransaction(processor), source, policy, Observers([health]))  # type: ignore[arg-type]
+    inflight = InFlight(FakeTransaction(processor), source, policy, Observers([health]))
     worker = Worker(
-        source=source,  # type: ignore[arg-type]
-        processor=processor,  # type: ignore[arg-type]
+        source=source,
+        processor=processor,
         inflight=inflight,
         stats=WorkerStats(),
         health=health,
@@ -138,38 +81,15 @@ def test_partitions_revoked_while_a_batch_waits_are_left_to_their_new_owner() ->
     assert all(("t", 1) not in positions for positions in source.committed)
 
 
-class SlicedSource(FakeSource):
-    """Hands out prepared answers to consume(), one per call, then nothing; notes each timeout."""
-
-    def __init__(self, answers: list[Any]) -> None:
-        super().__init__()
-        self.answers = answers
-        self.timeouts: list[float] = []
-
-    def consume(self, max_messages: int, timeout: float) -> list[Record]:
-        self.timeouts.append(timeout)
-        if not self.answers:
-            time.sleep(timeout)
-            return []
-        answer = self.answers.pop(0)
-        return answer() if callable(answer) else answer
-
-
-def sliced_worker(answers: list[Any], wait: float) -> tuple[Worker, SlicedSource, FakeProcessor]:
-    source = SlicedSource(answers)
+def sliced_worker(answers: list[Any], wait: float) -> tuple[Worker, FakeSource, FakeProcessor]:
+    source = FakeSource(answers)
     worker, _, processor = make_worker(wait, source)
     return worker, source, processor
 
 
-class SlowProcessor(FakeProcessor):
-    def write(self, conn: Any, batch: DecodedBatch, *, isolate_suspects: bool = False) -> BatchResult:
-        time.sleep(0.05)  # PostgreSQL at work
-        return super().write(conn, batch, isolate_suspects=isolate_suspects)
-
-
 def test_a_batch_in_flight_is_settled_as_soon_as_it_commits_not_a_batch_wait_later() -> None:
     worker, source, _ = sliced_worker([], wait=0.5)
-    worker.inflight.transaction = FakeTransaction(SlowProcessor())  # type: ignore[assignment]
+    worker.inflight.transaction = FakeTransaction(FakeProcessor(delay=0.05))
     worker.submit(records(0, 1, 2))
     started = time.monotonic()
     assert worker.next_batch() == []
@@ -205,8 +125,7 @@ def test_a_partition_revoked_and_assigned_back_between_slices_is_read_again_not_
 
 
 def test_the_revocations_it_remembers_do_not_grow_with_every_rebalance() -> None:
-    worker, source, _ = make_worker()
-    source.consume = lambda limit, timeout: []  # type: ignore[attr-defined]
+    worker, source, _ = make_worker(wait=0.0)
     for _ in range(1000):
         source.on_revoked({("t", 0)})
         worker.next_batch()
@@ -224,8 +143,7 @@ def test_a_suspect_failure_that_persists_while_postgres_answers_is_isolated_afte
 
 
 def test_readiness_tells_an_outage_from_a_batch_postgres_refuses() -> None:
-    worker, source, _ = make_worker()
-    source.consume = lambda limit, timeout: []  # type: ignore[attr-defined]
+    worker, _, _ = make_worker()
     worker._started = True
     batch = DecodedBatch(records(0, 1))
     worker.inflight.observer.retrying(DatabaseUnavailable("connection refused"), 1, batch)

@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from eventhandler.app import build_service, build_worker
-from eventhandler.local.broker import bundled_broker
 from eventhandler.cli.render import rows_table
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
+from eventhandler.local.broker import bundled_broker
 from eventhandler.local.postgres import local_postgres, server_answers
 from eventhandler.migrate import apply_migrations
 from eventhandler.models import DLQFilter
