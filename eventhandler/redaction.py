@@ -23,161 +23,29 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
-import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, AnyStr, Literal, overload
+from typing import Literal, overload
 
 from pydantic import JsonValue
 
 from eventhandler.logs import redact_text
+from eventhandler.masking import (
+    MASK,
+    MAX_JSON_DEPTH,
+    NotJson,
+    Scrubber,
+    collapse_embedded,
+    expand_embedded,
+    lenient_json,
+    mask,
+    parse_json,
+    scrub_strings,
+)
 from eventhandler.models import DLQEntry, DLQSummary, FingerprintGroup, Headers
 
-MASK = "***"
-MAX_JSON_DEPTH = 64  # deeper documents are shown as base64: rendering them is not worth the risk
-MIN_SEARCHED = 2  # shortest masked value that is also masked in the row's other text
-_PYDANTIC_CUT = 20  # pydantic shows a long input value as about its first and last 24 characters
-MAX_SEARCHED = 300  # forms of masked values searched for in the row's other text (beyond: all masked)
-_EMBEDDED_MAX = 1_000_000  # JSON held in a string is parsed up to this size; a longer one is masked
-
 PayloadEncoding = Literal["json", "base64", "withheld"]
-
-
-class NotJson(Exception):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise NotJson(name)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise NotJson(text)
-    return value
-
-
-def parse_json(raw: bytes | str) -> JsonValue:
-    """A JSON value that renders safely (finite numbers, no lone surrogates, bounded depth), or
-    `NotJson`."""
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value: JsonValue = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise NotJson(str(exc)) from None
-    _check_shape(value, strict=True)
-    return value
-
-
-def _check_shape(value: Any, *, strict: bool) -> None:
-    """`NotJson` when `value` is nested deeper than `MAX_JSON_DEPTH` (or, `strict`, holds a lone
-    surrogate); iterative, so a hostile depth cannot exhaust the stack."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise NotJson("too deep")
-        if isinstance(node, str):
-            if strict:
-                _check_text(node)
-        elif isinstance(node, dict):
-            for key, child in node.items():
-                if strict:
-                    _check_text(key)
-                stack.append((child, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
-
-
-def _lenient_json(raw: bytes | str) -> Any:
-    """JSON as Python's parser reads it (NaN, lone surrogates), for finding fields in a document that
-    is not shown; `NotJson` when it is not JSON at all."""
-    try:
-        text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise NotJson(str(exc)) from None
-    _check_shape(value, strict=False)
-    return value
-
-
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a `\ud800` escape cannot be sent back
-        raise NotJson("surrogate") from None
-
-
-class Scrubber:
-    """Masks given values wherever they occur in text or bytes, ignoring case, in the forms text
-    quotes them in: as they are, JSON- and Python-escaped, URL-encoded, and cut the way pydantic
-    cuts a long `input_value` (about its first and last 24 characters)."""
-
-    @classmethod
-    def everything(cls) -> Scrubber:
-        """One that shows no text at all."""
-        scrubber = cls()
-        scrubber._forms, scrubber._everything = [MASK], True
-        return scrubber
-
-    def __init__(self, values: Iterable[str] = ()) -> None:
-        forms: set[str] = set()
-        for value in values:
-            if len(value) < MIN_SEARCHED or value == MASK:
-                continue
-            quoted = {value, json.dumps(value)[1:-1], repr(value)[1:-1], ascii(value)[1:-1]}
-            quoted |= {urllib.parse.quote(value), urllib.parse.quote_plus(value)}
-            if len(value) > 2 * _PYDANTIC_CUT:
-                quoted |= {value[:_PYDANTIC_CUT], value[-_PYDANTIC_CUT:]}
-            forms |= {form.lower() for form in quoted}
-        self._forms = sorted((f for f in forms if len(f) >= MIN_SEARCHED), key=len, reverse=True)
-        self._raw = [form.encode("utf-8", "surrogatepass") for form in self._forms]
-        # Searching for each of very many values would make a view slow: then no other text is shown.
-        self._everything = len(self._forms) > MAX_SEARCHED
-
-    def __bool__(self) -> bool:
-        return bool(self._forms)
-
-    def text(self, text: str | None) -> str | None:
-        if text is None or not self._forms:
-            return text
-        if self._everything:
-            return MASK
-        lowered = text.lower()
-        for form in self._forms:
-            if form in lowered or len(lowered) != len(text):
-                text = _mask_all(text, lowered, form, MASK)
-                lowered = text.lower()
-        return text
-
-    def bytes(self, raw: bytes | None) -> bytes | None:
-        if raw is None or not self._forms:
-            return raw
-        if self._everything:
-            return MASK.encode()
-        lowered = raw.lower()  # ASCII only: the same length
-        for form in self._raw:
-            if form in lowered:
-                raw = _mask_all(raw, lowered, form, MASK.encode())
-                lowered = raw.lower()
-        return raw
-
-
-def _mask_all(text: AnyStr, lowered: AnyStr, form: AnyStr, mask: AnyStr) -> AnyStr:
-    """`text` with every case-insensitive occurrence of `form` (lower case) replaced by `mask`.
-    `str.find` is linear; where lowering changes a text's length (a few Unicode letters), the
-    search is exact instead."""
-    if len(lowered) != len(text):
-        return text.replace(form, mask)
-    pieces, start = [], 0
-    while (found := lowered.find(form, start)) != -1:
-        pieces += [text[start:found], mask]
-        start = found + len(form)
-    pieces.append(text[start:])
-    return text[:0].join(pieces)
 
 
 @dataclass
@@ -245,7 +113,7 @@ class Redactor:
             # Not shown (NaN, a lone surrogate, not JSON at all), but its fields' values may still
             # be quoted by the error or held by the key: find them as far as the bytes parse.
             with suppress(NotJson):
-                self._mask_document(_lenient_json(raw), binary, secrets)
+                self._mask_document(lenient_json(raw), binary, secrets)
             return Payload(None, "withheld", False), Scrubber(secrets)
         if not self.active:
             return Payload(document, "json", False), Scrubber()
@@ -253,7 +121,7 @@ class Redactor:
         scrubber = Scrubber(secrets)
         if not render:
             return Payload(None, "json", masked), scrubber
-        shown = _scrub_strings(document, scrubber)
+        shown = scrub_strings(document, scrubber)
         return Payload(shown, "json", masked or shown != document), scrubber
 
     def _header_value(self, key: str, value: bytes | None, scrubber: Scrubber) -> bytes | None:
@@ -267,23 +135,23 @@ class Redactor:
         return any(path in ((name,), ("*",)) for path in self.paths)
 
     def _mask_document(self, document: JsonValue, binary: bool, secrets: list[str]) -> tuple[JsonValue, bool]:
-        document = _expand_embedded(document, MAX_JSON_DEPTH)
+        document = expand_embedded(document, MAX_JSON_DEPTH)
         masked = False
         for path in self.paths:
             if binary:  # the body is `data`; the envelope is in the headers
                 if path[0] in ("data", "*") and len(path) > 1:
-                    masked |= _mask(document, path[1:], secrets)
+                    masked |= mask(document, path[1:], secrets)
             else:
-                masked |= _mask(document, path, secrets)
+                masked |= mask(document, path, secrets)
         if not binary and isinstance(document, dict) and isinstance(document.get("data_base64"), str):
             document["data_base64"], hidden = self._mask_base64(str(document["data_base64"]), secrets)
             masked |= hidden
-        return _collapse_embedded(document), masked
+        return collapse_embedded(document), masked
 
     def _mask_base64(self, text: str, secrets: list[str]) -> tuple[str, bool]:
         """`data_base64` is the event's data as bytes: masked like a binary-binding body."""
         try:
-            data = _lenient_json(base64.b64decode(text, validate=True))
+            data = lenient_json(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError, NotJson):
             return MASK, True  # bytes no field can be found in
         inner, masked = self._mask_document(data, True, secrets)
@@ -360,99 +228,3 @@ def _payload_bytes(raw: bytes | None, payload: Payload) -> bytes | None:
     if payload.encoding == "withheld":
         return b"(withheld: not JSON, so its fields cannot be redacted)"
     return json.dumps(payload.document).encode()
-
-
-# -- masking JSON ---------------------------------------------------------------------------------------
-
-
-class _Embedded(dict[str, Any]):
-    """A JSON object that was held in a string, parsed so paths can reach into it."""
-
-
-class _EmbeddedList(list[Any]):
-    pass
-
-
-def _expand_embedded(node: JsonValue, depth: int) -> JsonValue:
-    if depth <= 0:
-        return node
-    if isinstance(node, dict):
-        for key, child in node.items():
-            node[key] = _expand_embedded(child, depth - 1)
-        return node
-    if isinstance(node, list):
-        for index, child in enumerate(node):
-            node[index] = _expand_embedded(child, depth - 1)
-        return node
-    if isinstance(node, str) and node.lstrip()[:1] in ("{", "["):
-        try:
-            if len(node) > _EMBEDDED_MAX:
-                raise NotJson("too long to search")
-            inner = _lenient_json(node)
-        except NotJson:
-            return MASK  # looks like JSON the paths cannot be searched in: not shown
-        if isinstance(inner, dict):
-            return _expand_embedded(_Embedded(inner), depth - 1)
-        if isinstance(inner, list):
-            return _expand_embedded(_EmbeddedList(inner), depth - 1)
-    return node
-
-
-def _collapse_embedded(node: Any) -> Any:
-    if isinstance(node, dict):
-        collapsed = {key: _collapse_embedded(child) for key, child in node.items()}
-        return json.dumps(collapsed) if isinstance(node, _Embedded) else collapsed
-    if isinstance(node, list):
-        items = [_collapse_embedded(child) for child in node]
-        return json.dumps(items) if isinstance(node, _EmbeddedList) else items
-    return node
-
-
-def _mask(document: Any, path: tuple[str, ...], secrets: list[str]) -> bool:
-    if isinstance(document, list):
-        masks = [_mask(item, path, secrets) for item in document]  # every element, not up to the first
-        return any(masks)
-    if not isinstance(document, dict):
-        return False
-    head, rest = path[0], path[1:]
-    masked = False
-    for key in list(document):
-        if head not in ("*", key.lower()):
-            continue
-        if rest:
-            masked |= _mask(document[key], rest, secrets)
-        elif document[key] != MASK:
-            secrets.extend(_leaves(document[key]))
-            document[key] = MASK
-            masked = True
-    return masked
-
-
-def _leaves(value: Any) -> list[str]:
-    """The scalar values inside `value`, as text quotes them."""
-    found: list[str] = []
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, str):
-            found.append(node)
-        elif node is not None:
-            found.append(json.dumps(node))
-    return found
-
-
-def _scrub_strings(node: Any, scrubber: Scrubber) -> Any:
-    """Every string of the masked document, with the masked values masked inside it too."""
-    if not scrubber:
-        return node
-    if isinstance(node, dict):
-        return {scrubber.text(key) or "": _scrub_strings(child, scrubber) for key, child in node.items()}
-    if isinstance(node, list):
-        return [_scrub_strings(child, scrubber) for child in node]
-    if isinstance(node, str):
-        return scrubber.text(node)
-    return node

@@ -26,7 +26,7 @@ from eventhandler.metrics import Metrics
 
 PositionLoader = Callable[[Sequence[TP]], dict[TP, int]]
 
-log = get_logger("eventhandler.consumer")
+log = get_logger("eventhandler.source")
 _ERROR_LOG_INTERVAL = 30.0
 _PROBE_INTERVAL = 5.0
 _WATERMARK_REFRESH_INTERVAL = 5.0
@@ -63,7 +63,7 @@ class KafkaSource:
         self._metrics = metrics
         # told of every revocation before it takes effect (the worker sets it)
         self.on_revoked: Callable[[set[TP]], None] = lambda _: None
-        self._consumer: Consumer | None = None
+        self._client: Consumer | None = None
         self.assignment: set[TP] = set()
         self.positions: dict[TP, int] = {}  # next offset to process, as PostgreSQL has it
         self.high_watermarks: dict[TP, int] = {}  # asked of the broker while paused
@@ -87,24 +87,24 @@ class KafkaSource:
 
     def start(self) -> None:
         config = self._config | {"error_cb": self._on_error, "logger": logging.getLogger("librdkafka")}
-        self._consumer = Consumer(config)
-        self._consumer.subscribe(
+        self._client = Consumer(config)
+        self._client.subscribe(
             self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
 
     def close(self) -> None:
-        if self._consumer is not None:
+        if self._client is not None:
             try:
-                self._consumer.close()
+                self._client.close()
             except KafkaException as exc:
                 log.warning("consumer_close_failed", error=str(exc))
-            self._consumer = None
+            self._client = None
 
     @property
     def client(self) -> Consumer:
-        if self._consumer is None:
-            raise RuntimeError("consumer not started")
-        return self._consumer
+        if self._client is None:
+            raise RuntimeError("the Kafka client is not started")
+        return self._client
 
     # -- consuming ---------------------------------------------------------------------------------
 
@@ -232,15 +232,13 @@ class KafkaSource:
         keeps from its fetches (no request to the broker). A partition with no stored position yet
         counts from its low watermark, where `auto.offset.reset=earliest` starts."""
         now = time.monotonic()
-        if now - self._lag_at < _LAG_INTERVAL or self._consumer is None:
+        if now - self._lag_at < _LAG_INTERVAL or self._client is None:
             return
         self._lag_at = now
         lags: dict[TP, int] = {}
         for topic, partition in sorted(self.assignment):
             try:
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), cached=True
-                )
+                low, high = self._client.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
             except KafkaException:
                 continue
             high = max(high, self.high_watermarks.get((topic, partition), -1))
@@ -285,7 +283,7 @@ class KafkaSource:
 
     # -- rebalance callbacks (run inside consume/poll) -------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, client: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         try:
             positions = self._load_positions(tps)
@@ -297,28 +295,28 @@ class KafkaSource:
             partition.offset = positions.get((partition.topic, partition.partition), OFFSET_INVALID)
         self.positions.update(positions)
         if self._incremental:
-            consumer.incremental_assign(partitions)
+            client.incremental_assign(partitions)
         else:
-            consumer.assign(partitions)
+            client.assign(partitions)
         self.assignment |= set(tps)
         self.unpositioned |= unknown
         self.assigned_at = time.monotonic()
         self.broker_error = None
         hold = [p for p in partitions if self.paused or (p.topic, p.partition) in unknown]
         if hold:
-            consumer.pause(hold)
+            client.pause(hold)
         self._metrics.rebalances.labels(kind="assign").inc()
         self._metrics.assigned_partitions.set(len(self.assignment))
         log.info("partitions_assigned", partitions=sorted(f"{t}[{p}]" for t, p in tps), stored=len(positions))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, client: Consumer, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, "revoke")
         if self._incremental:
-            consumer.incremental_unassign(partitions)
+            client.incremental_unassign(partitions)
         else:
-            consumer.unassign()
+            client.unassign()
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, client: Consumer, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, "lost")
 
     def _drop(self, partitions: list[TopicPartition], kind: str) -> None:

@@ -10,7 +10,7 @@ from eventhandler.db import error_text
 
 def format_traceback(exc: BaseException) -> str:
     """The usual traceback text, without the column carets Python 3.11 computes by parsing every
-    frame's source (that alone cost ~90 µs a failure, a storm of bad input pays it per message)."""
+    frame's source: a storm of bad input would pay that per message (benchmarks/README.md)."""
     text = ""
     seen: set[int] = set()
     current: BaseException | None = exc

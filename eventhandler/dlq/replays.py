@@ -41,7 +41,7 @@ class PostgresReplayRows:
         autocommit (no transaction stays open on it), released when the block ends or the process dies.
 
         The connection is its own, not the pool's: concurrent replays (API requests) would otherwise
-        hold every pooled connection and leave none for their claims."""
+        hold every pooled connection and leave none for taking their rows."""
         with translate_db_errors(), self._lease_connection() as conn:
             lease = 0
             try:

@@ -1,7 +1,7 @@
 -- The worker's writes to the DLQ, inside its batch transaction (see `eventhandler.dlq.writer`).
 -- A batch's failures are copied (binary COPY) straight into `dlq`, with dlq_ids reserved from its
--- sequence in one statement: a third of the server time of one INSERT statement per failure, which is
--- what a failure storm pays per message. When a message of the batch already has a row (its
+-- sequence in one statement: a failure storm pays the DLQ write per message, and one INSERT per
+-- failure costs three times the server time (benchmarks/README.md). When a message of the batch already has a row (its
 -- consumer's position was reset, or another worker got to it first), the copy is rolled back to a
 -- savepoint and the batch goes through a temporary staging table and one upsert instead.
 -- The COPY column order is the order of `dlq.writer.copy_row`; a test holds the two together.

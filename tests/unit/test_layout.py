@@ -41,3 +41,32 @@ def test_there_is_no_import_cycle() -> None:
         {tuple(sorted((a, b))) for a, targets in imports.items() for b in targets if reaches(b, a)}
     )
     assert cycles == []
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_longer_than_a_reader_can_hold() -> None:
+    long = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in PACKAGE.rglob("*.py")
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}
+
+
+def test_the_engine_never_imports_the_example_domain_or_the_interfaces() -> None:
+    """The example (devices, the demo) is what a user replaces, and the CLI and the API are shells
+    around the service: no module below them reaches up into them."""
+    shells = ("eventhandler.example", "eventhandler.cli", "eventhandler.api")
+    allowed = {
+        "eventhandler.__main__": {"eventhandler.cli"},  # `python -m eventhandler` is the CLI
+        "eventhandler.handlers.loading": {"eventhandler.example.devices"},  # the built-in projection
+    }
+    reaching = {
+        module: sorted(target for target in targets if target.startswith(shells))
+        for module, targets in _imports().items()
+        if not module.startswith(shells)
+    }
+    reaching = {m: [t for t in ts if t not in allowed.get(m, set())] for m, ts in reaching.items()}
+    assert {m: ts for m, ts in reaching.items() if ts} == {}
