@@ -18,7 +18,6 @@ from typing import Any
 
 from eventhandler.app import App
 from eventhandler.batch import BatchResult, Record
-from eventhandler.observer import Quiet
 
 
 @dataclass
@@ -57,8 +56,8 @@ _STEPS: tuple[tuple[str, str, str, bool], ...] = (
     ("inflight", "transaction", "PostgreSQL transaction (incl. pool, deadline timer)", False),
     ("processor", "write", "… of which BatchProcessor.write", True),
     ("source", "commit_offsets", "Kafka offset commit", False),
-    ("observers", "settled", "observers (metrics, stats, batch log line)", False),
 )
+OBSERVERS = "observers (metrics, stats, batch log line)"
 
 
 class _Timed:
@@ -79,11 +78,11 @@ class _Timed:
 
 
 @dataclass
-class WorkerProbe(Quiet):
+class WorkerProbe:
     """Times a few public methods of one built `App`'s objects (instance attributes, so the classes
-    and any other worker stay untouched) and watches every batch as an observer: each batch's end
-    time and size, the time spent in each step, and optionally the produce-to-commit latency of every
-    record.
+    and any other worker stay untouched) and the observers the app tells of every settled batch
+    (`App.observers.settled`), after which it notes the batch: its end time and size, the time spent
+    in each step, and optionally the produce-to-commit latency of every record.
 
     Step times count only inside the clock's window (after the first batch, up to the last), so
     they add up with the rate: the group join and the idle tail are left out of both. (The
@@ -100,20 +99,25 @@ class WorkerProbe(Quiet):
 
     def __post_init__(self) -> None:
         worker = self.app.worker
-        owners = {
-            "source": worker.source,
-            "processor": worker.processor,
-            "inflight": worker.inflight,
-            "observers": self.app.observers,
-        }
+        owners = {"source": worker.source, "processor": worker.processor, "inflight": worker.inflight}
         for owner, name, label, nested in _STEPS:
             self._time(owners[owner], name, label)
             if nested:
                 self.nested.add(label)
+        self.steps[OBSERVERS] = 0.0
         self._pending = dict.fromkeys(self.steps, 0.0)
-        self.app.observers.add(self)  # called last: after the other observers, the batch's end
+        observers = self.app.observers
+        settled = observers.settled
 
-    def settled(self, records: list[Record], result: BatchResult, seconds: float) -> None:
+        def observed(records: list[Record], result: BatchResult, seconds: float) -> None:
+            started = time.perf_counter()
+            settled(records, result, seconds)
+            self._pending[OBSERVERS] += time.perf_counter() - started
+            self._batch_end(records)  # the observers ran last: this batch is done
+
+        observers.settled = observed  # type: ignore[method-assign]
+
+    def _batch_end(self, records: list[Record]) -> None:
         first = self.clock.first_at is None
         self.clock.mark(len(records))
         if not first:

@@ -4,7 +4,7 @@ JSON logs) on the same topic, and failure storms against the happy-path rate."""
 from __future__ import annotations
 
 from benchmarks.baselines import naive_worker, raw_ceiling
-from benchmarks.probes import WorkerProbe
+from benchmarks.probes import OBSERVERS, WorkerProbe
 from benchmarks.report import Row, Target
 from benchmarks.runner import Bench, WorkerRun, run_worker
 from benchmarks.workload import Workload, produce
@@ -145,7 +145,7 @@ def _extras(bench: Bench, topic: str, workload: Workload, base: WorkerRun) -> No
             status="WRONG" if quiet.problems else "INFO",
         )
     )
-    label = "observers (metrics, stats, batch log line)"
+    label = OBSERVERS
     for run, level in ((base, "info"), (quiet, "warning")):
         seconds = run.probe.steps.get(label)
         if seconds is None:

@@ -205,9 +205,12 @@ class InFlight:
         while True:
             batch = self._batch
             if batch is None or not batch.records:
-                if batch is not None:
-                    self.observer.abandoned(batch, "revoked")
-                return None  # every partition of the batch was revoked while we waited
+                # Every partition of the batch went to another worker while it waited: nothing is left
+                # to retry, and the partitions assigned now must not stay paused behind it.
+                if self.source.paused:
+                    self.source.resume_all()
+                self.observer.revoked()
+                return None
             if error is None:
                 try:
                     result = self.transaction(batch, isolate_suspects=isolate)
@@ -224,7 +227,10 @@ class InFlight:
             attempt += 1
             streak = streak + 1 if type(counted) is kind else 1
             kind = type(counted)
-            isolate = self.policy.decide(counted, "batch", streak) is Decision.ISOLATE
+            decision = self.policy.decide(counted, "batch", streak)
+            if decision is Decision.STOP:
+                raise error
+            isolate = decision is Decision.ISOLATE  # anything else holds the position: a retry
             self.observer.retrying(error, attempt, batch)
             if not self.source.paused:
                 self.source.pause_all()

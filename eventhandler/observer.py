@@ -36,6 +36,9 @@ class Observer(Protocol):
     def abandoned(self, batch: DecodedBatch, reason: str) -> None:
         """A batch is given up without effect (its events will be read again)."""
 
+    def revoked(self) -> None:
+        """A batch being retried lost all its partitions to a rebalance (their new owner reads them)."""
+
 
 class Observers:
     """Several observers as one, called in order."""
@@ -62,6 +65,10 @@ class Observers:
         for observer in self.observers:
             observer.abandoned(batch, reason)
 
+    def revoked(self) -> None:
+        for observer in self.observers:
+            observer.revoked()
+
 
 class Quiet:
     """An observer that ignores everything: a base for observers that care about one turn."""
@@ -76,6 +83,9 @@ class Quiet:
         pass
 
     def abandoned(self, batch: DecodedBatch, reason: str) -> None:
+        pass
+
+    def revoked(self) -> None:
         pass
 
 
@@ -214,5 +224,5 @@ class BatchHealth(Quiet):
     def recovered(self, attempts: int, outage_seconds: float) -> None:
         self.postgres_ok, self.retrying_after = True, None
 
-    def abandoned(self, batch: DecodedBatch, reason: str) -> None:
-        self.retrying_after = None
+    def revoked(self) -> None:
+        self.retrying_after = None  # no batch of ours is being retried any more

@@ -59,12 +59,12 @@ class BatchProcessor:
                 event = deserialize(record.value, record.headers)
             except Exception as exc:
                 decision = decide(exc, "deserialize")
+                if decision is Decision.STOP:
+                    raise
                 if decision is Decision.SKIP:
                     batch.skipped += 1
-                elif decision is Decision.DEAD_LETTER:
+                else:  # nothing else can be done about bytes that do not read: the DLQ holds them
                     batch.rejected.append(self._unreadable(record, exc))
-                else:
-                    raise
             else:
                 replay_of = replay_origin(record.headers) if record.headers else None
                 batch.events.append(Decoded(record, event, replay_of, key(event.source, event.id)))
@@ -154,7 +154,7 @@ class BatchProcessor:
                 return self._handle_and_flush(conn, events, isolate_suspects)
         except Exception as exc:
             if self.policy.decide(exc, "projection", isolating=isolate_suspects) is not Decision.DEAD_LETTER:
-                raise
+                raise  # a retry of the batch (or STOP)
             if len(events) == 1:
                 decoded = events[0]
                 failure = classify(exc)
@@ -187,7 +187,7 @@ class BatchProcessor:
                 handler.handle(decoded.event)
             except Exception as exc:
                 if self.policy.decide(exc, "handler", isolating=isolate_suspects) is not Decision.DEAD_LETTER:
-                    raise
+                    raise  # a retry of the batch (or STOP)
                 rejected.append(self._reject(decoded.record, "handler", exc, decoded))
             else:
                 applied.append(decoded)

@@ -66,7 +66,12 @@ class FailurePolicy:
     ) -> Decision:
         """What to do about `exc`, raised at `where` on the `attempt`-th failure in a row of the same
         kind (for a batch; an event's stage passes 1). `isolating`: the batch is being written with its
-        suspect events dead-lettered, as an earlier ISOLATE asked."""
+        suspect events dead-lettered, as an earlier ISOLATE asked.
+
+        What each place can do (a policy of one's own must keep to it; anything else is taken as the
+        safe choice in brackets): `deserialize` SKIP or DEAD_LETTER [DEAD_LETTER]; `handler` and
+        `projection` DEAD_LETTER or RETRY [RETRY: the whole batch again]; `batch` RETRY or ISOLATE
+        [RETRY]. STOP anywhere ends the worker with the exception."""
         if not isinstance(exc, Exception):
             return Decision.STOP
         if where == "deserialize":

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -227,8 +228,11 @@ class DLQService:
         rows: int = 0,
     ) -> ReplayPlan:
         """The dry run of `replay` with the same arguments: how many rows it would take and (`rows`)
-        the first of them. Nothing changes and nothing is audited."""
+        the first of them. Nothing changes and nothing is audited. It answers `Busy` whenever the
+        replay would, so that a dry run tells the caller what pressing the button would do."""
         flt = self._replayable(flt, force=force, to_topic=to_topic)
+        with self._replay_slot():
+            pass
         matched = self.count(flt)
         matched = min(matched, limit) if limit is not None else matched
         shown = self.list_rows(flt, limit=min(matched, rows)) if matched and rows else []
@@ -250,6 +254,16 @@ class DLQService:
             raise InvalidOperation(f"DLQ row {dlq_id} is being replayed by another request")
         return report
 
+    @contextmanager
+    def _replay_slot(self) -> Iterator[None]:
+        """One of the `MAX_CONCURRENT_REPLAYS` slots (each replay holds a thread and a producer)."""
+        if not self._replays.acquire(blocking=False):
+            raise Busy(f"{MAX_CONCURRENT_REPLAYS} replays are running already; try again when one is done")
+        try:
+            yield
+        finally:
+            self._replays.release()
+
     def replay(
         self,
         flt: DLQFilter,
@@ -263,14 +277,10 @@ class DLQService:
     ) -> ReplayReport:
         """Republish the matching rows (at most `limit`, oldest first); `preview` is its dry run."""
         flt = self._replayable(flt, force=force, to_topic=to_topic)
-        if not self._replays.acquire(blocking=False):
-            raise Busy(f"{MAX_CONCURRENT_REPLAYS} replays are running already; try again when one is done")
-        try:
+        with self._replay_slot():
             report = self.replayer.replay(
                 flt, limit=limit, to_topic=to_topic, rate=rate, actor=actor, progress=progress
             )
-        finally:
-            self._replays.release()
         log.info(
             "dlq_replayed",
             actor=actor,

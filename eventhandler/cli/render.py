@@ -129,8 +129,11 @@ def print_entry(console: Console, entry: DLQEntry) -> None:
 def row_json(detail: DLQDetail, entry: DLQEntry) -> dict[str, Any]:
     """`dlq show --json`: the row the admin API gives (`detail`), but with its bytes — payload, key,
     header keys and values — as the text a person reads at a terminal (`\\xff` for a byte that is
-    not UTF-8, the payload pretty-printed), from `entry`, the same redacted view."""
-    data = detail.model_dump(mode="json", exclude={"payload", "key", "key_encoding", "headers"})
+    not UTF-8, the payload pretty-printed), from `entry`, the same redacted view. The payload says
+    its own kind, so the API's `payload_encoding` is left out."""
+    data = detail.model_dump(
+        mode="json", exclude={"payload", "payload_encoding", "key", "key_encoding", "headers"}
+    )
     kind, text = payload_text(entry.event_payload)
     data["payload"] = {"kind": kind, "text": text}
     data["key"] = _escaped(entry.message_key)

@@ -50,8 +50,9 @@ NoteOpt = Annotated[str | None, typer.Option(help="Why, for the audit log.")]
 def dlq_filter(**options: Any) -> DLQFilter:
     """The `DLQFilter` the options name (its fields, by name; None: not given). A bad value exits
     with one line naming the option."""
+    given = {name: value for name, value in options.items() if value is not None and value != ""}
     try:
-        return DLQFilter.model_validate({name: value for name, value in options.items() if value is not None})
+        return DLQFilter.model_validate(given)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0])

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from eventhandler.batch import DecodedBatch, Record
 from eventhandler.errors import DatabaseUnavailable, SuspectFailure
 from eventhandler.inflight import InFlight
 from eventhandler.observer import BatchHealth, Observers, WorkerStats
-from eventhandler.policy import Backoff, FailurePolicy
+from eventhandler.policy import Backoff, Decision, FailurePolicy
 from eventhandler.worker import SETTLE_SLICE_SECONDS, Worker
 from tests.fakes import FakeProcessor, FakeSource, FakeTransaction
 
@@ -157,3 +159,35 @@ def test_readiness_tells_an_outage_from_a_batch_postgres_refuses() -> None:
     assert not ready
     assert detail["postgres"] == "ok"
     assert detail["batch"] == "retrying after SuspectFailure: canceling statement due to statement timeout"
+
+
+def test_a_batch_revoked_whole_while_it_waits_leaves_the_consumer_unpaused() -> None:
+    worker, source, processor = make_worker()
+    processor.down = True
+    worker.submit(records(1, 1, 2))
+
+    def rebalance() -> None:  # every partition of the waiting batch goes to another worker
+        source.on_revoked({("t", 1)})
+
+    source.on_poll.append(rebalance)
+    assert worker.inflight.settle() is None
+    assert not source.paused  # the partitions it still has, and those assigned next, are read again
+    assert worker.health.retrying_after is None
+    assert processor.committed == []
+
+
+class StopOnOutage(FailurePolicy):
+    def decide(
+        self, exc: BaseException, where: Any, attempt: int = 1, *, isolating: bool = False
+    ) -> Decision:
+        return Decision.STOP if isinstance(exc, DatabaseUnavailable) else super().decide(exc, where, attempt)
+
+
+def test_an_injected_policy_is_asked_and_its_stop_ends_the_worker() -> None:
+    worker, _, processor = make_worker()
+    worker.inflight.policy = StopOnOutage(Backoff(0.001, 0.002))
+    processor.down = True
+    worker.submit(records(0, 1))
+    with pytest.raises(DatabaseUnavailable):
+        worker.inflight.settle()
+    assert processor.committed == []
