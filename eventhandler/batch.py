@@ -58,6 +58,7 @@ class Rejected:
     record: Record
     failure: FailedMessage
     key: uuid.UUID | None = None  # the ledger key of an event claimed before it failed
+    event: Event | None = None  # the event, when it was read before it failed
 
     @property
     def stage(self) -> Stage:

@@ -19,6 +19,7 @@ from eventhandler.errors import ConfigError
 ENV_PREFIX = "EVENTHANDLER_"
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+PARKING_KEYS = ("", "subject", "partitionkey")  # "": the Kafka message key
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")  # RFC 6750 allows fewer; this refuses whitespace and control bytes
 
 GROUP_PROTOCOLS = ("classic", "consumer")
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
     batch_max_wait_seconds: float = Field(default=0.2, gt=0, le=60)
     unknown_event_policy: Literal["dead-letter", "skip"] = "dead-letter"
     handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Topics whose events keep their order around a failure: `topic` (keyed by the Kafka message key)
+    # or `topic:subject` / `topic:partitionkey` (keyed by that CloudEvents attribute).
+    parking: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Payload fields the admin API masks in responses, as dotted paths (e.g. data.password, data.*.secret).
     api_redact_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Addresses (or networks) of reverse proxies whose X-Forwarded-For the admin API believes.
@@ -88,7 +92,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     worker_id: str | None = None
 
-    @field_validator("topics", "handlers", "api_redact_fields", "api_trusted_proxies", mode="before")
+    @field_validator(
+        "topics", "handlers", "api_redact_fields", "api_trusted_proxies", "parking", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -122,6 +128,28 @@ class Settings(BaseSettings):
             if not _TOPIC_NAME.match(topic):
                 raise ValueError(f"{topic!r} is not a valid Kafka topic name")
         return value
+
+    @field_validator("parking")
+    @classmethod
+    def _valid_parking(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            topic, _, attribute = entry.partition(":")
+            if not _TOPIC_NAME.match(topic):
+                raise ValueError(f"{topic!r} is not a valid Kafka topic name")
+            if attribute not in PARKING_KEYS:
+                raise ValueError(
+                    f"{entry!r}: park by the message key (`{topic}`) or by "
+                    + " or ".join(f"`{topic}:{name}`" for name in PARKING_KEYS if name)
+                )
+        return value
+
+    def parking_keys(self) -> dict[str, str]:
+        """Topic → what keys its parking: "" (the Kafka message key) or a CloudEvents attribute."""
+        keys = {}
+        for entry in self.parking:
+            topic, _, attribute = entry.partition(":")
+            keys[topic] = attribute
+        return keys
 
     @field_validator("kafka_bootstrap_servers", "consumer_group")
     @classmethod

@@ -39,6 +39,7 @@ class Envelope(BaseModel):
     type: str = Field(min_length=1)
     time: AwareDatetime | None = None  # RFC 3339 requires the offset
     subject: str | None = None
+    partitionkey: str | None = None  # the CloudEvents Partitioning extension
     datacontenttype: str | None = None
     dataschema: str | None = None
     data: Any = None
@@ -58,6 +59,7 @@ class Event:
     data: BaseModel
     time: datetime | None = None
     subject: str | None = None
+    partitionkey: str | None = None
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -133,7 +135,13 @@ class Deserializer:
         if envelope.data_base64 is not None:
             return None
         return Event(
-            envelope.id, envelope.source, envelope.type, envelope.data, envelope.time, envelope.subject
+            envelope.id,
+            envelope.source,
+            envelope.type,
+            envelope.data,
+            envelope.time,
+            envelope.subject,
+            envelope.partitionkey,
         )
 
     def __call__(self, value: bytes | None, headers: Headers | None) -> Event:
@@ -208,6 +216,7 @@ class Deserializer:
             data=payload,
             time=envelope.time,
             subject=envelope.subject,
+            partitionkey=envelope.partitionkey,
         )
 
 

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from eventhandler.filters import TimeBound
 
 Stage = Literal["deserialize", "handler", "projection"]
-Status = Literal["pending", "replayed", "resolved", "discarded"]
+Status = Literal["pending", "replayed", "resolved", "discarded", "parked"]
 STAGES: tuple[Stage, ...] = ("deserialize", "handler", "projection")
-STATUSES: tuple[Status, ...] = ("pending", "replayed", "resolved", "discarded")
+STATUSES: tuple[Status, ...] = ("pending", "replayed", "resolved", "discarded", "parked")
 
 Headers = list[tuple[str, bytes | None]]
 

@@ -232,7 +232,7 @@ class BatchProcessor:
             replay_of=decoded.replay_of if decoded else replay_origin(record.headers),
             event_key=decoded.key if decoded else None,
         )
-        return Rejected(record, failure, decoded.key if decoded else None)
+        return Rejected(record, failure, decoded.key if decoded else None, event)
 
 
 def _peek_type(record: Record, *, parse: bool = True) -> str | None:
