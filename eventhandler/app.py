@@ -16,6 +16,7 @@ import psycopg_pool
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
 from eventhandler.dlq.operators import PostgresOperatorStore
+from eventhandler.dlq.parking import PostgresParkingStore
 from eventhandler.dlq.replays import PostgresReplayRows
 from eventhandler.dlq.writer import PostgresDLQWriter
 from eventhandler.handlers import Registry
@@ -25,6 +26,7 @@ from eventhandler.inflight import InFlight, Transaction
 from eventhandler.ledger import Ledger, LedgerPruner, StoredPositions
 from eventhandler.metrics import Metrics
 from eventhandler.observer import BatchHealth, BatchLog, MetricsObserver, Observer, Observers, WorkerStats
+from eventhandler.parking import Parking, ParkingStep
 from eventhandler.pipeline import BatchProcessor
 from eventhandler.policy import Backoff, FailurePolicy
 from eventhandler.redaction import Redactor
@@ -95,13 +97,17 @@ def build_worker(
     worker_id = settings.worker_id or default_worker_id()
     pool = create_pool(settings, min_size=1)
     ledger = Ledger(settings.consumer_group)
-
+    parking = None
+    if settings.parking:
+        rules = Parking(settings.consumer_group, settings.parking_keys())
+        parking = ParkingStep(rules, PostgresParkingStore())
     processor = BatchProcessor(
         consumer_group=settings.consumer_group,
         registry=registry,
         ledger=ledger,
         dlq=PostgresDLQWriter(),
         policy=policy,
+        parking=parking,
     )
     positions = StoredPositions(pool, ledger, timeout=settings.db_connect_timeout_seconds)
     source = KafkaSource(

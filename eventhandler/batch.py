@@ -102,6 +102,8 @@ class BatchResult:
     dead_letters: list[FailedMessage] = field(default_factory=list)  # parallel to dlq_ids
     positions: dict[TP, int] = field(default_factory=dict)  # what this commit stored
     resolved: list[int] = field(default_factory=list)
+    parked: list[int] = field(default_factory=list)  # dlq_ids of the rows parked by this batch
+    released: list[int] = field(default_factory=list)  # parked rows that took effect now
 
 
 def without_partitions(records: Iterable[Record], partitions: set[TP]) -> list[Record]:

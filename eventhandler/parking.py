@@ -17,12 +17,22 @@ import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from eventhandler.batch import Decoded, Record, Rejected
+import psycopg
+
+from eventhandler.batch import Decoded, DecodedBatch, Record, Rejected
+from eventhandler.dlq import DeadLetterWriter
 from eventhandler.events import Event
+from eventhandler.models import DLQEntry, FailedMessage, Status
 
-PARKED_ERROR_TYPE = "Parked"
 PARKED_MESSAGE = "parked: an earlier event of its key has an open failure (see blocked_by)"
+RELEASE_KEYS = 100  # keys released per batch at most (the next batch goes on)
+RELEASE_ROWS = 1000  # parked rows released per batch at most
+
+
+class Parked(Exception):
+    """What a parked row says as its error (it did not fail: it waits)."""
 
 
 @dataclass(frozen=True)
@@ -111,3 +121,146 @@ def digest(consumer_group: str, topic: str, key: bytes) -> uuid.UUID:
     """A key's identity in `dlq.park_key` (MD5 as a 128-bit digest, not for secrecy)."""
     text = consumer_group.encode("utf-8", "surrogatepass") + b"\x00" + topic.encode() + b"\x00" + key
     return uuid.UUID(bytes=hashlib.md5(text, usedforsecurity=False).digest())
+
+
+class ParkingStore(Protocol):
+    """Parking's statements, in the batch's transaction (`dlq.parking.PostgresParkingStore`)."""
+
+    def open_keys(
+        self, conn: psycopg.Connection[Any], consumer: str, keys: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, OpenKey]: ...
+    def set_state(
+        self,
+        conn: psycopg.Connection[Any],
+        states: Sequence[tuple[int, uuid.UUID, Status | None, int | None]],
+    ) -> None: ...
+    def release_lock(self, conn: psycopg.Connection[Any], consumer: str) -> bool: ...
+    def freed_keys(self, conn: psycopg.Connection[Any], consumer: str, *, limit: int) -> list[uuid.UUID]: ...
+    def parked_rows(
+        self, conn: psycopg.Connection[Any], consumer: str, keys: Sequence[uuid.UUID], *, limit: int
+    ) -> list[tuple[DLQEntry, uuid.UUID]]: ...
+    def mark_released(self, conn: psycopg.Connection[Any], ids: Sequence[int]) -> list[int]: ...
+    def reblock(
+        self, conn: psycopg.Connection[Any], consumer: str, blockers: dict[uuid.UUID, int]
+    ) -> None: ...
+
+
+Applied = tuple[list[Decoded], list[Decoded], list[Decoded], list[Rejected], list[Decoded]]
+
+
+class Writer(Protocol):
+    """What parking needs of the batch processor (`pipeline.BatchProcessor`)."""
+
+    consumer_group: str
+    dlq: DeadLetterWriter
+
+    def decode(self, records: list[Record]) -> DecodedBatch: ...
+    def apply_in_order(
+        self,
+        conn: psycopg.Connection[Any],
+        events: list[Decoded],
+        isolate_suspects: bool,
+        failed_before: Sequence[Rejected] = (),
+    ) -> Applied: ...
+    def parked_failure(self, decoded: Decoded) -> FailedMessage: ...
+
+
+class ParkingStep:
+    """Parking inside a batch's transaction: which keys are open, the rows this batch parks, and the
+    release of keys whose blocker is closed."""
+
+    def __init__(self, rules: Parking, store: ParkingStore) -> None:
+        self.rules = rules
+        self.store = store
+
+    def open_keys(self, conn: psycopg.Connection[Any], batch: DecodedBatch) -> dict[uuid.UUID, OpenKey]:
+        key_of = self.rules.key_of
+        keys = {key_of(d.record, d.event) for d in batch.events}
+        keys |= {key_of(r.record, r.event) for r in batch.rejected}
+        keys.discard(None)
+        return self.store.open_keys(conn, self.rules.consumer_group, [k for k in keys if k is not None])
+
+    def park(
+        self,
+        conn: psycopg.Connection[Any],
+        writer: Writer,
+        rejected: Sequence[Rejected],
+        dlq_ids: Sequence[int],
+        parked: Sequence[Decoded],
+        open_keys: Mapping[uuid.UUID, OpenKey],
+    ) -> list[int]:
+        """Mark this batch's rows of parking topics: a failure of a key that was not open blocks it
+        (a failure of one that was is parked behind it), and `parked` become parked rows. Returns
+        the ids of the parked rows."""
+        key_of = self.rules.key_of
+        blockers = {key: state.blocked_by for key, state in open_keys.items() if state.blocked_by is not None}
+        states: list[tuple[int, uuid.UUID, Status | None, int | None]] = []
+        failures = sorted(zip(rejected, dlq_ids, strict=True), key=lambda pair: _position(pair[0].record))
+        for rejection, dlq_id in failures:
+            key = key_of(rejection.record, rejection.event)
+            if key is None or dlq_id < 0:  # -1: a replayed copy whose row is gone
+                continue
+            state = open_keys.get(key)
+            origin = rejection.failure.replay_of
+            if origin is not None and state is not None and origin.dlq_id in state.blockers:
+                states.append((dlq_id, key, None, None))  # a blocker's own replay failed again
+            elif state is not None or key in blockers:  # behind an open failure, or one of this batch
+                states.append((dlq_id, key, "parked", blockers.get(key)))
+            else:
+                states.append((dlq_id, key, None, None))  # the first failure of its key: it blocks it
+                blockers[key] = dlq_id
+        ids = writer.dlq.record_failures(conn, [writer.parked_failure(d) for d in parked]) if parked else []
+        for decoded, dlq_id in zip(parked, ids, strict=True):
+            key = key_of(decoded.record, decoded.event)
+            if key is not None:
+                states.append((dlq_id, key, "parked", blockers.get(key)))
+        self.store.set_state(conn, states)
+        return ids
+
+    def release(self, conn: psycopg.Connection[Any], writer: Writer, isolate_suspects: bool) -> list[int]:
+        """Apply the parked rows of keys nothing blocks any more, in order; returns those that took
+        effect. One that fails blocks its key again, and the rows behind it stay parked."""
+        store, group = self.store, self.rules.consumer_group
+        if not store.release_lock(conn, group):
+            return []  # another worker of the group is releasing: its turn
+        keys = store.freed_keys(conn, group, limit=RELEASE_KEYS)
+        taken = store.parked_rows(conn, group, keys, limit=RELEASE_ROWS)
+        if not taken:
+            return []
+        rows = {(e.source_topic, e.source_partition, e.source_offset): (e.dlq_id, key) for e, key in taken}
+        batch = writer.decode([_record(entry) for entry, _ in taken])
+        applied, known, repeats, rejected, _late = writer.apply_in_order(
+            conn, batch.events, isolate_suspects, failed_before=batch.rejected
+        )
+        failures = sorted([*batch.rejected, *rejected], key=lambda r: _position(r.record))
+        failed_ids = writer.dlq.record_failures(conn, [r.failure for r in failures])
+        blockers: dict[uuid.UUID, int] = {}
+        states: list[tuple[int, uuid.UUID, Status | None, int | None]] = []
+        for rejection, dlq_id in zip(failures, failed_ids, strict=True):
+            _, key = rows[(rejection.record.topic, rejection.record.partition, rejection.record.offset)]
+            if key in blockers:  # a later failure of a key that blocks again: it stays parked
+                states.append((dlq_id, key, "parked", blockers[key]))
+            else:
+                states.append((dlq_id, key, "pending", None))
+                blockers[key] = dlq_id
+        store.set_state(conn, states)
+        store.reblock(conn, group, blockers)
+        took_effect = [
+            rows[(d.record.topic, d.record.partition, d.record.offset)][0]
+            for d in (*applied, *known, *repeats)
+        ]
+        return store.mark_released(conn, took_effect)
+
+
+def _record(entry: DLQEntry) -> Record:
+    """A parked row as the message it was."""
+    timestamp = entry.message_timestamp
+    return Record(
+        entry.source_topic,
+        entry.source_partition,
+        entry.source_offset,
+        entry.message_key,
+        entry.event_payload,
+        list(entry.headers) or None,
+        None if timestamp is None else int(timestamp.timestamp() * 1000),
+    )

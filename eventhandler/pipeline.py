@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import psycopg
@@ -26,6 +27,7 @@ from eventhandler.events import Deserializer, Event, replay_origin
 from eventhandler.handlers import BatchHandler, Projection, Registry
 from eventhandler.ledger import Ledger
 from eventhandler.models import FailedMessage, Stage
+from eventhandler.parking import PARKED_MESSAGE, OpenKey, Parked, ParkingStep
 from eventhandler.policy import Decision, FailurePolicy
 from eventhandler.tracebacks import format_traceback
 
@@ -39,6 +41,7 @@ class BatchProcessor:
         ledger: Ledger,
         dlq: DeadLetterWriter,
         policy: FailurePolicy,
+        parking: ParkingStep | None = None,
         worker_version: str = __version__,
     ) -> None:
         self.consumer_group = consumer_group
@@ -46,6 +49,7 @@ class BatchProcessor:
         self.ledger = ledger
         self.dlq = dlq
         self.policy = policy
+        self.parking = parking
         self.worker_version = worker_version
         self._deserialize = Deserializer(registry.payload_models)
 
@@ -90,16 +94,25 @@ class BatchProcessor:
         dead-lettered.
         """
         result = BatchResult(skipped=batch.skipped)
+        parking = self.parking
         try:
             with conn.transaction():
-                fresh, known, repeats = self._claim(conn, batch.events)
-                applied, rejected = self._apply(conn, fresh, isolate_suspects)
-                if rejected:
-                    self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
+                events, parked = batch.events, list[Decoded]()
+                open_keys: dict[uuid.UUID, OpenKey] = {}
+                if parking is not None:
+                    open_keys = parking.open_keys(conn, batch)
+                    events, parked = parking.rules.split(events, open_keys)
+                applied, known, repeats, rejected, late = self.apply_in_order(
+                    conn, events, isolate_suspects, failed_before=batch.rejected
+                )
                 rejected = batch.rejected + rejected
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed
+                if parking is not None:
+                    result.parked = parking.park(
+                        conn, self, rejected, result.dlq_ids, [*parked, *late], open_keys
+                    )
                 # A repeat within the batch shares its first copy's outcome: it resolves a replayed
                 # row only if that copy took effect (a copy that failed just set the row back to pending).
                 took_effect = {d.key for d in (*applied, *known)}
@@ -110,6 +123,8 @@ class BatchProcessor:
                     if d.replay_of is not None
                 ]
                 result.resolved = self.dlq.resolve_replayed(conn, self.consumer_group, replayed)
+                if parking is not None:
+                    result.released = parking.release(conn, self, isolate_suspects)
                 duplicates = [*known, *repeats]
                 result.positions = batch.positions()
                 self.ledger.save_positions(conn, result.positions)
@@ -122,6 +137,46 @@ class BatchProcessor:
         result.applied.update(d.event.type for d in applied)
         result.failed.update(r.stage for r in rejected)
         return result
+
+    def apply_in_order(
+        self,
+        conn: psycopg.Connection[Any],
+        events: list[Decoded],
+        isolate_suspects: bool,
+        failed_before: Sequence[Rejected] = (),
+    ) -> tuple[list[Decoded], list[Decoded], list[Decoded], list[Rejected], list[Decoded]]:
+        """Claim and apply `events`: (applied, known, repeats, rejected, late). On parking topics an
+        event must not take effect after a failure of its key in the same batch (`failed_before`:
+        those that failed to decode): such events (`late`) are taken out and the batch applied again
+        without them, until none is left."""
+        late: list[Decoded] = []
+        if self.parking is not None and failed_before:
+            late = self.parking.rules.after_failures(events, failed_before)
+            taken = {id(d) for d in late}
+            events = [d for d in events if id(d) not in taken]
+        while True:
+            with conn.transaction():  # a savepoint: what an attempt claimed and applied goes with it
+                fresh, known, repeats = self._claim(conn, events)
+                applied, rejected = self._apply(conn, fresh, isolate_suspects)
+                too_late = (
+                    self.parking.rules.after_failures(applied, [*failed_before, *rejected])
+                    if self.parking is not None
+                    else []
+                )
+                if too_late:
+                    raise psycopg.Rollback()  # leaves this block, rolled back, and goes on below it
+                if rejected:
+                    self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
+                return applied, known, repeats, rejected, late
+            late += too_late
+            taken = {id(d) for d in too_late}
+            events = [d for d in events if id(d) not in taken]
+
+    def parked_failure(self, decoded: Decoded) -> FailedMessage:
+        """The DLQ row of an event parked behind an open failure of its key."""
+        return self._reject(
+            decoded.record, "handler", Parked(PARKED_MESSAGE), decoded, traceback=None
+        ).failure
 
     def _claim(
         self, conn: psycopg.Connection[Any], events: list[Decoded]

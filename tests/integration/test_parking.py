@@ -1,0 +1,173 @@
+"""Per-key parking against the real PostgreSQL, one batch at a time as the worker writes it: later
+events of a key with an open failure are parked in order, and released in order once it is closed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from eventhandler.batch import BatchResult, Record
+from eventhandler.config import Settings
+from eventhandler.db import create_pool, translate_db_errors
+from eventhandler.dlq.parking import PostgresParkingStore
+from eventhandler.dlq.writer import PostgresDLQWriter
+from eventhandler.events import origin_header
+from eventhandler.handlers.loading import load_registry
+from eventhandler.ledger import Ledger
+from eventhandler.models import DLQFilter
+from eventhandler.parking import Parking, ParkingStep
+from eventhandler.pipeline import BatchProcessor
+from eventhandler.policy import FailurePolicy
+from tests.support import kafka as k
+from tests.support.dlq import DLQ
+
+GROUP = "parking-test"
+TOPIC = "orders"
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[psycopg_pool.ConnectionPool]:
+    made = create_pool(Settings(database_url=db_url, db_pool_size=2))
+    made.wait()
+    yield made
+    made.close()
+
+
+class Stream:
+    """Messages of one partition of the parking topic, each batch written as the worker writes it."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool) -> None:
+        self.pool = pool
+        self.offsets = itertools.count()
+        rules = Parking(GROUP, {TOPIC: ""})
+        self.processor = BatchProcessor(
+            consumer_group=GROUP,
+            registry=load_registry([]),
+            ledger=Ledger(GROUP),
+            dlq=PostgresDLQWriter(),
+            policy=FailurePolicy(),
+            parking=ParkingStep(rules, PostgresParkingStore()),
+        )
+
+    def record(
+        self, key: str, event: dict[str, Any], headers: list[tuple[str, bytes | None]] | None = None
+    ) -> Record:
+        return Record(TOPIC, 0, next(self.offsets), key.encode(), json.dumps(event).encode(), headers)
+
+    def write(self, *records: Record) -> BatchResult:
+        with translate_db_errors(), self.pool.connection() as conn:
+            return self.processor.write(conn, self.processor.decode(list(records)))
+
+
+def rows(db: psycopg.Connection[Any]) -> dict[int, tuple[str, int | None, int]]:
+    """offset → (status, blocked_by's offset, failure count) of every DLQ row."""
+    found = db.execute(
+        """SELECT d.source_offset, d.status, b.source_offset, d.failure_count
+           FROM dlq d LEFT JOIN dlq b ON b.dlq_id = d.blocked_by ORDER BY d.source_offset"""
+    ).fetchall()
+    return {offset: (status, blocker, failures) for offset, status, blocker, failures in found}
+
+
+def count_of(db: psycopg.Connection[Any], device: str) -> int | None:
+    row = db.execute("SELECT reading_count FROM devices WHERE device_id = %s", (device,)).fetchone()
+    return None if row is None else row[0]
+
+
+def test_a_failure_parks_the_later_events_of_its_key_and_other_keys_flow(
+    pool: psycopg_pool.ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    stream = Stream(pool)
+    result = stream.write(
+        stream.record("k-ok", k.registered("ok")),  # 0
+        stream.record("k-d", k.reading("d")),  # 1: d is not registered: fails, blocks k-d
+        stream.record("k-ok", k.reading("ok")),  # 2: applied
+        stream.record("k-d", k.registered("d")),  # 3: would fix it, but comes after: parked
+        stream.record("k-d", k.reading("d")),  # 4: parked
+    )
+    assert rows(db) == {1: ("pending", None, 1), 3: ("parked", 1, 1), 4: ("parked", 1, 1)}
+    assert len(result.parked) == 2
+    assert count_of(db, "ok") == 1
+    assert count_of(db, "d") is None  # its registration waits behind the failure
+    stream.write(stream.record("k-d", k.reading("d")), stream.record("k-ok", k.reading("ok")))  # 5, 6
+    assert rows(db)[5] == ("parked", 1, 1)
+    assert count_of(db, "ok") == 2
+
+
+def test_closing_the_blocker_releases_the_parked_events_in_order_each_once(
+    pool: psycopg_pool.ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    stream = Stream(pool)
+    stream.write(
+        stream.record("k-d", k.reading("d", event_id="r1")),  # 0: blocks
+        stream.record("k-d", k.registered("d", event_id="reg")),  # 1: parked
+        stream.record("k-d", k.reading("d", event_id="r2")),  # 2: parked
+    )
+    (blocker,) = DLQ.on(pool).operators.matching_ids(DLQFilter(statuses=("pending",)))
+    assert DLQ.on(pool).operators.discard([blocker], actor="test", note="the reading is lost") == [blocker]
+    result = stream.write()  # the next batch (even an empty one) releases what nothing blocks any more
+    assert len(result.released) == 2
+    assert rows(db) == {0: ("discarded", None, 1), 1: ("resolved", 0, 1), 2: ("resolved", 0, 1)}
+    assert count_of(db, "d") == 1  # registered, then one reading: in order, once
+    assert stream.write().released == []  # nothing is released twice
+
+
+def test_a_replay_of_the_blocker_that_succeeds_releases_its_key_in_the_same_transaction(
+    pool: psycopg_pool.ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    stream = Stream(pool)
+    stream.write(stream.record("reg", k.registered("other")))  # 0
+    stream.write(
+        stream.record("k-d", k.reading("d", event_id="r1", value=1)),  # 1: blocks
+        stream.record("k-d", k.reading("d", event_id="r2", value=2)),  # 2: parked
+    )
+    (blocker_id,) = db.execute("SELECT dlq_id FROM dlq WHERE status = 'pending'").fetchone() or ()
+    stream.write(stream.record("fix", k.registered("d")))  # 3: another key registers d (the fix)
+    replayed = stream.record(
+        "k-d", k.reading("d", event_id="r1", value=1), origin_header(blocker_id, TOPIC, 0, 1)
+    )  # 4: the blocker's own replay: not parked behind itself
+    result = stream.write(replayed, stream.record("k-d", k.reading("d", event_id="r3", value=3)))  # 5
+    assert result.resolved == [blocker_id]
+    statuses = rows(db)
+    assert statuses[1][0] == "resolved"
+    assert statuses[2][0] == "resolved"
+    assert statuses[5] == ("resolved", 1, 1)  # parked behind the replay, released right after it
+    assert count_of(db, "d") == 3
+    value = db.execute("SELECT value FROM device_latest_readings WHERE device_id = 'd'").fetchone()
+    assert value == (3.0,)  # the last reading of the key is the last one applied
+
+
+def test_a_released_event_that_fails_blocks_its_key_again_and_the_rest_stay_parked(
+    pool: psycopg_pool.ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    stream = Stream(pool)
+    stream.write(
+        stream.record("k-d", k.reading("d", event_id="r1")),  # 0: blocks
+        stream.record("k-d", k.reading("d", event_id="r2")),  # 1: parked; still fails when released
+        stream.record("k-d", k.registered("d", event_id="reg")),  # 2: parked
+    )
+    DLQ.on(pool).operators.discard(
+        [row for (row,) in db.execute("SELECT dlq_id FROM dlq WHERE source_offset = 0")], actor="t"
+    )
+    stream.write()
+    assert rows(db) == {0: ("discarded", None, 1), 1: ("pending", None, 2), 2: ("parked", 1, 1)}
+    assert count_of(db, "d") is None
+
+
+def test_events_after_a_failure_of_their_key_in_the_same_batch_do_not_take_effect(
+    pool: psycopg_pool.ConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    stream = Stream(pool)
+    stream.write(stream.record("reg", k.registered("d")))  # 0
+    stream.write(
+        stream.record("k-d", k.reading("d", value=1)),  # 1: applied
+        stream.record("k-d", k.reading("nobody")),  # 2: fails (unregistered)
+        stream.record("k-d", k.reading("d", value=3)),  # 3: must not be applied after 2's failure
+    )
+    assert rows(db) == {2: ("pending", None, 1), 3: ("parked", 2, 1)}
+    assert count_of(db, "d") == 1
