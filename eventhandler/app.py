@@ -26,7 +26,7 @@ from eventhandler.inflight import InFlight, Transaction
 from eventhandler.ledger import Ledger, LedgerPruner, StoredPositions
 from eventhandler.metrics import Metrics
 from eventhandler.observer import BatchHealth, BatchLog, MetricsObserver, Observer, Observers, WorkerStats
-from eventhandler.parking import Parking, ParkingStep
+from eventhandler.parking import RELEASE_EVERY_SECONDS, Parking, ParkingStep
 from eventhandler.pipeline import BatchProcessor
 from eventhandler.policy import Backoff, FailurePolicy
 from eventhandler.redaction import Redactor
@@ -143,6 +143,7 @@ def build_worker(
         batch_max_wait_seconds=settings.batch_max_wait_seconds,
         labels={"consumer_group": settings.consumer_group, "worker_id": worker_id},
         refresher=refresher,
+        release_every=RELEASE_EVERY_SECONDS if parking is not None else None,
     )
     metrics.consumer_lag.read = source.current_lags
     metrics.ready.set_function(worker.ready_value)

@@ -176,7 +176,8 @@ class InFlight:
         if result is None:
             return None
         self.source.commit_offsets(result.positions)  # only what PostgreSQL now has
-        self.observer.settled(writing.records, result, time.perf_counter() - writing.started)
+        if writing.records or result.released:  # an empty batch that released nothing did nothing
+            self.observer.settled(writing.records, result, time.perf_counter() - writing.started)
         return result
 
     def revoked(self, partitions: set[TP]) -> None:

@@ -29,6 +29,7 @@ from eventhandler.models import DLQEntry, FailedMessage, Status
 PARKED_MESSAGE = "parked: an earlier event of its key has an open failure (see blocked_by)"
 RELEASE_KEYS = 100  # keys released per batch at most (the next batch goes on)
 RELEASE_ROWS = 1000  # parked rows released per batch at most
+RELEASE_EVERY_SECONDS = 1.0  # an idle worker looks for keys to release this often
 
 
 class Parked(Exception):

@@ -18,14 +18,27 @@ from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, 
 from eventhandler.filters import replay_target_problem
 from eventhandler.librdkafka import raw_header_key
 from eventhandler.logs import get_logger
-from eventhandler.models import DLQDetail, DLQFilter, DLQSummary, FingerprintGroup, Header, Stats, Status
+from eventhandler.models import (
+    STATUSES,
+    DLQDetail,
+    DLQFilter,
+    DLQSummary,
+    FingerprintGroup,
+    Header,
+    Stats,
+    Status,
+)
 from eventhandler.redaction import Redactor, View
 from eventhandler.replay import Replayer, ReplayReport
 
 log = get_logger("eventhandler.audit")
 
 MAX_CONCURRENT_REPLAYS = 4
-NO_GROUP = "-"  # a fingerprint no row has (stored ones are 16 hex digits)
+NO_GROUP = "-"
+PARKED_NOT_REPLAYED = (
+    "parked rows are not replayed: the worker releases them in order once the failure that blocks "
+    "their key is closed (replay or resolve that row)"
+)  # a fingerprint no row has (stored ones are 16 hex digits)
 
 
 @dataclass(frozen=True)
@@ -204,10 +217,16 @@ class DLQService:
     def _replayable(self, flt: DLQFilter, *, force: bool, to_topic: str | None) -> DLQFilter:
         """The rows a replay may take. A resolved or discarded row is replayed only with `force`; with
         no status named, pending and replayed rows are (all of them with `force`). Kafka's internal
-        topics are never a target, and every id named must exist."""
+        topics are never a target, and every id named must exist. Parked rows are never replayed, not
+        even with force: the worker releases them in their key's order (a replay would apply one out
+        of it)."""
         problem = replay_target_problem(to_topic)
         if problem:
             raise InvalidOperation(problem)
+        if "parked" in flt.statuses:
+            raise InvalidOperation(PARKED_NOT_REPLAYED)
+        if force and not flt.statuses:
+            flt = flt.model_copy(update={"statuses": tuple(s for s in STATUSES if s != "parked")})
         if not force:
             closed = sorted({"resolved", "discarded"} & set(flt.statuses))
             if closed:
@@ -243,6 +262,8 @@ class DLQService:
     ) -> ReplayReport:
         """Replay one row, or say exactly why not."""
         status = self.status(dlq_id)
+        if status == "parked":
+            raise InvalidOperation(f"DLQ row {dlq_id} is parked; {PARKED_NOT_REPLAYED}")
         if status in ("resolved", "discarded") and not force:
             raise InvalidOperation(f"DLQ row {dlq_id} is {status}; set force to true to replay it anyway")
         report = self.replay(DLQFilter(ids=(dlq_id,)), actor=actor, limit=1, to_topic=to_topic, force=force)

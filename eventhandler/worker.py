@@ -68,6 +68,7 @@ class Worker:
         batch_max_wait_seconds: float,
         labels: dict[str, Any],
         refresher: DepthRefresher | None = None,
+        release_every: float | None = None,
     ) -> None:
         self.source = source
         self.processor = processor
@@ -78,6 +79,10 @@ class Worker:
         self.batch_max_wait_seconds = batch_max_wait_seconds
         self.labels = labels  # bound to every log line of the loop (consumer group, worker id)
         self.refresher = refresher
+        # With parking, an idle worker still writes an empty batch this often: its transaction
+        # releases the parked rows of keys an operator unblocked meanwhile.
+        self.release_every = release_every
+        self._written_at = 0.0
         self.running = True
         self._started = False
         source.on_revoked = inflight.revoked
@@ -99,6 +104,8 @@ class Worker:
                     idle_since = time.monotonic()
                     continue
                 self.inflight.settle()  # nothing new: make the batch in flight durable now
+                if self.release_every and time.monotonic() - self._written_at >= self.release_every:
+                    self.submit([])
                 if stop_when_idle is not None and self._idle_for(idle_since, join_grace) >= stop_when_idle:
                     log.info("worker_idle_stop", idle_seconds=stop_when_idle)
                     break
@@ -143,6 +150,7 @@ class Worker:
     def submit(self, records: list[Record]) -> None:
         """Decode a batch while the one before is written, then hand it to the in-flight batch."""
         started = time.perf_counter()
+        self._written_at = time.monotonic()
         mark = self.inflight.revocations.mark()
         batch = self.processor.decode(records)
         self.inflight.submit(batch, records, started, mark)

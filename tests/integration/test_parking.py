@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -26,6 +26,8 @@ from eventhandler.pipeline import BatchProcessor
 from eventhandler.policy import FailurePolicy
 from tests.support import kafka as k
 from tests.support.dlq import DLQ
+from tests.support.waiting import wait_for
+from tests.support.worker import threaded_worker
 
 GROUP = "parking-test"
 TOPIC = "orders"
@@ -171,3 +173,36 @@ def test_events_after_a_failure_of_their_key_in_the_same_batch_do_not_take_effec
     )
     assert rows(db) == {2: ("pending", None, 1), 3: ("parked", 2, 1)}
     assert count_of(db, "d") == 1
+
+
+def test_the_real_worker_parks_through_kafka_and_releases_what_an_operator_unblocks_while_idle(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    db_url: str,
+) -> None:
+    producer = k.TestProducer(kafka_bootstrap)
+    for event in (
+        k.reading("d", event_id="r1"),
+        k.registered("d", event_id="reg"),
+        k.reading("d", event_id="r2"),
+    ):
+        producer.send(topic, k.structured(event), key="k-d", partition=0)
+    producer.send(topic, k.structured(k.registered("free")), key="k-free", partition=1)
+    producer.flush()
+    settings = make_settings(parking=[topic])
+    with threaded_worker(settings) as worker:
+        wait_for(lambda: worker.app.worker.stats.consumed >= 4, timeout=60, message="all four consumed")
+        statuses = dict(
+            db.execute("SELECT source_offset, status FROM dlq WHERE source_partition = 0").fetchall()
+        )
+        assert statuses == {0: "pending", 1: "parked", 2: "parked"}
+        assert count_of(db, "free") == 0  # another key flowed on
+        operators = DLQ.on(worker.app.pool).operators
+        (blocker,) = operators.matching_ids(DLQFilter(statuses=("pending",)))
+        operators.discard([blocker], actor="test", note="lost reading")
+        # nothing new arrives: the idle worker releases the key on its own
+        wait_for(lambda: count_of(db, "d") == 1, timeout=30, message="the parked events released")
+    statuses = dict(db.execute("SELECT source_offset, status FROM dlq WHERE source_partition = 0").fetchall())
+    assert statuses == {0: "discarded", 1: "resolved", 2: "resolved"}

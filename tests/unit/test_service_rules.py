@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from eventhandler.errors import Busy
+from eventhandler.errors import Busy, InvalidOperation
 from eventhandler.models import DLQFilter
 from eventhandler.replay import ReplayReport
 from eventhandler.service import MAX_CONCURRENT_REPLAYS, DLQService
@@ -56,3 +56,37 @@ def test_beyond_the_replay_limit_a_replay_and_its_dry_run_are_busy_until_one_end
         thread.join(10)
     assert service.preview(DLQFilter()).matched == 3
     assert service.replay(DLQFilter(), actor="t").published == 3
+
+
+class ParkedStore(CountingStore):
+    def get(self, dlq_id: int) -> Any:
+        class Row:
+            status = "parked"
+
+        return Row()
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [DLQFilter(statuses=("parked",)), DLQFilter(statuses=("pending", "parked"))],
+)
+def test_parked_rows_are_never_replayed_not_even_with_force(flt: DLQFilter) -> None:
+    service = DLQService(ParkedStore(), HeldReplayer())  # type: ignore[arg-type]
+    for force in (False, True):
+        with pytest.raises(InvalidOperation, match="parked rows are not replayed"):
+            service.preview(flt, force=force)
+    with pytest.raises(InvalidOperation, match="is parked"):
+        service.retry(7, actor="t", force=True)
+
+
+def test_a_forced_replay_of_every_status_leaves_the_parked_rows_out() -> None:
+    seen: list[DLQFilter] = []
+
+    class Recording(HeldReplayer):
+        def replay(self, flt: DLQFilter, **_: Any) -> ReplayReport:
+            seen.append(flt)
+            return ReplayReport()
+
+    DLQService(CountingStore(), Recording()).replay(DLQFilter(), actor="t", force=True)  # type: ignore[arg-type]
+    assert "parked" not in seen[0].statuses
+    assert set(seen[0].statuses) == {"pending", "replayed", "resolved", "discarded"}
