@@ -87,6 +87,12 @@ class Metrics:
             ["consumer"],
             registry=r,
         )
+        self.dlq_oldest_parked_age = Gauge(
+            "eventhandler_dlq_oldest_parked_age_seconds",
+            "How long the oldest parked row (waiting behind an open failure of its key) has waited.",
+            ["consumer"],
+            registry=r,
+        )
         self.dlq_write_errors = Counter(
             "eventhandler_dlq_write_errors",
             "Batches whose DLQ rows could not be written (retried).",
@@ -176,4 +182,7 @@ class Metrics:
             )
             self.dlq_oldest_replayed_age.labels(consumer=consumer).set(
                 snapshot.oldest_replayed.get(consumer, 0.0)
+            )
+            self.dlq_oldest_parked_age.labels(consumer=consumer).set(
+                snapshot.oldest_parked.get(consumer, 0.0)
             )

@@ -130,6 +130,8 @@ class DLQSummary(BaseModel):
     last_replayed_at: datetime | None
     resolved_at: datetime | None
     payload_size: int | None
+    blocked_by: int | None = Field(default=None, description="The row a parked row waits behind.")
+    parked_behind: int = Field(default=0, description="How many parked rows wait behind this one.")
 
 
 class DLQEntry(DLQSummary):
@@ -262,3 +264,6 @@ class DepthSnapshot:
     rows: list[DepthRow]
     oldest_pending: dict[str, float]  # consumer → seconds since its oldest pending row failed
     oldest_replayed: dict[str, float]  # consumer → seconds since its oldest replayed row was published
+    oldest_parked: dict[str, float] = field(
+        default_factory=dict
+    )  # consumer → seconds its oldest parked row waits

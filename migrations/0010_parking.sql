@@ -12,3 +12,5 @@ ALTER TABLE dlq ADD CONSTRAINT dlq_status_check
 -- rows of parking topics are in it (none when the migration runs).
 CREATE INDEX dlq_open_park_key_idx ON dlq (consumer, park_key, dlq_id)
     WHERE park_key IS NOT NULL AND status IN ('pending', 'replayed', 'parked');
+-- What operators see of a blocker: how many rows are parked behind it.
+CREATE INDEX dlq_parked_blocked_by_idx ON dlq (blocked_by) WHERE status = 'parked';

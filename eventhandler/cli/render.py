@@ -69,7 +69,7 @@ def rows_table(rows: Sequence[DLQSummary]) -> Table:
     for row in rows:
         table.add_row(
             str(row.dlq_id),
-            row.status,
+            status_text(row),
             row.stage,
             row.event_type or "-",
             f"{row.source_topic}[{row.source_partition}]@{row.source_offset}",
@@ -80,10 +80,19 @@ def rows_table(rows: Sequence[DLQSummary]) -> Table:
     return table
 
 
+def status_text(row: DLQSummary) -> str:
+    """A row's status, and its place in its key's line: "parked behind #431", "pending, 12 parked"."""
+    if row.status == "parked" and row.blocked_by is not None:
+        return f"parked behind #{row.blocked_by}"
+    if row.parked_behind:
+        return f"{row.status}, {row.parked_behind} parked"
+    return row.status
+
+
 def print_entry(console: Console, entry: DLQEntry) -> None:
     fields: list[tuple[str, Any]] = [
         ("dlq_id", entry.dlq_id),
-        ("status", entry.status),
+        ("status", status_text(entry)),
         ("consumer", entry.consumer),
         ("stage", entry.stage),
         ("event id", entry.event_id),

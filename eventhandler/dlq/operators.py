@@ -84,7 +84,7 @@ class PostgresOperatorStore:
         return self.depth_snapshot().oldest_pending
 
     def depth_snapshot(self, timeout: float = 30.0) -> DepthSnapshot:
-        """Depth, oldest pending age and oldest replayed age in one go, given up after `timeout`
+        """Depth and the oldest pending, replayed and parked ages in one go, given up after `timeout`
         seconds whatever happens (a silent network must not hang the metrics refresh)."""
         with (
             translate_db_errors(),
@@ -105,7 +105,13 @@ class PostgresOperatorStore:
                 for r in cur.execute(READ["oldest_replayed"], {"consumers": replayed}).fetchall()
                 if r["age"] is not None
             }
-        return DepthSnapshot(depth, oldest, oldest_replayed)
+            parked = [r.consumer for r in depth if r.status == "parked" and r.count]
+            oldest_parked = {
+                r["consumer"]: float(r["age"])
+                for r in cur.execute(READ["oldest_parked"], {"consumers": parked}).fetchall()
+                if r["age"] is not None
+            }
+        return DepthSnapshot(depth, oldest, oldest_replayed, oldest_parked)
 
     def counts_by(self, column: str, flt: DLQFilter) -> list[tuple[str | None, str, int]]:
         """Row counts by (`column`, status): column is one of consumer, stage, event_type."""

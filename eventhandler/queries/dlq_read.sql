@@ -5,7 +5,10 @@
 -- name: summary_columns
 dlq_id, consumer, event_id, event_type, source_topic, source_partition, source_offset, stage,
 error_type, error_message, fingerprint, status, retry_count, failure_count, replay_count,
-failed_at, last_failed_at, last_replayed_at, resolved_at, octet_length(event_payload) AS payload_size
+failed_at, last_failed_at, last_replayed_at, resolved_at, octet_length(event_payload) AS payload_size,
+blocked_by,
+(SELECT count(*) FROM dlq parked WHERE parked.blocked_by = dlq.dlq_id AND parked.status = 'parked')
+    AS parked_behind
 
 -- name: detail_columns
 -- A whole row is the summary's columns and these.
@@ -64,4 +67,10 @@ FROM unnest(%(consumers)s::text[]) AS c(consumer);
 -- topic no worker reads) is reported by its age. Replayed rows are few: the status index finds them.
 SELECT consumer, extract(epoch FROM now() - min(last_replayed_at))::float8 AS age
 FROM dlq WHERE status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
+GROUP BY consumer;
+
+-- name: oldest_parked
+-- How long the oldest parked row of each consumer has waited (parked rows are few: the status index).
+SELECT consumer, extract(epoch FROM now() - min(failed_at))::float8 AS age
+FROM dlq WHERE status = 'parked' AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer;

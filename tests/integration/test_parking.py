@@ -13,6 +13,7 @@ import psycopg_pool
 import pytest
 
 from eventhandler.batch import BatchResult, Record
+from eventhandler.cli.render import status_text
 from eventhandler.config import Settings
 from eventhandler.db import create_pool, translate_db_errors
 from eventhandler.dlq.parking import PostgresParkingStore
@@ -94,6 +95,12 @@ def test_a_failure_parks_the_later_events_of_its_key_and_other_keys_flow(
     )
     assert rows(db) == {1: ("pending", None, 1), 3: ("parked", 1, 1), 4: ("parked", 1, 1)}
     assert len(result.parked) == 2
+    listed = {row.source_offset: row for row in DLQ.on(pool).operators.list_rows(DLQFilter())}
+    assert listed[1].parked_behind == 2  # what operators see: "pending, 2 parked"
+    assert listed[3].blocked_by == listed[4].blocked_by == listed[1].dlq_id
+    assert status_text(listed[1]) == "pending, 2 parked"
+    assert status_text(listed[3]) == f"parked behind #{listed[1].dlq_id}"
+    assert DLQ.on(pool).operators.get(listed[1].dlq_id).parked_behind == 2
     assert count_of(db, "ok") == 1
     assert count_of(db, "d") is None  # its registration waits behind the failure
     stream.write(stream.record("k-d", k.reading("d")), stream.record("k-ok", k.reading("ok")))  # 5, 6
@@ -200,6 +207,16 @@ def test_the_real_worker_parks_through_kafka_and_releases_what_an_operator_unblo
         assert statuses == {0: "pending", 1: "parked", 2: "parked"}
         assert count_of(db, "free") == 0  # another key flowed on
         operators = DLQ.on(worker.app.pool).operators
+        group = settings.consumer_group
+        sample = worker.app.metrics.registry.get_sample_value
+        wait_for(
+            lambda: sample("eventhandler_dlq_depth", {"consumer": group, "status": "parked"}) == 2,
+            message="parked depth in the metrics",
+        )
+        wait_for(
+            lambda: (sample("eventhandler_dlq_oldest_parked_age_seconds", {"consumer": group}) or 0) > 0,
+            message="oldest parked age in the metrics",
+        )
         (blocker,) = operators.matching_ids(DLQFilter(statuses=("pending",)))
         operators.discard([blocker], actor="test", note="lost reading")
         # nothing new arrives: the idle worker releases the key on its own
