@@ -72,6 +72,16 @@ class Metrics:
         self.events_skipped = Counter(
             "eventhandler_events_skipped", "Events of unknown type skipped by policy.", registry=r
         )
+        self.events_parked = Counter(
+            "eventhandler_events_parked",
+            "Events parked behind an open failure of their key (EVENTHANDLER_PARKING).",
+            registry=r,
+        )
+        self.events_released = Counter(
+            "eventhandler_events_released",
+            "Parked events that took effect when their key was released.",
+            registry=r,
+        )
         self.dlq_depth = Gauge(
             "eventhandler_dlq_depth", "Rows in the dead letter queue.", ["consumer", "status"], registry=r
         )

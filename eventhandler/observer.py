@@ -99,6 +99,8 @@ class WorkerStats(Quiet):
     failed: int = 0
     duplicates: int = 0
     retries: int = 0
+    parked: int = 0
+    released: int = 0
     failed_by_stage: dict[str, int] = field(default_factory=dict)
 
     def settled(self, records: list[Record], result: BatchResult, seconds: float) -> None:
@@ -107,6 +109,8 @@ class WorkerStats(Quiet):
         self.applied += sum(result.applied.values())
         self.failed += sum(result.failed.values())
         self.duplicates += result.duplicates
+        self.parked += len(result.parked)
+        self.released += len(result.released)
         for stage, count in result.failed.items():
             self.failed_by_stage[stage] = self.failed_by_stage.get(stage, 0) + count
 
@@ -135,6 +139,10 @@ class MetricsObserver(Quiet):
             metrics.events_skipped.inc(result.skipped)
         if result.resolved:
             metrics.dlq_resolved_by_replay.inc(len(result.resolved))
+        if result.parked:
+            metrics.events_parked.inc(len(result.parked))
+        if result.released:
+            metrics.events_released.inc(len(result.released))
         metrics.batch_size.observe(len(records))
         metrics.batch_duration.observe(seconds)
 
@@ -159,6 +167,8 @@ class BatchLog(Quiet):
             duplicates=result.duplicates,
             skipped=result.skipped,
             resolved=len(result.resolved),
+            parked=len(result.parked),
+            released=len(result.released),
             duration_ms=round(seconds * 1000, 2),
         )
         if result.dlq_ids:

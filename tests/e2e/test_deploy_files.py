@@ -29,6 +29,8 @@ COUNTERS = {
     "eventhandler_events_failed_total",
     "eventhandler_events_duplicate_total",
     "eventhandler_events_skipped_total",
+    "eventhandler_events_parked_total",
+    "eventhandler_events_released_total",
     "eventhandler_dlq_write_errors_total",
     "eventhandler_dlq_resolved_by_replay_total",
     "eventhandler_replay_published_total",

@@ -221,5 +221,8 @@ def test_the_real_worker_parks_through_kafka_and_releases_what_an_operator_unblo
         operators.discard([blocker], actor="test", note="lost reading")
         # nothing new arrives: the idle worker releases the key on its own
         wait_for(lambda: count_of(db, "d") == 1, timeout=30, message="the parked events released")
+        wait_for(lambda: worker.app.worker.stats.released == 2, message="released counted")
+        assert worker.app.worker.stats.parked == 2
+        assert sample("eventhandler_events_released_total") == 2
     statuses = dict(db.execute("SELECT source_offset, status FROM dlq WHERE source_partition = 0").fetchall())
     assert statuses == {0: "discarded", 1: "resolved", 2: "resolved"}
