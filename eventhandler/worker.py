@@ -12,6 +12,7 @@ observers (`observer`); what a failure means is the policy's (`policy`).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
@@ -197,3 +198,5 @@ def install_signal_handlers(worker: Worker) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    # `kill -USR1` prints every thread's stack to stderr: what a worker that does not stop is waiting on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

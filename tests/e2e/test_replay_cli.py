@@ -256,7 +256,9 @@ def test_a_replay_that_loses_its_lease_stops_before_its_next_chunk(
 
     def drop_the_lease(_done: int) -> None:
         db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+            # the timeout makes it wait until the backend is gone: before that its lock is still held
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND classid = %s",
             (LEASE_CLASS,),
         )
 

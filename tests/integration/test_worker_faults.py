@@ -18,7 +18,15 @@ from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.proxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.support.worker import ThreadedWorker, kill9, run_until_idle, scalar, spawn_worker, threaded_worker
+from tests.support.worker import (
+    ThreadedWorker,
+    exit_code,
+    kill9,
+    run_until_idle,
+    scalar,
+    spawn_worker,
+    threaded_worker,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -216,15 +224,41 @@ def test_sigterm_finishes_the_batch_commits_and_exits_zero(
     stream = k.Stream(kafka_bootstrap, topic, total=6_000, rate=1_000, poison_every=300)
     stream.register_devices()
     settings = make_settings(batch_max_messages=200)
-    worker = spawned(spawn_worker(settings_env(settings), log_path=str(tmp_path / "w.log")))
+    log_path = str(tmp_path / "w.log")
+    worker = spawned(spawn_worker(settings_env(settings), log_path=log_path))
     stream.start()
     wait_for(lambda: processed(db) > 1_000, timeout=60, message="progress")
     worker.send_signal(signal.SIGTERM)
     asked = time.monotonic()
-    assert worker.wait(timeout=30) == 0
+    assert exit_code(worker, 30, log_path) == 0
     assert time.monotonic() - asked < 15
     stream.join()
     run_until_idle(settings, idle=3)
+    assert_exact(db, stream)
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_worker_goes_on(
+    make_settings: Callable[..., Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+    tmp_path: Any,
+    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
+    stream = k.Stream(kafka_bootstrap, topic, total=400, rate=2_000, poison_every=100)
+    stream.register_devices()
+    settings = make_settings()
+    log_path = tmp_path / "w.log"
+    worker = spawned(spawn_worker(settings_env(settings), log_path=str(log_path)))
+    wait_for(lambda: b"worker_started" in log_path.read_bytes(), timeout=60, message="start")
+    worker.send_signal(signal.SIGUSR1)
+    wait_for(lambda: b"Current thread" in log_path.read_bytes(), timeout=10, message="stacks")
+    assert b"in run\n" in log_path.read_bytes()  # the main thread's frame in Worker.run
+    stream.start()
+    stream.join()
+    wait_for(lambda: processed(db) == stream.sent + len(stream.devices), timeout=60, message="all")
+    worker.send_signal(signal.SIGTERM)
+    assert exit_code(worker, 30, str(log_path)) == 0
     assert_exact(db, stream)
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +77,19 @@ def spawn_worker(env: dict[str, str], *args: str, log_path: str | None = None) -
         return subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def exit_code(process: subprocess.Popen[bytes], timeout: float, log_path: str) -> int:
+    """The worker's exit code; if it has not exited in `timeout` seconds, fail with its threads'
+    stacks (it prints them on SIGUSR1) and the end of its log, which say what it is waiting on."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        with open(log_path, "rb") as log:
+            tail = log.read()[-12_000:].decode(errors="replace")
+        raise AssertionError(f"the worker did not exit in {timeout} s; its log ends:\n{tail}") from None
 
 
 def kill9(process: subprocess.Popen[bytes]) -> None:
