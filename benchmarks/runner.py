@@ -134,13 +134,14 @@ def run_worker(
     log_level: str = "info",
     scrape_every: float | None = None,
     timeout: float = 600,
+    **overrides: Any,
 ) -> WorkerRun:
     """Consume the whole topic with a fresh group (and a fresh database unless one is given),
-    until idle."""
+    until idle; `overrides` go to the worker's settings."""
     with ExitStack() as stack:
         url = database_url or stack.enter_context(bench.services.database())
         port = free_port() if serve_http else 0
-        settings = bench.services.settings(url, topic, log_level=log_level, metrics_port=port)
+        settings = bench.services.settings(url, topic, log_level=log_level, metrics_port=port, **overrides)
         configure_logging(log_level, "json", stream=bench.log_stream(name))
         app = build_worker(settings, serve_http=serve_http)
         probe = WorkerProbe(app)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import psycopg_pool
 
+from eventhandler.circuits import PostgresCircuitStore
 from eventhandler.config import Settings
 from eventhandler.db import create_pool
 from eventhandler.dlq.operators import PostgresOperatorStore
 from eventhandler.dlq.parking import PostgresParkingStore
 from eventhandler.dlq.replays import PostgresReplayRows
 from eventhandler.dlq.writer import PostgresDLQWriter
+from eventhandler.flood import FloodGuard, Thresholds
 from eventhandler.handlers import Registry
 from eventhandler.handlers.loading import load_registry
 from eventhandler.health import DepthRefresher, HealthServer
@@ -101,6 +103,16 @@ def build_worker(
     if settings.parking:
         rules = Parking(settings.consumer_group, settings.parking_keys())
         parking = ParkingStep(rules, PostgresParkingStore())
+    guard = None
+    if settings.flood_guard:
+        thresholds = Thresholds(
+            window=settings.flood_window_seconds,
+            min_failures=settings.flood_min_failures,
+            min_keys=settings.flood_min_keys,
+            ratio=settings.flood_ratio,
+            probe_seconds=settings.flood_probe_seconds,
+        )
+        guard = FloodGuard(settings.consumer_group, worker_id, PostgresCircuitStore(), thresholds)
     processor = BatchProcessor(
         consumer_group=settings.consumer_group,
         registry=registry,
@@ -108,6 +120,7 @@ def build_worker(
         dlq=PostgresDLQWriter(),
         policy=policy,
         parking=parking,
+        guard=guard,
     )
     positions = StoredPositions(pool, ledger, timeout=settings.db_connect_timeout_seconds)
     source = KafkaSource(
@@ -125,7 +138,16 @@ def build_worker(
     )
     stats, health_of_batches = WorkerStats(), BatchHealth()
     redactor = Redactor(settings.api_redact_fields, secret=settings.dsn)  # logs show what views show
-    watchers = Observers([stats, MetricsObserver(metrics), BatchLog(redactor), health_of_batches, *observers])
+    metrics.shown_fingerprint = redactor.fingerprint
+    watchers = Observers(
+        [
+            stats,
+            MetricsObserver(metrics, settings.consumer_group),
+            BatchLog(redactor),
+            health_of_batches,
+            *observers,
+        ]
+    )
     transaction = Transaction(
         pool,
         processor,
@@ -173,5 +195,6 @@ def build_service(
         repository,
         replayer,
         redactor=Redactor(settings.api_redact_fields, secret=settings.dsn),
+        circuits=PostgresCircuitStore(pool),
     )
     return service, pool

@@ -104,6 +104,7 @@ class BatchResult:
     resolved: list[int] = field(default_factory=list)
     parked: list[int] = field(default_factory=list)  # dlq_ids of the rows parked by this batch
     released: list[int] = field(default_factory=list)  # parked rows that took effect now
+    circuits_closed: list[str] = field(default_factory=list)  # fingerprints whose circuit this batch closed
 
 
 def without_partitions(records: Iterable[Record], partitions: set[TP]) -> list[Record]:

@@ -75,6 +75,17 @@ class Settings(BaseSettings):
     # Topics whose events keep their order around a failure: `topic` (keyed by the Kafka message key)
     # or `topic:subject` / `topic:partitionkey` (keyed by that CloudEvents attribute).
     parking: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The flood guard (`eventhandler.flood`): a failure is systemic, and holds the line instead of
+    # dead-lettering the stream, when over the last `flood_window_seconds` one fingerprint failed at
+    # least `flood_min_failures` messages of at least `flood_min_keys` distinct keys, and at least
+    # `flood_ratio` of the messages read. While open, the held batch is tried again every
+    # `flood_probe_seconds`.
+    flood_guard: bool = True
+    flood_window_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    flood_min_failures: int = Field(default=50, ge=1, le=1_000_000)
+    flood_min_keys: int = Field(default=10, ge=1, le=10_000)
+    flood_ratio: float = Field(default=0.5, gt=0, le=1)
+    flood_probe_seconds: float = Field(default=30.0, gt=0, le=3600)
     # Payload fields the admin API masks in responses, as dotted paths (e.g. data.password, data.*.secret).
     api_redact_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Addresses (or networks) of reverse proxies whose X-Forwarded-For the admin API believes.

@@ -236,7 +236,7 @@ class InFlight:
             if not self.source.paused:
                 self.source.pause_all()
             error = None
-            self._sleep_polling(self.policy.backoff.delay(attempt))
+            self._sleep_polling(self.policy.delay(counted, attempt))
             if self.stopping:
                 self.observer.abandoned(batch, "shutdown")
                 return None

@@ -156,6 +156,14 @@ class Metrics:
         self.rebalances = Counter(
             "eventhandler_rebalances", "Consumer group rebalances seen, by kind.", ["kind"], registry=r
         )
+        self.circuit_open = Gauge(
+            "eventhandler_circuit_open",
+            "1 while the flood guard holds the line for a systemic failure (a fingerprint), else 0.",
+            ["consumer", "fingerprint"],
+            registry=r,
+        )
+        # The fingerprint a label shows: keyed while redacting, as every view shows it (`app` sets it).
+        self.shown_fingerprint: Callable[[str], str] = str
         self.consumer_lag = _LagCollector()
         r.register(self.consumer_lag)
         self.ready = Gauge("eventhandler_ready", "1 when the worker can make progress.", registry=r)
@@ -196,3 +204,12 @@ class Metrics:
             self.dlq_oldest_parked_age.labels(consumer=consumer).set(
                 snapshot.oldest_parked.get(consumer, 0.0)
             )
+        # Circuits are shared through PostgreSQL: every worker shows what the table says, so one
+        # closed by an operator or by another worker's trial reads 0 here too.
+        for consumer, fingerprint, is_open in snapshot.circuits:
+            self.set_circuit(consumer, fingerprint, is_open)
+
+    def set_circuit(self, consumer: str, fingerprint: str, is_open: bool) -> None:
+        """`fingerprint` as stored; the label shows it as views do."""
+        shown = self.shown_fingerprint(fingerprint)
+        self.circuit_open.labels(consumer=consumer, fingerprint=shown).set(1 if is_open else 0)

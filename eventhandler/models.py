@@ -222,6 +222,34 @@ class FingerprintGroup(BaseModel):
     last_seen: datetime
 
 
+class CircuitState(BaseModel):
+    """A circuit as operators see it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    consumer: str
+    fingerprint: str
+    state: Literal["open", "closed"]
+    stage: Stage
+    error_type: str
+    error_message: str | None  # None while redacting: it may quote a masked value
+    event_types: list[str]
+    failures: int
+    messages: int
+    distinct_keys: int
+    sample_topic: str
+    sample_partition: int
+    sample_offset: int
+    opened_at: datetime
+    opened_by: str
+    tried_at: datetime
+    trials: int
+    closed_at: datetime | None
+    closed_by: str | None
+    close_note: str | None
+    dead_letter_until: datetime | None
+
+
 @dataclass(frozen=True)
 class Stats:
     """The DLQ's depth by consumer, stage, event type and status, and its largest failure groups."""
@@ -233,6 +261,7 @@ class Stats:
     by_event_type: list[tuple[str | None, str, int]]
     oldest_pending_age_seconds: dict[str, float]
     top_groups: list[FingerprintGroup]
+    circuits: list[CircuitState] = field(default_factory=list)  # the flood guard's, open ones first
 
     def as_dict(self) -> dict[str, Any]:
         def rows(items: list[tuple[str | None, str, int]], name: str) -> list[dict[str, Any]]:
@@ -246,6 +275,7 @@ class Stats:
             "by_event_type": rows(self.by_event_type, "event_type"),
             "oldest_pending_age_seconds": self.oldest_pending_age_seconds,
             "top_groups": [g.model_dump(mode="json") for g in self.top_groups],
+            "circuits": [c.model_dump(mode="json") for c in self.circuits],
         }
 
 
@@ -267,3 +297,5 @@ class DepthSnapshot:
     oldest_parked: dict[str, float] = field(
         default_factory=dict
     )  # consumer → seconds its oldest parked row waits
+    # (consumer, fingerprint, open) of the flood guard's circuits: the open ones and those closed lately
+    circuits: list[tuple[str, str, bool]] = field(default_factory=list)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from eventhandler.batch import BatchResult, DecodedBatch, Record
 from eventhandler.errors import DatabaseUnavailable
+from eventhandler.flood import CircuitOpen
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
 from eventhandler.redaction import Redactor
@@ -119,8 +120,9 @@ class WorkerStats(Quiet):
 
 
 class MetricsObserver(Quiet):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, consumer: str) -> None:
         self.metrics = metrics
+        self.consumer = consumer
 
     def settled(self, records: list[Record], result: BatchResult, seconds: float) -> None:
         metrics = self.metrics
@@ -143,12 +145,16 @@ class MetricsObserver(Quiet):
             metrics.events_parked.inc(len(result.parked))
         if result.released:
             metrics.events_released.inc(len(result.released))
+        for fingerprint in result.circuits_closed:
+            metrics.set_circuit(self.consumer, fingerprint, False)
         metrics.batch_size.observe(len(records))
         metrics.batch_duration.observe(seconds)
 
     def retrying(self, exc: Exception, attempt: int, batch: DecodedBatch) -> None:
         self.metrics.transient_retries.labels(reason=type(exc).__name__).inc()
-        if batch.rejected:
+        if isinstance(exc, CircuitOpen):  # held on purpose: its DLQ rows were not refused
+            self.metrics.set_circuit(self.consumer, exc.circuit.fingerprint, True)
+        elif batch.rejected:
             self.metrics.dlq_write_errors.inc()
 
 
@@ -173,6 +179,8 @@ class BatchLog(Quiet):
         )
         if result.dlq_ids:
             self._dead_letters(result)
+        for fingerprint in result.circuits_closed:
+            log.warning("circuit_closed", fingerprint=self.redactor.fingerprint(fingerprint), by="trial")
 
     def _dead_letters(self, result: BatchResult) -> None:
         """One line per failure group (stage, error type, normalised message) of the batch, with its
@@ -200,7 +208,9 @@ class BatchLog(Quiet):
             )
 
     def retrying(self, exc: Exception, attempt: int, batch: DecodedBatch) -> None:
-        if attempt == 1 or attempt % 10 == 0:
+        if isinstance(exc, CircuitOpen):
+            self._circuit(exc, attempt, batch)
+        elif attempt == 1 or attempt % 10 == 0:
             log.warning(
                 "batch_retry",
                 attempt=attempt,
@@ -208,6 +218,30 @@ class BatchLog(Quiet):
                 error_type=type(exc).__name__,
                 records=len(batch.records),
             )
+
+    def _circuit(self, held: CircuitOpen, attempt: int, batch: DecodedBatch) -> None:
+        """One line when the line stops (then one every 10 trials): what failed, how often, where."""
+        if not (held.opened or attempt == 1 or attempt % 10 == 0):
+            return
+        circuit, sample = held.circuit, held.circuit.sample
+        redact = functools.partial(self.redactor.failure_text, value=sample.value, headers=sample.headers)
+        log.error(
+            "circuit_open" if held.opened or attempt == 1 else "circuit_still_open",
+            fingerprint=self.redactor.fingerprint(circuit.fingerprint),
+            stage=sample.stage,
+            error_type=sample.error_type,
+            error=redact(sample.error_message)[:300],
+            event_types=sorted(circuit.event_types),
+            failures=circuit.failures,
+            messages=circuit.messages,
+            keys=circuit.keys,
+            trial=attempt,
+            probe_seconds=held.probe_seconds,
+            held_records=len(batch.records),
+            topic=sample.topic,
+            partition=sample.partition,
+            offset=sample.offset,
+        )
 
     def recovered(self, attempts: int, outage_seconds: float) -> None:
         log.info("batch_recovered", attempts=attempts, outage_seconds=round(outage_seconds, 3))

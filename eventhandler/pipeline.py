@@ -24,6 +24,7 @@ from eventhandler.errors import (
     UnknownEventType,
 )
 from eventhandler.events import Deserializer, Event, replay_origin
+from eventhandler.flood import CircuitOpen, FloodGuard
 from eventhandler.handlers import BatchHandler, Projection, Registry
 from eventhandler.ledger import Ledger
 from eventhandler.models import FailedMessage, Stage
@@ -42,6 +43,7 @@ class BatchProcessor:
         dlq: DeadLetterWriter,
         policy: FailurePolicy,
         parking: ParkingStep | None = None,
+        guard: FloodGuard | None = None,
         worker_version: str = __version__,
     ) -> None:
         self.consumer_group = consumer_group
@@ -50,6 +52,7 @@ class BatchProcessor:
         self.dlq = dlq
         self.policy = policy
         self.parking = parking
+        self.guard = guard
         self.worker_version = worker_version
         self._deserialize = Deserializer(registry.payload_models)
 
@@ -94,7 +97,7 @@ class BatchProcessor:
         dead-lettered.
         """
         result = BatchResult(skipped=batch.skipped)
-        parking = self.parking
+        parking, guard, verdict = self.parking, self.guard, None
         try:
             with conn.transaction():
                 events, parked = batch.events, list[Decoded]()
@@ -106,6 +109,8 @@ class BatchProcessor:
                     conn, events, isolate_suspects, failed_before=batch.rejected
                 )
                 rejected = batch.rejected + rejected
+                if guard is not None:  # raises CircuitOpen when a failure is systemic: nothing is written
+                    verdict = guard.inspect(conn, len(batch.records), rejected, applied)
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed
@@ -128,11 +133,18 @@ class BatchProcessor:
                 duplicates = [*known, *repeats]
                 result.positions = batch.positions()
                 self.ledger.save_positions(conn, result.positions)
+        except CircuitOpen as held:
+            if guard is not None:
+                guard.hold(conn, held)
+            raise
         except (psycopg.Error, PermanentError) as exc:
             if self.policy.decide(exc, "batch") is not Decision.RETRY:
                 raise
             error = classify(exc)
             raise (error if isinstance(error, TransientError) else TransientError(str(error))) from exc
+        if guard is not None and verdict is not None:
+            guard.committed(verdict)
+            result.circuits_closed = verdict.closed
         result.duplicates = len(duplicates)
         result.applied.update(d.event.type for d in applied)
         result.failed.update(r.stage for r in rejected)

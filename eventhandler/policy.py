@@ -15,6 +15,8 @@ fails. The rules:
   too; after `suspect_attempts` of them in a row while PostgreSQL answers a probe, the batch is isolated:
   bisected, and the event that still fails is dead-lettered, so one event's data cannot stall its
   partitions.
+- A batch the flood guard holds (`CircuitOpen`: one failure is systemic) is retried too, as a trial,
+  every `probe_seconds` of the guard rather than on the backoff.
 - Anything that is not an `Exception` (KeyboardInterrupt, SystemExit) stops the worker.
 """
 
@@ -27,6 +29,7 @@ from typing import Literal
 
 from eventhandler.db import classify
 from eventhandler.errors import SuspectFailure, TransientError, UnknownEventType
+from eventhandler.flood import CircuitOpen
 from eventhandler.models import Stage
 
 Where = Stage | Literal["batch"]  # an event's stage, or the batch's own statements
@@ -86,3 +89,10 @@ class FailurePolicy:
         if isinstance(error, SuspectFailure) and isolating:
             return Decision.DEAD_LETTER
         return Decision.RETRY if isinstance(error, TransientError) else Decision.DEAD_LETTER
+
+    def delay(self, exc: Exception, attempt: int) -> float:
+        """How long to hold the position before the `attempt`-th retry of a batch that failed with `exc`."""
+        if isinstance(exc, CircuitOpen):
+            # jitter, so that the workers of a group do not probe in step
+            return random.uniform(0.9, 1.1) * exc.probe_seconds  # noqa: S311
+        return self.backoff.delay(attempt)

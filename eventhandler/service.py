@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+from eventhandler.circuits import CircuitBoard
 from eventhandler.dlq import OperatorStore
 from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, PublishFailed
 from eventhandler.filters import replay_target_problem
@@ -20,6 +21,7 @@ from eventhandler.librdkafka import raw_header_key
 from eventhandler.logs import get_logger
 from eventhandler.models import (
     STATUSES,
+    CircuitState,
     DLQDetail,
     DLQFilter,
     DLQSummary,
@@ -34,6 +36,7 @@ from eventhandler.replay import Replayer, ReplayReport
 log = get_logger("eventhandler.audit")
 
 MAX_CONCURRENT_REPLAYS = 4
+MAX_CIRCUIT_CLOSE_SECONDS = 30 * 86_400  # an operator lets a systemic failure through for a month at most
 NO_GROUP = "-"
 PARKED_NOT_REPLAYED = (
     "parked rows are not replayed: the worker releases them in order once the failure that blocks "
@@ -95,9 +98,11 @@ class DLQService:
         replayer: Replayer,
         *,
         redactor: Redactor | None = None,
+        circuits: CircuitBoard | None = None,
     ) -> None:
         self.repository = repository
         self.replayer = replayer
+        self.circuit_board = circuits
         self.redactor = redactor or Redactor(())
         # Each replay holds a thread (and a producer) while it publishes; the API answers 503 beyond this.
         self._replays = threading.BoundedSemaphore(MAX_CONCURRENT_REPLAYS)
@@ -158,12 +163,66 @@ class DLQService:
             by_event_type=self.repository.counts_by("event_type", flt),
             oldest_pending_age_seconds=self.repository.oldest_pending_age(),
             top_groups=self._groups(flt, top),
+            circuits=self.circuits(flt.consumer) if self.circuit_board is not None else [],
         )
 
     def _groups(self, flt: DLQFilter, top: int) -> list[FingerprintGroup]:
         groups = self.repository.fingerprint_groups(flt, limit=top)
         samples = self.repository.entries([g.sample_id for g in groups]) if self.redactor.active else {}
         return [self.redactor.group(group, samples.get(group.sample_id)) for group in groups]
+
+    # -- the flood guard's circuits -------------------------------------------------------------
+
+    def circuits(self, consumer: str | None = None) -> list[CircuitState]:
+        """Circuits as views show them: the fingerprint keyed and the error withheld while redacting
+        (its text may quote a masked value, and the circuit keeps no payload to find it by)."""
+        return [self._circuit_view(c) for c in self._board().circuits(consumer)]
+
+    def close_circuit(
+        self, fingerprint: str, *, consumer: str | None, seconds: float, actor: str, note: str | None = None
+    ) -> CircuitState:
+        """An operator closes a circuit (`fingerprint` as views show it): its failure is dead-lettered
+        for `seconds`, then the guard judges it again. The workers read it at their next trial."""
+        if not 0 < seconds <= MAX_CIRCUIT_CLOSE_SECONDS:
+            raise InvalidOperation(
+                f"a circuit is closed for more than 0 s and at most {MAX_CIRCUIT_CLOSE_SECONDS:g} s"
+            )
+        found = [
+            c
+            for c in self._board().circuits(consumer, limit=10_000)
+            if self.redactor.fingerprint(c.fingerprint) == fingerprint
+        ]
+        if not found:
+            raise NotFound(
+                f"no circuit with fingerprint {fingerprint}" + (f" for {consumer}" if consumer else "")
+            )
+        if len(found) > 1:
+            consumers = ", ".join(sorted(c.consumer for c in found))
+            raise InvalidOperation(f"circuits of {consumers} have that fingerprint: name the consumer")
+        closed = self._board().close_by_operator(
+            found[0].consumer, found[0].fingerprint, seconds=seconds, actor=actor, note=note
+        )
+        log.info(
+            "circuit_closed",
+            actor=actor,
+            consumer=closed.consumer,
+            fingerprint=fingerprint,
+            seconds=seconds,
+            note=note,
+        )
+        return self._circuit_view(closed)
+
+    def _board(self) -> CircuitBoard:
+        if self.circuit_board is None:
+            raise InvalidOperation("this service was built without the flood guard's circuits")
+        return self.circuit_board
+
+    def _circuit_view(self, circuit: CircuitState) -> CircuitState:
+        if not self.redactor.active:
+            return circuit
+        return circuit.model_copy(
+            update={"fingerprint": self.redactor.fingerprint(circuit.fingerprint), "error_message": None}
+        )
 
     # -- changing (each audited) ------------------------------------------------------------------------
 

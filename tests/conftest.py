@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -204,6 +206,30 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "EVENTHANDLER_DLQ_REFRESH_SECONDS": str(settings.dlq_refresh_seconds),
             "EVENTHANDLER_BATCH_MAX_MESSAGES": str(settings.batch_max_messages),
             "EVENTHANDLER_LOG_FORMAT": "json",
+            "EVENTHANDLER_FLOOD_GUARD": str(settings.flood_guard).lower(),
+            "EVENTHANDLER_FLOOD_WINDOW_SECONDS": str(settings.flood_window_seconds),
+            "EVENTHANDLER_FLOOD_MIN_FAILURES": str(settings.flood_min_failures),
+            "EVENTHANDLER_FLOOD_MIN_KEYS": str(settings.flood_min_keys),
+            "EVENTHANDLER_FLOOD_RATIO": str(settings.flood_ratio),
+            "EVENTHANDLER_FLOOD_PROBE_SECONDS": str(settings.flood_probe_seconds),
+            "EVENTHANDLER_PARKING": ",".join(settings.parking),
+            "EVENTHANDLER_HANDLERS": ",".join(settings.handlers),
         }
     )
     return env
+
+
+@pytest.fixture
+def spawned() -> Iterator[Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]]:
+    """Track worker processes so none outlives its test, whatever the outcome."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def track(process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        processes.append(process)
+        return process
+
+    yield track
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)

@@ -13,6 +13,7 @@ from typing import Any
 from eventhandler.batch import TP, BatchResult, DecodedBatch, Record
 from eventhandler.dlq import DeadLetterWriter, Replay
 from eventhandler.errors import DatabaseUnavailable, SuspectFailure
+from eventhandler.flood import Circuit, CircuitStore
 from eventhandler.inflight import BatchWrites
 from eventhandler.models import FailedMessage
 from eventhandler.worker import Decoder, Reader
@@ -185,3 +186,59 @@ class FakeTransaction(BatchWrites):
 
     def postgres_answers(self) -> bool:
         return True
+
+
+@dataclass
+class FakeCircuitStore(CircuitStore):
+    """`flood_circuit` in memory: fingerprint → (open, event types, tried_at, dead_letter_until), on
+    the clock the test gives."""
+
+    clock: Callable[[], float] = time.monotonic
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    held: list[Circuit] = field(default_factory=list)
+
+    def open_circuits(self, conn: Any, consumer: str) -> dict[str, frozenset[str]]:
+        return {fp: row["event_types"] for fp, row in self.rows.items() if row["open"]}
+
+    def dead_letter_until(self, conn: Any, consumer: str, fingerprints: Sequence[str]) -> dict[str, float]:
+        now = self.clock()
+        return {
+            fp: self.rows[fp]["until"] - now
+            for fp in fingerprints
+            if fp in self.rows and self.rows[fp]["until"] > now
+        }
+
+    def hold(self, conn: Any, consumer: str, circuit: Circuit, worker_id: str) -> bool:
+        self.held.append(circuit)
+        row = self.rows.get(circuit.fingerprint)
+        was_open = row is not None and row["open"]
+        self.rows[circuit.fingerprint] = {
+            "open": True,
+            "event_types": circuit.event_types,
+            "tried_at": self.clock(),
+            "until": 0.0,
+        }
+        return not was_open
+
+    def close(
+        self,
+        conn: Any,
+        consumer: str,
+        fingerprints: Sequence[str],
+        worker_id: str,
+        *,
+        untried_for: float | None = None,
+    ) -> list[str]:
+        closed = []
+        for fp in fingerprints:
+            row = self.rows.get(fp)
+            if row is None or not row["open"]:
+                continue
+            if untried_for is not None and row["tried_at"] >= self.clock() - untried_for:
+                continue
+            row["open"] = False
+            closed.append(fp)
+        return closed
+
+    def close_by_operator(self, fingerprint: str, seconds: float) -> None:
+        self.rows[fingerprint].update(open=False, until=self.clock() + seconds)

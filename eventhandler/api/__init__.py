@@ -22,7 +22,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from eventhandler import __version__
 from eventhandler.api.auth import TokenChecker
 from eventhandler.api.http import gate, service_error, validation_error
-from eventhandler.api.routes import ApiState, operations, router
+from eventhandler.api.routes import ApiState, circuits, operations, router
 from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.errors import ConfigError, EventHandlerError
@@ -71,6 +71,7 @@ def create_app(service: DLQService, settings: Settings, metrics: Metrics) -> Fas
     app.add_exception_handler(EventHandlerError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(router)
+    app.include_router(circuits)
     app.include_router(operations)
     return app
 

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from eventhandler.filters import TimeBound, replay_target_problem
-from eventhandler.models import DLQFilter, DLQSummary, FingerprintGroup, Stage, Status
+from eventhandler.models import CircuitState, DLQFilter, DLQSummary, FingerprintGroup, Stage, Status
 
 MAX_ID = 2**63 - 1  # dlq_id is a bigint
 MAX_PAGE = 500
@@ -177,6 +177,22 @@ class ResolveRequest(BaseModel):
     note: LongText | None = Field(default=None, description="Why the row is resolved (kept for audit).")
 
 
+class CircuitCloseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    consumer: Text | None = Field(
+        default=None, description="The consumer group, when circuits of several have the fingerprint."
+    )
+    for_seconds: StrictInt = Field(
+        default=3600,
+        ge=1,
+        le=30 * 86_400,
+        description="How long the failure is dead-lettered instead of holding the line; then the guard "
+        "judges it again.",
+    )
+    note: LongText | None = Field(default=None, description="Why (kept for audit).")
+
+
 # -- responses ------------------------------------------------------------------------------------------
 
 
@@ -226,6 +242,7 @@ class StatsResponse(BaseModel):
     by_event_type: list[EventTypeCount]
     oldest_pending_age_seconds: dict[str, float]
     top_groups: list[FingerprintGroup]
+    circuits: list[CircuitState] = Field(description="The flood guard's circuits, open ones first.")
 
 
 class ReplayResponse(BaseModel):

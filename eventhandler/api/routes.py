@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from eventhandler.api.auth import Admin, Reader
 from eventhandler.api.models import (
     MAX_ID,
+    CircuitCloseRequest,
     DLQPage,
     ErrorResponse,
     Health,
@@ -32,7 +33,7 @@ from eventhandler.api.models import (
 from eventhandler.errors import EventHandlerError
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
-from eventhandler.models import DLQDetail, DLQFilter
+from eventhandler.models import CircuitState, DLQDetail, DLQFilter
 from eventhandler.service import DLQService
 
 log = get_logger("eventhandler.api")
@@ -231,6 +232,57 @@ def resolve(
     a discarded row cannot be resolved (409)."""
     changed = service.resolve_row(dlq_id, actor=principal.actor, note=request.note if request else None)
     return ResolveResponse(dlq_id=dlq_id, status="resolved", changed=changed)
+
+
+circuits = APIRouter(
+    prefix="/api/v1/events/circuits",
+    tags=["circuits"],
+    responses=router.responses,
+)
+FingerprintPath = Annotated[
+    str, Path(pattern="^[0-9a-f]{16}$", description="The circuit's fingerprint, as listed.")
+]
+
+
+@circuits.get(
+    "",
+    response_model=list[CircuitState],
+    summary="The flood guard's circuits",
+    operation_id="list_circuits",
+)
+def list_circuits(
+    principal: Reader,
+    service: Service,
+    consumer: Annotated[str | None, Query(max_length=255, description="Consumer group.")] = None,
+) -> list[CircuitState]:
+    """Open circuits first (since when, what judged them), then the latest closed ones. While
+    redacting, fingerprints are keyed and the error text is null."""
+    return service.circuits(consumer)
+
+
+@circuits.put(
+    "/{fingerprint}/close",
+    response_model=CircuitState,
+    summary="Close a circuit: dead-letter its failure for a while",
+    operation_id="close_circuit",
+    responses=_errors(403) | {404: {"model": ErrorResponse, "description": "No circuit with it."}},
+)
+def close_circuit(
+    fingerprint: FingerprintPath,
+    principal: Admin,
+    service: Service,
+    request: Annotated[CircuitCloseRequest | None, Body()] = None,
+) -> CircuitState:
+    """The workers stop holding the line at their next trial and dead-letter the failure until
+    `dead_letter_until`; then the guard judges it again. Audited."""
+    options = request or CircuitCloseRequest()
+    return service.close_circuit(
+        fingerprint,
+        consumer=options.consumer,
+        seconds=options.for_seconds,
+        actor=principal.actor,
+        note=options.note,
+    )
 
 
 operations = APIRouter(tags=["operations"])

@@ -1,7 +1,8 @@
 """The `eventhandler` command: one entry point, settings built here and passed down.
 
 The root app holds the commands that run a process (`migrate`, `run`, `api`, `demo`) and registers the
-operators' commands: `replay` (`cli.replay`) and the `dlq` group (`cli.dlq`).
+operators' commands: `replay` (`cli.replay`), the `dlq` group (`cli.dlq`) and the `circuit` group
+(`cli.circuit`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 
 from eventhandler import __version__
+from eventhandler.cli.circuit import circuit_app
 from eventhandler.cli.dlq import dlq_app
 from eventhandler.cli.replay import replay
 from eventhandler.cli.settings import fail, settings_or_exit
@@ -169,6 +171,7 @@ def _until_signal() -> threading.Event:
 
 app.command(help="Republish DLQ rows to their original topic (or --to-topic), byte for byte.")(replay)
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(circuit_app, name="circuit")
 
 
 def main() -> None:

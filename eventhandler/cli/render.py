@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eventhandler.librdkafka import shown_header_key
-from eventhandler.models import DLQDetail, DLQEntry, DLQSummary, Stats
+from eventhandler.models import CircuitState, DLQDetail, DLQEntry, DLQSummary, Stats
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -186,3 +186,31 @@ def print_stats(console: Console, stats: Stats) -> None:
             _age(group.last_seen),
         )
     console.print(table)
+    if stats.circuits:
+        console.print(circuits_table(stats.circuits))
+
+
+def circuits_table(circuits: Sequence[CircuitState]) -> Table:
+    """The flood guard's circuits: open ones say since when and what judged them."""
+    table = Table(title="flood guard circuits", title_justify="left", header_style="bold")
+    for column in ("fingerprint", "consumer", "state", "since", "failure", "judged on", "closed by"):
+        table.add_column(column, overflow="fold")
+    for c in circuits:
+        error = c.error_type if c.error_message is None else f"{c.error_type}: {c.error_message}"
+        if c.state == "open":
+            state, since = "[bold red]open[/bold red]", _age(c.opened_at)
+        else:
+            until = (
+                f", dead-lettered until {c.dead_letter_until:%Y-%m-%d %H:%M}Z" if c.dead_letter_until else ""
+            )
+            state, since = f"closed{until}", _age(c.closed_at)
+        table.add_row(
+            c.fingerprint,
+            c.consumer,
+            state,
+            since,
+            _short(f"{c.stage} {error}", 70),
+            f"{c.failures} of {c.messages} messages, {c.distinct_keys}+ keys; {c.trials} trial(s)",
+            c.closed_by or "",
+        )
+    return table

@@ -111,7 +111,10 @@ class PostgresOperatorStore:
                 for r in cur.execute(READ["oldest_parked"], {"consumers": parked}).fetchall()
                 if r["age"] is not None
             }
-        return DepthSnapshot(depth, oldest, oldest_replayed, oldest_parked)
+            circuits = [
+                (r["consumer"], r["fingerprint"], r["open"]) for r in cur.execute(READ["circuits"]).fetchall()
+            ]
+        return DepthSnapshot(depth, oldest, oldest_replayed, oldest_parked, circuits)
 
     def counts_by(self, column: str, flt: DLQFilter) -> list[tuple[str | None, str, int]]:
         """Row counts by (`column`, status): column is one of consumer, stage, event_type."""

@@ -74,3 +74,9 @@ GROUP BY consumer;
 SELECT consumer, extract(epoch FROM now() - min(failed_at))::float8 AS age
 FROM dlq WHERE status = 'parked' AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer;
+
+-- name: circuits
+-- The flood guard's circuits for `eventhandler_circuit_open`: the open ones, and those closed in the
+-- last day (so that their gauge reads 0 on every worker, not the 1 a worker last set).
+SELECT consumer, fingerprint, state = 'open' AS open FROM flood_circuit
+WHERE state = 'open' OR closed_at > now() - interval '1 day';

@@ -46,6 +46,7 @@ GAUGES = {
     "eventhandler_consumer_lag_messages",
     "eventhandler_dlq_oldest_replayed_age_seconds",
     "eventhandler_dlq_oldest_parked_age_seconds",
+    "eventhandler_circuit_open",
     "eventhandler_ready",
     "eventhandler_build_info",
 }

@@ -27,8 +27,10 @@ from fastapi import FastAPI
 from eventhandler.api import create_app, serve
 from eventhandler.api.models import encode_cursor
 from eventhandler.app import build_service
+from eventhandler.circuits import PostgresCircuitStore
 from eventhandler.config import Settings
 from eventhandler.errors import ConfigError
+from eventhandler.flood import Circuit
 from eventhandler.librdkafka import header_key
 from eventhandler.logs import configure_logging
 from eventhandler.metrics import Metrics
@@ -54,6 +56,7 @@ READ_TOKEN = "reader-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 READER = {"Authorization": f"Bearer {READ_TOKEN}"}
 DLQ = "/api/v1/events/dlq"
+CIRCUITS = "/api/v1/events/circuits"
 
 
 @dataclass
@@ -106,6 +109,19 @@ def failure(api: Api, **overrides: Any) -> FailedMessage:
     values: dict[str, Any] = {"consumer": api.settings.consumer_group, "topic": api.settings.topics[0]}
     values.update(overrides)
     return failed_message(**values)
+
+
+def open_circuit(api: Api, error: str = "device 'pump-7' is not registered") -> str:
+    """A circuit as a worker opens it (the worker's own statement); returns the stored fingerprint."""
+    sample = failure(api, stage="handler", error_type="HandlerFailure", error_message=error)
+    circuit = Circuit(sample.fingerprint, sample, frozenset({"device.reading"}), 80, 100, 10)
+    with api.pool.connection() as conn:
+        assert PostgresCircuitStore().hold(conn, api.settings.consumer_group, circuit, "worker-1")
+    return sample.fingerprint
+
+
+def shown_fingerprint(api: Api, stored: str) -> str:
+    return api.service.redactor.fingerprint(stored)
 
 
 def status_of(db: psycopg.Connection[Any], dlq_id: int) -> str | None:
@@ -580,6 +596,8 @@ ROUTES: list[tuple[str, str, str, dict[str, Any] | None, bool]] = [
     ("retry_all", "POST", f"{DLQ}/retry-all", {"all": True, "limit": 10}, True),
     ("delete", "DELETE", f"{DLQ}/{{id}}", None, True),
     ("resolve", "PUT", f"{DLQ}/{{id}}/resolve", {"note": "done"}, True),
+    ("circuits", "GET", CIRCUITS, None, False),
+    ("close_circuit", "PUT", f"{CIRCUITS}/{{fingerprint}}/close", {"for_seconds": 600}, True),
 ]
 ROUTE_IDS = [route[0] for route in ROUTES]
 BAD_CREDENTIALS: dict[str, dict[str, str | bytes]] = {
@@ -610,7 +628,7 @@ def test_auth_matrix(
     api: Api, db: psycopg.Connection[Any], name: str, method: str, path: str, body: Any, change: bool
 ) -> None:
     (dlq_id,) = api.record(failure(api))
-    url = path.format(id=dlq_id)
+    url = path.format(id=dlq_id, fingerprint=shown_fingerprint(api, open_circuit(api)))
     for label, headers in BAD_CREDENTIALS.items():
         response = api.client.request(method, url, json=body, headers=headers)
         assert response.status_code == 401, (label, response.text)
@@ -652,7 +670,9 @@ def test_without_configured_tokens_nothing_is_reachable(
 ) -> None:
     api = make_api(admin_token=None, admin_read_token=None)
     for headers in [{}, ADMIN, READER, {"Authorization": "Bearer "}]:
-        response = api.client.request(method, path.format(id=1), json=body, headers=headers)
+        response = api.client.request(
+            method, path.format(id=1, fingerprint="0123456789abcdef"), json=body, headers=headers
+        )
         assert response.status_code == 401, response.text
 
 
@@ -993,3 +1013,46 @@ def test_serve_runs_uvicorn_with_json_logs_and_stops_gracefully_on_sigterm(
 def test_serve_refuses_to_start_without_a_token(make_settings: Callable[..., Settings]) -> None:
     with pytest.raises(ConfigError, match="EVENTHANDLER_ADMIN_TOKEN"):
         serve(make_settings(), "127.0.0.1", free_port())
+
+
+# -- the flood guard's circuits ------------------------------------------------------------------------------
+
+
+def test_circuits_are_listed_and_an_admin_closes_one_audited(api: Api, db: psycopg.Connection[Any]) -> None:
+    stored = open_circuit(api, error="device 'secret-pump' is not registered")
+    shown = shown_fingerprint(api, stored)
+    assert shown != stored  # redacting: the fingerprint is keyed, as every view shows it
+
+    (listed,) = api.client.get(CIRCUITS, headers=READER).json()
+    assert listed["fingerprint"] == shown
+    assert listed["state"] == "open"
+    assert listed["error_message"] is None  # it may quote a masked value
+    assert (listed["failures"], listed["messages"], listed["distinct_keys"]) == (80, 100, 10)
+    assert listed["event_types"] == ["device.reading"]
+    assert listed["opened_by"] == "worker-1"
+    stats = api.client.get(f"{DLQ}/stats", headers=READER).json()
+    assert [c["fingerprint"] for c in stats["circuits"]] == [shown]
+
+    assert api.client.put(f"{CIRCUITS}/{shown}/close", headers=READER).status_code == 403
+    assert api.client.put(f"{CIRCUITS}/{stored}/close", headers=ADMIN).status_code == 404  # not as shown
+    for body in ({"for_seconds": 0}, {"for_seconds": 31 * 86400}, {"for_seconds": "1h"}, {"force": True}):
+        assert api.client.put(f"{CIRCUITS}/{shown}/close", json=body, headers=ADMIN).status_code == 422
+    assert api.client.put(f"{CIRCUITS}/NOT-HEX/close", headers=ADMIN).status_code == 422
+    assert audit(db) == []
+
+    closed = api.client.put(
+        f"{CIRCUITS}/{shown}/close", json={"for_seconds": 7200, "note": "bad batch upstream"}, headers=ADMIN
+    )
+    assert closed.status_code == 200, closed.text
+    body = closed.json()
+    assert body["state"] == "closed"
+    assert body["closed_by"] == "api:admin"
+    assert body["close_note"] == "bad batch upstream"
+    left = scalar(db, "SELECT extract(epoch FROM dead_letter_until - now()) FROM flood_circuit")
+    assert 7100 < left <= 7200
+    ((actor, action, ids),) = audit(db)
+    assert (actor, action, ids) == ("api:admin", "close_circuit", [])
+    detail = scalar(db, "SELECT detail FROM dlq_audit")
+    assert detail["fingerprint"] == stored
+    assert detail["dead_letter_seconds"] == 7200
+    assert "secret-pump" not in closed.text

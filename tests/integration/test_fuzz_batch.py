@@ -320,7 +320,9 @@ def test_through_the_broker_every_message_ends_in_one_outcome_and_the_worker_kee
     API), Kafka's own framing of null keys and values, and every message of the batch after a bad one."""
     topic = next(_topics)
     k.create_topic(kafka_bootstrap, topic, partitions=3)
-    settings = make_settings(topics=[topic])
+    # Random bytes fail alike often enough to look like a flood (60 empty values of 60 keys): the
+    # guard would hold them, as it should; this property is about each message's own outcome.
+    settings = make_settings(topics=[topic], flood_guard=False)
     producer = RawProducer({"bootstrap.servers": kafka_bootstrap, "acks": "all", "enable.idempotence": True})
     try:
         for number, (partition, key, value, headers) in enumerate(batch):

@@ -7,7 +7,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -41,21 +41,6 @@ def assert_exact(db: psycopg.Connection[Any], stream: k.Stream) -> None:
 
 def processed(db: psycopg.Connection[Any]) -> int:
     return int(scalar(db, "SELECT coalesce(sum(next_offset), 0) FROM consumer_positions"))
-
-
-@pytest.fixture
-def spawned() -> Iterator[Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]]:
-    """Track worker processes so none outlives its test, whatever the outcome."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def track(process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-        processes.append(process)
-        return process
-
-    yield track
-    for process in processes:
-        if process.poll() is None:
-            kill9(process)
 
 
 def test_kill_9_at_random_moments_loses_nothing_and_counts_nothing_twice(

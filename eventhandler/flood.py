@@ -1,0 +1,286 @@
+"""The flood guard: a systemic failure stops the line instead of flooding the dead letter queue.
+
+A handler deployed with a bug, a renamed column or a producer gone wrong fails every event it sees;
+dead-lettering them at full speed fills the DLQ with a million rows, each out of order with its key.
+The guard tells such a failure from isolated poison by three numbers, for one fingerprint (stage,
+error type, normalised message), over the committed batches of the last `window` seconds plus the
+batch at hand:
+
+- at least `min_failures` messages failed with it,
+- they carry at least `min_keys` distinct Kafka keys (one broken entity is not a flood; a message
+  without a key counts as a key of its own),
+- and they are at least `ratio` of the messages read.
+
+Then the fingerprint's circuit opens: the batch is rolled back and held as in an outage (positions do
+not move, nothing is lost), the circuit is written to PostgreSQL (`flood_circuit`) where operators see
+it, and the held batch is tried again every `probe_seconds` (half-open). A trial passes when fewer than
+`ratio` of its own messages fail with the fingerprint — the fix was deployed, or what the events need
+was repaired — and the circuit closes as the batch commits. An operator may close it instead
+(`eventhandler circuit close`), choosing to dead-letter that failure for a while
+(`dead_letter_until`); the worker reads it from PostgreSQL at its next trial.
+
+A worker that starts while a circuit of its group is open treats it as open too: its first batch that
+fails with the fingerprint as often is held at once. It closes such a circuit itself only when it has
+applied events of the circuit's event types without that failure and no worker has tried it for
+`STALE_TRIALS` probe intervals (the one holding it may still be failing).
+
+This module holds the rules and the window, with no I/O of its own: the statements are the store's
+(`eventhandler.circuits`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+
+from eventhandler.batch import Decoded, Rejected
+from eventhandler.errors import TransientError
+from eventhandler.models import FailedMessage
+
+STALE_TRIALS = 3  # a circuit no worker tried for this many probe intervals is held by nobody
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    window: float = 60.0
+    min_failures: int = 50
+    min_keys: int = 10
+    ratio: float = 0.5
+    probe_seconds: float = 30.0
+
+
+@dataclass
+class Group:
+    """The failures of one fingerprint in a batch."""
+
+    sample: FailedMessage  # the first, for what operators and the log line see
+    count: int = 0
+    keys: set[int] = field(default_factory=set)  # at most `min_keys` of them: that is all the rule asks
+    event_types: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A fingerprint judged systemic, with the figures that judged it."""
+
+    fingerprint: str
+    sample: FailedMessage
+    event_types: frozenset[str]
+    failures: int  # in the window (or, on a trial, in the batch)
+    messages: int
+    keys: int
+
+
+class CircuitOpen(TransientError):
+    """A batch held because a failure in it is systemic. Not the batch's fault and not an outage:
+    the same batch is tried again after `probe_seconds`."""
+
+    def __init__(self, circuit: Circuit, probe_seconds: float) -> None:
+        sample = circuit.sample
+        # No error text and no fingerprint: readiness and retry lines show this, and both are
+        # derived from payload values that redaction may hide.
+        super().__init__(
+            f"flood guard: {circuit.failures} of {circuit.messages} messages failed alike "
+            f"({sample.stage}, {sample.error_type}; {circuit.keys}+ keys): circuit open, "
+            f"trying again every {probe_seconds:g} s"
+        )
+        self.circuit = circuit
+        self.probe_seconds = probe_seconds
+        self.opened = False  # set once written: True when this hold opened the circuit
+
+
+class CircuitStore(Protocol):
+    """The worker's side of `flood_circuit` (`circuits.PostgresCircuitStore`)."""
+
+    def open_circuits(self, conn: psycopg.Connection[Any], consumer: str) -> dict[str, frozenset[str]]: ...
+    def dead_letter_until(
+        self, conn: psycopg.Connection[Any], consumer: str, fingerprints: Sequence[str]
+    ) -> dict[str, float]: ...
+    def hold(
+        self, conn: psycopg.Connection[Any], consumer: str, circuit: Circuit, worker_id: str
+    ) -> bool: ...
+    def close(
+        self,
+        conn: psycopg.Connection[Any],
+        consumer: str,
+        fingerprints: Sequence[str],
+        worker_id: str,
+        *,
+        untried_for: float | None = None,
+    ) -> list[str]: ...
+
+
+@dataclass
+class _Open:
+    event_types: frozenset[str]
+    held: bool  # this worker holds a batch for it (else it was found open at start)
+
+
+@dataclass
+class _Committed:
+    """A committed batch as the window keeps it."""
+
+    at: float
+    messages: int
+    failures: dict[str, tuple[int, frozenset[int]]]  # fingerprint → (count, up to min_keys keys)
+
+
+@dataclass
+class Verdict:
+    """What a batch that may commit does to the circuits (`FloodGuard.committed` applies it)."""
+
+    messages: int
+    groups: dict[str, Group]
+    closing: list[str]  # circuits this batch's trial closes
+    maybe_closing: list[str]  # found open at start, passed here: closed if no worker tries them
+    exempted: list[str]  # closed by an operator meanwhile
+    closed: list[str] = field(default_factory=list)  # what the store did close
+
+
+class FloodGuard:
+    def __init__(
+        self,
+        consumer: str,
+        worker_id: str,
+        store: CircuitStore,
+        thresholds: Thresholds = Thresholds(),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.consumer = consumer
+        self.worker_id = worker_id
+        self.store = store
+        self.t = thresholds
+        self.clock = clock
+        self.open: dict[str, _Open] = {}
+        self._loaded = False
+        self._window: deque[_Committed] = deque()
+        self._messages = 0  # in the window
+        self._failures: dict[str, int] = {}  # in the window, by fingerprint
+        self._exempt: dict[str, float] = {}  # fingerprint → clock() until which an operator lets it through
+
+    # -- in the batch's transaction, before its DLQ rows are written ---------------------------
+
+    def inspect(
+        self,
+        conn: psycopg.Connection[Any],
+        messages: int,
+        rejected: Sequence[Rejected],
+        applied: Sequence[Decoded],
+    ) -> Verdict:
+        """Judge a batch of `messages` whose `rejected` would be dead-lettered: raises `CircuitOpen`
+        when a failure is systemic (the caller rolls back and calls `hold`)."""
+        if not self._loaded:
+            found = self.store.open_circuits(conn, self.consumer)
+            self.open = {fp: _Open(types, held=False) for fp, types in found.items()}
+            self._loaded = True
+        now = self.clock()
+        self._expire(now)
+        groups = _groups(rejected, self.t.min_keys)
+        systemic = [fp for fp, group in groups.items() if self._systemic(fp, group, messages, now)]
+        if systemic:  # an operator may have closed it meanwhile: the one read of the table a hold costs
+            for fp, seconds in self.store.dead_letter_until(conn, self.consumer, systemic).items():
+                self._exempt[fp] = now + seconds
+            systemic = [fp for fp in systemic if self._exempt.get(fp, 0.0) <= now]
+        if systemic:
+            fp = max(systemic, key=lambda f: groups[f].count)
+            raise CircuitOpen(self._circuit(fp, groups[fp], messages), self.t.probe_seconds)
+        verdict = Verdict(messages, groups, [], [], [])
+        if self.open:
+            applied_types = {d.event.type for d in applied}
+            for fp, circuit in self.open.items():
+                if self._exempt.get(fp, 0.0) > now:
+                    verdict.exempted.append(fp)
+                elif circuit.held:
+                    verdict.closing.append(fp)
+                elif applied_types & circuit.event_types or (applied_types and not circuit.event_types):
+                    verdict.maybe_closing.append(fp)
+            verdict.closed = self.store.close(conn, self.consumer, verdict.closing, self.worker_id)
+            if verdict.maybe_closing:
+                untried = STALE_TRIALS * self.t.probe_seconds
+                verdict.closed += self.store.close(
+                    conn, self.consumer, verdict.maybe_closing, self.worker_id, untried_for=untried
+                )
+        return verdict
+
+    def _systemic(self, fp: str, group: Group, messages: int, now: float) -> bool:
+        if self._exempt.get(fp, 0.0) > now:
+            return False
+        if fp in self.open:  # a trial: judged on its own messages
+            return group.count >= self.t.ratio * messages
+        failures = group.count + self._failures.get(fp, 0)
+        if failures < self.t.min_failures or failures < self.t.ratio * (messages + self._messages):
+            return False
+        keys = set(group.keys)
+        for seen in self._window:
+            if len(keys) >= self.t.min_keys:
+                break
+            if fp in seen.failures:
+                keys.update(seen.failures[fp][1])
+        return len(keys) >= self.t.min_keys
+
+    def _circuit(self, fp: str, group: Group, messages: int) -> Circuit:
+        if fp in self.open:
+            failures, total, keys = group.count, messages, len(group.keys)
+        else:
+            failures = group.count + self._failures.get(fp, 0)
+            total = messages + self._messages
+            keys = self.t.min_keys
+        return Circuit(fp, group.sample, frozenset(group.event_types), failures, total, keys)
+
+    # -- after the transaction ------------------------------------------------------------------
+
+    def hold(self, conn: psycopg.Connection[Any], held: CircuitOpen) -> None:
+        """The batch was rolled back for `held`: write the circuit (its own transaction) and hold it."""
+        circuit = held.circuit
+        held.opened = self.store.hold(conn, self.consumer, circuit, self.worker_id)
+        known = self.open.get(circuit.fingerprint)
+        types = circuit.event_types | (known.event_types if known else frozenset())
+        self.open[circuit.fingerprint] = _Open(types, held=True)
+
+    def committed(self, verdict: Verdict) -> None:
+        """The batch judged by `verdict` is durable: it joins the window, its circuits close."""
+        for fp in (*verdict.closed, *verdict.exempted):
+            self.open.pop(fp, None)
+        failures = {fp: (group.count, frozenset(group.keys)) for fp, group in verdict.groups.items()}
+        self._window.append(_Committed(self.clock(), verdict.messages, failures))
+        self._messages += verdict.messages
+        for fp, (count, _) in failures.items():
+            self._failures[fp] = self._failures.get(fp, 0) + count
+
+    def _expire(self, now: float) -> None:
+        window = self._window
+        while window and window[0].at < now - self.t.window:
+            gone = window.popleft()
+            self._messages -= gone.messages
+            for fp, (count, _) in gone.failures.items():
+                left = self._failures[fp] - count
+                if left:
+                    self._failures[fp] = left
+                else:
+                    del self._failures[fp]
+        for fp in [fp for fp, until in self._exempt.items() if until <= now]:
+            del self._exempt[fp]
+
+
+def _groups(rejected: Iterable[Rejected], max_keys: int) -> dict[str, Group]:
+    groups: dict[str, Group] = {}
+    for r in rejected:
+        failure = r.failure
+        fp = failure.fingerprint
+        group = groups.get(fp)
+        if group is None:
+            group = groups[fp] = Group(failure)
+        group.count += 1
+        if len(group.keys) < max_keys:
+            record = r.record  # a message without a key is an entity of its own
+            key = record.key or (record.topic, record.partition, record.offset)
+            group.keys.add(hash(key))
+        if failure.event_type is not None and len(group.event_types) < 20:
+            group.event_types.add(failure.event_type)
+    return groups
