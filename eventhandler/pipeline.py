@@ -162,27 +162,33 @@ class BatchProcessor:
         those that failed to decode): such events (`late`) are taken out and the batch applied again
         without them, until none is left."""
         late: list[Decoded] = []
-        if self.parking is not None and failed_before:
+        if self.parking is None:  # nothing can be too late: no savepoint to take it back with
+            applied, known, repeats, rejected = self._claim_and_apply(conn, events, isolate_suspects)
+            return applied, known, repeats, rejected, late
+        if failed_before:
             late = self.parking.rules.after_failures(events, failed_before)
             taken = {id(d) for d in late}
             events = [d for d in events if id(d) not in taken]
         while True:
             with conn.transaction():  # a savepoint: what an attempt claimed and applied goes with it
-                fresh, known, repeats = self._claim(conn, events)
-                applied, rejected = self._apply(conn, fresh, isolate_suspects)
-                too_late = (
-                    self.parking.rules.after_failures(applied, [*failed_before, *rejected])
-                    if self.parking is not None
-                    else []
-                )
+                applied, known, repeats, rejected = self._claim_and_apply(conn, events, isolate_suspects)
+                too_late = self.parking.rules.after_failures(applied, [*failed_before, *rejected])
                 if too_late:
                     raise psycopg.Rollback()  # leaves this block, rolled back, and goes on below it
-                if rejected:
-                    self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
                 return applied, known, repeats, rejected, late
             late += too_late
             taken = {id(d) for d in too_late}
             events = [d for d in events if id(d) not in taken]
+
+    def _claim_and_apply(
+        self, conn: psycopg.Connection[Any], events: list[Decoded], isolate_suspects: bool
+    ) -> tuple[list[Decoded], list[Decoded], list[Decoded], list[Rejected]]:
+        """(applied, known, repeats, rejected); the ledger forgets the claims of the rejected."""
+        fresh, known, repeats = self._claim(conn, events)
+        applied, rejected = self._apply(conn, fresh, isolate_suspects)
+        if rejected:
+            self.ledger.release(conn, [r.key for r in rejected if r.key is not None])
+        return applied, known, repeats, rejected
 
     def parked_failure(self, decoded: Decoded) -> FailedMessage:
         """The DLQ row of an event parked behind an open failure of its key."""

@@ -32,6 +32,7 @@ from eventhandler.app import build_service, build_worker
 from eventhandler.cli.render import rows_table
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
+from eventhandler.example import demo_orders
 from eventhandler.local.broker import bundled_broker
 from eventhandler.local.postgres import local_postgres, server_answers
 from eventhandler.migrate import apply_migrations
@@ -248,6 +249,7 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
     given_kafka = os.environ.get("EVENTHANDLER_KAFKA_BOOTSTRAP_SERVERS")
     run_id = datetime.now(UTC).strftime("%H%M%S") + "-" + uuid.uuid4().hex[:4]
     topic, group = f"demo-device-events-{run_id}", f"demo-{run_id}"
+    orders_topic = f"demo-orders-{run_id}"
     configure_logging(log_level, "console")
 
     console.rule("[bold]eventhandler demo")
@@ -267,19 +269,24 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
             + (" (embedded server, started for the demo)" if database.embedded else "")
         )
         admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference until the result arrives
-        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result(30)
+        for name in (topic, orders_topic):
+            admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])[name].result(30)
         del admin  # every client is gone before the broker stops, so none logs a disconnect
         sent = _produce(bootstrap, topic)
+        sent["order events"] = demo_orders.produce(bootstrap, orders_topic, run_id)
         console.print(
             "3. produced to [bold]" + topic + "[/bold]: " + ", ".join(f"{n} {k}" for k, n in sent.items())
         )
+        console.print(f"   and to [bold]{orders_topic}[/bold] (per-key parking on): 3 orders, one in CHF")
         total = sum(sent.values())
 
         settings = Settings.model_validate(
             {
                 "database_url": url,
                 "kafka_bootstrap_servers": bootstrap,
-                "topics": [topic],
+                "topics": [topic, orders_topic],
+                "parking": [orders_topic],
+                "handlers": [demo_orders.HANDLERS],
                 "consumer_group": group,
                 "metrics_port": 0,
                 "log_level": log_level,
@@ -297,13 +304,14 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
         service, pool = build_service(settings)
         try:
             console.print(_devices_table(url))
-            pending = service.list_rows(DLQFilter(consumer=group), limit=100)
+            pending = service.list_rows(DLQFilter(consumer=group, statuses=("pending",)), limit=100)
             console.print(
                 f"\n5. [bold red]{len(pending)} messages failed[/bold red] and are in the dead letter queue:"
             )
             console.print(rows_table(pending[:SHOWN]))
             if len(pending) > SHOWN:
                 console.print(f"   … and {len(pending) - SHOWN} more")
+            console.print("   " + demo_orders.parked_line(service, group), markup=False)
             for group_row in service.stats(DLQFilter(consumer=group), top=5).top_groups:
                 console.print(
                     f"   error group {group_row.fingerprint}: {group_row.count} x {group_row.error_type}: "
@@ -311,7 +319,9 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
                     markup=False,
                 )
 
-            console.print(f"\n6. fixing the cause: registering [bold]{LATE_DEVICE}[/bold]")
+            console.print(f"\n6. fixing the causes: registering [bold]{LATE_DEVICE}[/bold], accepting CHF")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(demo_orders.FIX)
             producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
             producer.produce(
                 topic,
@@ -340,13 +350,18 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
                 f"7. eventhandler replay --event-type device.reading --stage handler "
                 f"--error-contains 'not registered': matched {report.matched}, published {report.published}"
             )
+            orders = demo_orders.replay_blocker(service, group)
+            console.print(f"   eventhandler replay --event-type order.placed: published {orders}")
             resolved = sql.SQL("SELECT count(*) FROM dlq WHERE consumer = %s AND status = 'resolved'")
             _wait(
                 lambda: _scalar(url, resolved, group) >= report.published, 60, "the replayed rows to resolve"
             )
 
+            _wait(lambda: demo_orders.in_order(url, run_id), 60, "the parked order events to be released")
+
             console.print("\n8. after the replay:")
             console.print(_devices_table(url))
+            console.print(demo_orders.table(url, run_id))
             after = service.stats(DLQFilter(consumer=group))
             console.print(
                 "DLQ rows by status: " + ", ".join(f"{n} {s}" for s, n in sorted(after.by_status.items()))
@@ -356,7 +371,8 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
             )
             counts = _scalar(url, "SELECT sum(reading_count) FROM devices")
             expected = sent["readings"] + sent["late readings"]
-            ok = counts == expected and report.published == sent["late readings"]
+            in_order = demo_orders.in_order(url, run_id)
+            ok = counts == expected and report.published == sent["late readings"] and in_order
             console.print(
                 f"readings counted: {counts} of {expected} sent — "
                 + (
@@ -364,6 +380,10 @@ def _run(console: Console, database: DemoDatabase, log_level: str) -> int:
                     if ok
                     else "[bold red]MISMATCH[/bold red]"
                 )
+            )
+            console.print(
+                "every order took its events in order: its payment and shipment waited behind the "
+                "failed placement and were released in order once it was replayed"
             )
             console.print(
                 f"{sent['poison']} poison messages stay [bold]pending[/bold] for an operator "

@@ -46,8 +46,10 @@ def test_the_demo_tells_the_whole_story_and_runs_twice(pg_admin_url: str) -> Non
             "messages failed and are in the dead letter queue",
             "fixing the cause",
             "matched 25, published 25",
-            "25 resolved",
+            "later events of its order are parked behind it",
+            "28 resolved",  # 25 readings, and the order's placement with its 2 parked events
             "every reading counted exactly once",
+            "every order took its events in order",
         ):
             assert step in out, f"run {run}: {step!r} missing from\n{out}"
         assert "Traceback" not in out + result.stderr
@@ -60,7 +62,7 @@ def test_the_demo_tells_the_whole_story_and_runs_twice(pg_admin_url: str) -> Non
             ).fetchall()
         )
         runs = conn.execute("SELECT count(DISTINCT consumer) FROM dlq").fetchone()
-    assert statuses == {"pending": 7, "resolved": 25}
+    assert statuses == {"pending": 7, "resolved": 28}
     if "EVENTHANDLER_DATABASE_URL" not in env:
         assert runs == (1,)  # the demo's own database starts clean on every run
 
@@ -112,7 +114,7 @@ def test_the_demo_on_its_embedded_postgres_keeps_the_data_and_its_closing_lines_
                     break
             assert url, "demo --explore printed no EVENTHANDLER_DATABASE_URL"
             listed = cli_json({**env, "EVENTHANDLER_DATABASE_URL": url}, "dlq", "list", "--limit", "100")
-            assert sorted(row["status"] for row in listed["items"]) == ["pending"] * 7 + ["resolved"] * 25
+            assert sorted(row["status"] for row in listed["items"]) == ["pending"] * 7 + ["resolved"] * 28
         finally:
             explore.send_signal(signal.SIGINT)
             assert explore.wait(timeout=60) == 0
