@@ -190,11 +190,14 @@ def build_service(
     """The operators' side (CLI, API, demo): the DLQ service on its own pool, which the caller closes."""
     pool = create_pool(settings, min_size=1, name="eventhandler-admin")
     repository = PostgresOperatorStore(pool)
+    redactor = Redactor(settings.api_redact_fields, secret=settings.dsn)
+    if metrics is not None:  # the API's /metrics shows circuits as every view does
+        metrics.shown_fingerprint = redactor.fingerprint
     replayer = Replayer(PostgresReplayRows(pool), settings.producer_config(), metrics=metrics)
     service = DLQService(
         repository,
         replayer,
-        redactor=Redactor(settings.api_redact_fields, secret=settings.dsn),
+        redactor=redactor,
         circuits=PostgresCircuitStore(pool),
     )
     return service, pool

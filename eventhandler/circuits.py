@@ -53,9 +53,11 @@ class PostgresCircuitStore:
             found = conn.execute(CIRCUITS["dead_letter_until"], params).fetchall()
         return {fingerprint: float(seconds) for fingerprint, seconds in found}
 
-    def hold(self, conn: psycopg.Connection[Any], consumer: str, circuit: Circuit, worker_id: str) -> bool:
-        """Open the circuit (or count one more trial), in a transaction of its own; False when it was
-        open already."""
+    def hold(
+        self, conn: psycopg.Connection[Any], consumer: str, circuit: Circuit, worker_id: str
+    ) -> bool | None:
+        """Open the circuit (or count one more trial), in a transaction of its own: True when this
+        opened it, False when it was open already, None when an operator's close is in force."""
         sample = circuit.sample
         params = {
             "consumer": consumer,
@@ -74,7 +76,7 @@ class PostgresCircuitStore:
         }
         with translate_db_errors(), conn.transaction():
             row = conn.execute(CIRCUITS["hold"], params).fetchone()
-        return not (row and row[0])
+        return None if row is None else not row[0]
 
     def close(
         self,

@@ -19,10 +19,11 @@ was repaired — and the circuit closes as the batch commits. An operator may cl
 (`eventhandler circuit close`), choosing to dead-letter that failure for a while
 (`dead_letter_until`); the worker reads it from PostgreSQL at its next trial.
 
-A worker that starts while a circuit of its group is open treats it as open too: its first batch that
-fails with the fingerprint as often is held at once. It closes such a circuit itself only when it has
-applied events of the circuit's event types without that failure and no worker has tried it for
-`STALE_TRIALS` probe intervals (the one holding it may still be failing).
+Workers share the table, read again every probe interval: an operator's close reaches every worker,
+and a circuit another worker opened is closed by a worker that applies events of the circuit's types
+without that failure once no worker has tried it for `STALE_TRIALS` probe intervals (one that still
+holds a batch for it may be failing). Each worker judges its own stream: one that starts, or takes
+partitions over, while a circuit is open dead-letters fewer than `min_failures` before it holds too.
 
 This module holds the rules and the window, with no I/O of its own: the statements are the store's
 (`eventhandler.circuits`).
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from eventhandler.batch import Decoded, Rejected
+from eventhandler.batch import TP, Decoded, DecodedBatch, Rejected
 from eventhandler.errors import TransientError
 from eventhandler.models import FailedMessage
 
@@ -80,7 +81,9 @@ class CircuitOpen(TransientError):
     """A batch held because a failure in it is systemic. Not the batch's fault and not an outage:
     the same batch is tried again after `probe_seconds`."""
 
-    def __init__(self, circuit: Circuit, probe_seconds: float) -> None:
+    def __init__(
+        self, circuit: Circuit, probe_seconds: float, batch: tuple[frozenset[tuple[TP, int]], int]
+    ) -> None:
         sample = circuit.sample
         # No error text and no fingerprint: readiness and retry lines show this, and both are
         # derived from payload values that redaction may hide.
@@ -91,7 +94,9 @@ class CircuitOpen(TransientError):
         )
         self.circuit = circuit
         self.probe_seconds = probe_seconds
+        self.batch = batch  # the held batch's identity
         self.opened = False  # set once written: True when this hold opened the circuit
+        self.exempted = False  # set once written: an operator closed it meanwhile (try again at once)
 
 
 class CircuitStore(Protocol):
@@ -103,7 +108,7 @@ class CircuitStore(Protocol):
     ) -> dict[str, float]: ...
     def hold(
         self, conn: psycopg.Connection[Any], consumer: str, circuit: Circuit, worker_id: str
-    ) -> bool: ...
+    ) -> bool | None: ...
     def close(
         self,
         conn: psycopg.Connection[Any],
@@ -116,9 +121,11 @@ class CircuitStore(Protocol):
 
 
 @dataclass
-class _Open:
-    event_types: frozenset[str]
-    held: bool  # this worker holds a batch for it (else it was found open at start)
+class _Held:
+    """The batch this worker holds, and the circuits it holds it for."""
+
+    batch: tuple[frozenset[tuple[TP, int]], int]  # its partitions' next offsets and its size
+    fingerprints: set[str]
 
 
 @dataclass
@@ -136,8 +143,9 @@ class Verdict:
 
     messages: int
     groups: dict[str, Group]
+    trial: bool  # the held batch went through
     closing: list[str]  # circuits this batch's trial closes
-    maybe_closing: list[str]  # found open at start, passed here: closed if no worker tries them
+    maybe_closing: list[str]  # open in the table, passed here: closed if no worker tries them
     exempted: list[str]  # closed by an operator meanwhile
     closed: list[str] = field(default_factory=list)  # what the store did close
 
@@ -157,8 +165,9 @@ class FloodGuard:
         self.store = store
         self.t = thresholds
         self.clock = clock
-        self.open: dict[str, _Open] = {}
-        self._loaded = False
+        self.open: dict[str, frozenset[str]] = {}  # open circuits (the table's, and ours) → event types
+        self._held: _Held | None = None
+        self._synced_at: float | None = None
         self._window: deque[_Committed] = deque()
         self._messages = 0  # in the window
         self._failures: dict[str, int] = {}  # in the window, by fingerprint
@@ -169,50 +178,59 @@ class FloodGuard:
     def inspect(
         self,
         conn: psycopg.Connection[Any],
-        messages: int,
+        batch: DecodedBatch,
         rejected: Sequence[Rejected],
         applied: Sequence[Decoded],
+        *,
+        untried: int = 0,
     ) -> Verdict:
-        """Judge a batch of `messages` whose `rejected` would be dead-lettered: raises `CircuitOpen`
-        when a failure is systemic (the caller rolls back and calls `hold`)."""
-        if not self._loaded:
-            found = self.store.open_circuits(conn, self.consumer)
-            self.open = {fp: _Open(types, held=False) for fp, types in found.items()}
-            self._loaded = True
+        """Judge `batch`, whose `rejected` would be dead-lettered and `untried` events parked (not
+        tried: their key is blocked); raises `CircuitOpen` when a failure is systemic (the caller
+        rolls back and calls `hold`). A failed replay is not judged: it adds no row, and an operator
+        replaying a group before its fix must not stop the line."""
         now = self.clock()
+        if self._synced_at is None or now - self._synced_at >= self.t.probe_seconds:
+            self._sync(conn, now)
         self._expire(now)
-        groups = _groups(rejected, self.t.min_keys)
-        systemic = [fp for fp, group in groups.items() if self._systemic(fp, group, messages, now)]
+        messages = max(len(batch.records) - untried, 0)
+        trial = self._held is not None and self._held.batch == _identity(batch)
+        if self._held is not None and not trial:
+            self._held = None  # its partitions were revoked, or it was given up: nobody here holds it
+        groups = _groups((r for r in rejected if r.failure.replay_of is None), self.t.min_keys)
+        systemic = [fp for fp, group in groups.items() if self._systemic(fp, group, messages, trial, now)]
         if systemic:  # an operator may have closed it meanwhile: the one read of the table a hold costs
             for fp, seconds in self.store.dead_letter_until(conn, self.consumer, systemic).items():
                 self._exempt[fp] = now + seconds
             systemic = [fp for fp in systemic if self._exempt.get(fp, 0.0) <= now]
         if systemic:
             fp = max(systemic, key=lambda f: groups[f].count)
-            raise CircuitOpen(self._circuit(fp, groups[fp], messages), self.t.probe_seconds)
-        verdict = Verdict(messages, groups, [], [], [])
+            circuit = self._circuit(fp, groups[fp], messages, trial)
+            raise CircuitOpen(circuit, self.t.probe_seconds, _identity(batch))
+        verdict = Verdict(messages, groups, trial, [], [], [])
+        if self._held is not None and trial:
+            verdict.closing = sorted(self._held.fingerprints)
         if self.open:
             applied_types = {d.event.type for d in applied}
-            for fp, circuit in self.open.items():
+            for fp, types in self.open.items():
                 if self._exempt.get(fp, 0.0) > now:
                     verdict.exempted.append(fp)
-                elif circuit.held:
-                    verdict.closing.append(fp)
-                elif applied_types & circuit.event_types or (applied_types and not circuit.event_types):
+                elif fp not in verdict.closing and (applied_types & types or (applied_types and not types)):
                     verdict.maybe_closing.append(fp)
-            verdict.closed = self.store.close(conn, self.consumer, verdict.closing, self.worker_id)
-            if verdict.maybe_closing:
-                untried = STALE_TRIALS * self.t.probe_seconds
-                verdict.closed += self.store.close(
-                    conn, self.consumer, verdict.maybe_closing, self.worker_id, untried_for=untried
-                )
+        verdict.closed = self.store.close(conn, self.consumer, verdict.closing, self.worker_id)
+        if verdict.maybe_closing:
+            untried_for = STALE_TRIALS * self.t.probe_seconds
+            verdict.closed += self.store.close(
+                conn, self.consumer, verdict.maybe_closing, self.worker_id, untried_for=untried_for
+            )
         return verdict
 
-    def _systemic(self, fp: str, group: Group, messages: int, now: float) -> bool:
+    def _systemic(self, fp: str, group: Group, messages: int, trial: bool, now: float) -> bool:
         if self._exempt.get(fp, 0.0) > now:
             return False
-        if fp in self.open:  # a trial: judged on its own messages
-            return group.count >= self.t.ratio * messages
+        if trial and self._held is not None and fp in self._held.fingerprints:
+            # The held batch again: judged on its own messages, and it passes only well below the
+            # ratio that opened it, so that a flood near the threshold does not open and close by turns.
+            return group.count >= self.t.ratio / 2 * messages
         failures = group.count + self._failures.get(fp, 0)
         if failures < self.t.min_failures or failures < self.t.ratio * (messages + self._messages):
             return False
@@ -224,8 +242,8 @@ class FloodGuard:
                 keys.update(seen.failures[fp][1])
         return len(keys) >= self.t.min_keys
 
-    def _circuit(self, fp: str, group: Group, messages: int) -> Circuit:
-        if fp in self.open:
+    def _circuit(self, fp: str, group: Group, messages: int, trial: bool) -> Circuit:
+        if trial:
             failures, total, keys = group.count, messages, len(group.keys)
         else:
             failures = group.count + self._failures.get(fp, 0)
@@ -233,20 +251,41 @@ class FloodGuard:
             keys = self.t.min_keys
         return Circuit(fp, group.sample, frozenset(group.event_types), failures, total, keys)
 
+    def _sync(self, conn: psycopg.Connection[Any], now: float) -> None:
+        """The table's open circuits, read again every probe interval: closes by operators and by
+        other workers' trials, and circuits other workers opened (ours stay while we hold them)."""
+        found = self.store.open_circuits(conn, self.consumer)
+        if self._held is not None:
+            for fp in self._held.fingerprints:
+                found.setdefault(fp, self.open.get(fp, frozenset()))
+        self.open = found
+        self._synced_at = now
+
     # -- after the transaction ------------------------------------------------------------------
 
     def hold(self, conn: psycopg.Connection[Any], held: CircuitOpen) -> None:
         """The batch was rolled back for `held`: write the circuit (its own transaction) and hold it."""
         circuit = held.circuit
-        held.opened = self.store.hold(conn, self.consumer, circuit, self.worker_id)
-        known = self.open.get(circuit.fingerprint)
-        types = circuit.event_types | (known.event_types if known else frozenset())
-        self.open[circuit.fingerprint] = _Open(types, held=True)
+        fp = circuit.fingerprint
+        opened = self.store.hold(conn, self.consumer, circuit, self.worker_id)
+        if opened is None:  # an operator closed it between our read and this write: it goes through
+            now = self.clock()
+            for exempt, seconds in self.store.dead_letter_until(conn, self.consumer, [fp]).items():
+                self._exempt[exempt] = now + seconds
+            held.exempted = True
+            return
+        held.opened = opened
+        if self._held is None or self._held.batch != held.batch:
+            self._held = _Held(held.batch, set())
+        self._held.fingerprints.add(fp)
+        self.open[fp] = circuit.event_types | self.open.get(fp, frozenset())
 
     def committed(self, verdict: Verdict) -> None:
         """The batch judged by `verdict` is durable: it joins the window, its circuits close."""
         for fp in (*verdict.closed, *verdict.exempted):
             self.open.pop(fp, None)
+        if verdict.trial:
+            self._held = None
         failures = {fp: (group.count, frozenset(group.keys)) for fp, group in verdict.groups.items()}
         self._window.append(_Committed(self.clock(), verdict.messages, failures))
         self._messages += verdict.messages
@@ -266,6 +305,12 @@ class FloodGuard:
                     del self._failures[fp]
         for fp in [fp for fp, until in self._exempt.items() if until <= now]:
             del self._exempt[fp]
+
+
+def _identity(batch: DecodedBatch) -> tuple[frozenset[tuple[TP, int]], int]:
+    """What tells the held batch when it is tried again (a rebalance that took some of its partitions
+    makes another batch of it)."""
+    return frozenset(batch.positions().items()), len(batch.records)
 
 
 def _groups(rejected: Iterable[Rejected], max_keys: int) -> dict[str, Group]:

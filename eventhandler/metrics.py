@@ -207,7 +207,8 @@ class Metrics:
         # Circuits are shared through PostgreSQL: every worker shows what the table says, so one
         # closed by an operator or by another worker's trial reads 0 here too.
         for consumer, fingerprint, is_open in snapshot.circuits:
-            self.set_circuit(consumer, fingerprint, is_open)
+            if consumer in consumers or not consumers:
+                self.set_circuit(consumer, fingerprint, is_open)
 
     def set_circuit(self, consumer: str, fingerprint: str, is_open: bool) -> None:
         """`fingerprint` as stored; the label shows it as views do."""

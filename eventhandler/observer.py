@@ -153,7 +153,7 @@ class MetricsObserver(Quiet):
     def retrying(self, exc: Exception, attempt: int, batch: DecodedBatch) -> None:
         self.metrics.transient_retries.labels(reason=type(exc).__name__).inc()
         if isinstance(exc, CircuitOpen):  # held on purpose: its DLQ rows were not refused
-            self.metrics.set_circuit(self.consumer, exc.circuit.fingerprint, True)
+            self.metrics.set_circuit(self.consumer, exc.circuit.fingerprint, not exc.exempted)
         elif batch.rejected:
             self.metrics.dlq_write_errors.inc()
 
@@ -180,7 +180,7 @@ class BatchLog(Quiet):
         if result.dlq_ids:
             self._dead_letters(result)
         for fingerprint in result.circuits_closed:
-            log.warning("circuit_closed", fingerprint=self.redactor.fingerprint(fingerprint), by="trial")
+            log.warning("circuit_closed", fingerprint=self.redactor.fingerprint(fingerprint))
 
     def _dead_letters(self, result: BatchResult) -> None:
         """One line per failure group (stage, error type, normalised message) of the batch, with its
@@ -209,7 +209,8 @@ class BatchLog(Quiet):
 
     def retrying(self, exc: Exception, attempt: int, batch: DecodedBatch) -> None:
         if isinstance(exc, CircuitOpen):
-            self._circuit(exc, attempt, batch)
+            if not exc.exempted:
+                self._circuit(exc, attempt, batch)
         elif attempt == 1 or attempt % 10 == 0:
             log.warning(
                 "batch_retry",

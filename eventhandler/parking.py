@@ -88,6 +88,8 @@ class Parking:
     ) -> tuple[list[Decoded], list[Decoded]]:
         """The events to apply and those to park, each in batch order: an event of an open key is
         parked, unless it is the replayed copy of one of the key's blockers (its own replay)."""
+        if not open_keys:  # the common case: no key of the batch is blocked
+            return list(events), []
         applied: list[Decoded] = []
         parked: list[Decoded] = []
         for decoded in events:

@@ -110,7 +110,8 @@ class BatchProcessor:
                 )
                 rejected = batch.rejected + rejected
                 if guard is not None:  # raises CircuitOpen when a failure is systemic: nothing is written
-                    verdict = guard.inspect(conn, len(batch.records), rejected, applied)
+                    untried = len(parked) + len(late)
+                    verdict = guard.inspect(conn, batch, rejected, applied, untried=untried)
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed
@@ -135,7 +136,10 @@ class BatchProcessor:
                 self.ledger.save_positions(conn, result.positions)
         except CircuitOpen as held:
             if guard is not None:
-                guard.hold(conn, held)
+                try:
+                    guard.hold(conn, held)
+                except PermanentError as exc:  # still a held batch, never a reason to stop
+                    raise TransientError(f"cannot write the flood guard's circuit: {exc}") from exc
             raise
         except (psycopg.Error, PermanentError) as exc:
             if self.policy.decide(exc, "batch") is not Decision.RETRY:
@@ -144,7 +148,7 @@ class BatchProcessor:
             raise (error if isinstance(error, TransientError) else TransientError(str(error))) from exc
         if guard is not None and verdict is not None:
             guard.committed(verdict)
-            result.circuits_closed = verdict.closed
+            result.circuits_closed = [*verdict.closed, *verdict.exempted]
         result.duplicates = len(duplicates)
         result.applied.update(d.event.type for d in applied)
         result.failed.update(r.stage for r in rejected)

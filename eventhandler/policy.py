@@ -93,6 +93,8 @@ class FailurePolicy:
     def delay(self, exc: Exception, attempt: int) -> float:
         """How long to hold the position before the `attempt`-th retry of a batch that failed with `exc`."""
         if isinstance(exc, CircuitOpen):
+            if exc.exempted:  # an operator closed it while the batch was judged: at once
+                return 0.0
             # jitter, so that the workers of a group do not probe in step
             return random.uniform(0.9, 1.1) * exc.probe_seconds  # noqa: S311
         return self.backoff.delay(attempt)

@@ -9,8 +9,8 @@ CREATE TABLE flood_circuit (
     error_type        text        NOT NULL,
     error_message     text        NOT NULL,  -- the first failure's, cut to 2,000 characters
     event_types       text[]      NOT NULL DEFAULT '{}',
-    failures          integer     NOT NULL,  -- what judged it: failures of the fingerprint,
-    messages          integer     NOT NULL,  -- of how many messages read,
+    failures          bigint      NOT NULL,  -- what judged it: failures of the fingerprint,
+    messages          bigint      NOT NULL,  -- of how many messages read,
     distinct_keys     integer     NOT NULL,  -- with at least this many keys
     sample_topic      text        NOT NULL,  -- where the first failure was read
     sample_partition  integer     NOT NULL,

@@ -208,9 +208,11 @@ class FakeCircuitStore(CircuitStore):
             if fp in self.rows and self.rows[fp]["until"] > now
         }
 
-    def hold(self, conn: Any, consumer: str, circuit: Circuit, worker_id: str) -> bool:
-        self.held.append(circuit)
+    def hold(self, conn: Any, consumer: str, circuit: Circuit, worker_id: str) -> bool | None:
         row = self.rows.get(circuit.fingerprint)
+        if row is not None and row["until"] > self.clock():
+            return None  # an operator's close is in force
+        self.held.append(circuit)
         was_open = row is not None and row["open"]
         self.rows[circuit.fingerprint] = {
             "open": True,

@@ -12,7 +12,7 @@ WHERE consumer = %(consumer)s AND fingerprint = ANY(%(fingerprints)s) AND dead_l
 
 -- name: hold
 -- A worker holds a batch for a circuit: open it (or keep it open) with the figures that judged it.
--- Returns whether it was open already.
+-- Returns whether it was open already; nothing when an operator closed it meanwhile.
 INSERT INTO flood_circuit AS c (consumer, fingerprint, state, stage, error_type, error_message, event_types,
                                 failures, messages, distinct_keys, sample_topic, sample_partition,
                                 sample_offset, opened_at, opened_by, tried_at)
@@ -28,6 +28,8 @@ ON CONFLICT (consumer, fingerprint) DO UPDATE SET
     distinct_keys = EXCLUDED.distinct_keys, sample_topic = EXCLUDED.sample_topic,
     sample_partition = EXCLUDED.sample_partition, sample_offset = EXCLUDED.sample_offset,
     tried_at = now(), closed_at = NULL, closed_by = NULL, close_note = NULL, dead_letter_until = NULL
+-- an operator's close that is still in force wins over a worker that had not seen it: no row comes back
+WHERE c.dead_letter_until IS NULL OR c.dead_letter_until <= now()
 RETURNING trials > 1 AS was_open;
 
 -- name: close_tried
