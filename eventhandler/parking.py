@@ -140,6 +140,7 @@ def digest(consumer_group: str, topic: str, key: bytes) -> uuid.UUID:
 class ParkingStore(Protocol):
     """Parking's statements, in the batch's transaction (`dlq.parking.PostgresParkingStore`)."""
 
+    def anything_open(self, conn: psycopg.Connection[Any], consumer: str) -> bool: ...
     def open_keys(
         self, conn: psycopg.Connection[Any], consumer: str, keys: Sequence[uuid.UUID]
     ) -> dict[uuid.UUID, OpenKey]: ...

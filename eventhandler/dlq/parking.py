@@ -26,6 +26,12 @@ RELEASED_NOTE = "released in order after the failure that blocked its key was cl
 class PostgresParkingStore:
     """The parking side of the worker's DLQ writes; every call takes the batch's connection."""
 
+    def anything_open(self, conn: psycopg.Connection[Any], consumer: str) -> bool:
+        """Whether any row of a parking topic is pending, replayed or parked."""
+        with translate_db_errors():
+            row = conn.execute(PARKING["anything_open"], {"consumer": consumer}).fetchone()
+        return bool(row and row[0])
+
     def open_keys(
         self, conn: psycopg.Connection[Any], consumer: str, keys: Sequence[uuid.UUID]
     ) -> dict[uuid.UUID, OpenKey]:

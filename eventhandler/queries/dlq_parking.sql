@@ -1,6 +1,14 @@
 -- Per-key parking (see `eventhandler.parking` and `eventhandler.dlq.parking`), inside the worker's
 -- batch transaction.
 
+-- name: anything_open
+-- Whether the consumer has any open row on a parking topic at all: when not, a batch parks nothing
+-- and releases nothing (the partial index answers it without a scan).
+SELECT EXISTS (
+    SELECT 1 FROM dlq
+    WHERE consumer = %(consumer)s AND park_key IS NOT NULL AND status IN ('pending', 'replayed', 'parked')
+);
+
 -- name: open_keys
 -- For a batch's keys, those with open rows: the ids of their blockers (pending or replayed rows), and
 -- the row new parked rows link to (the oldest blocker, else what the parked rows already link to).
