@@ -69,6 +69,13 @@ def test_librdkafka_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> Non
         ("EVENTHANDLER_KAFKA_OPTIONS", "[1, 2]", "JSON object"),
         ("EVENTHANDLER_UNKNOWN_EVENT_POLICY", "explode", "dead-letter"),
         ("EVENTHANDLER_API_REDACT_FIELDS", "data..password", "empty segment"),
+        ("EVENTHANDLER_FLOOD_GUARD", "maybe", "valid boolean"),
+        ("EVENTHANDLER_FLOOD_RATIO", "1.5", "less than or equal to 1"),
+        ("EVENTHANDLER_FLOOD_RATIO", "0", "greater than 0"),
+        ("EVENTHANDLER_FLOOD_MIN_FAILURES", "0", "greater than or equal to 1"),
+        ("EVENTHANDLER_FLOOD_MIN_KEYS", "many", "valid integer"),
+        ("EVENTHANDLER_FLOOD_WINDOW_SECONDS", "-1", "greater than 0"),
+        ("EVENTHANDLER_FLOOD_PROBE_SECONDS", "nan", "less than or equal to 3600"),
     ],
 )
 def test_a_bad_value_names_the_setting(
