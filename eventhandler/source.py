@@ -305,6 +305,11 @@ class KafkaSource:
         hold = [p for p in partitions if self.paused or (p.topic, p.partition) in unknown]
         if hold:
             client.pause(hold)
+        # librdkafka keeps a partition's pause across a revoke: one paused while a batch was held
+        # (an outage, an open circuit) and assigned again would never deliver.
+        flowing = [p for p in partitions if not (self.paused or (p.topic, p.partition) in unknown)]
+        if flowing:
+            client.resume(flowing)
         self._metrics.rebalances.labels(kind="assign").inc()
         self._metrics.assigned_partitions.set(len(self.assignment))
         log.info("partitions_assigned", partitions=sorted(f"{t}[{p}]" for t, p in tps), stored=len(positions))
