@@ -242,5 +242,14 @@ class FakeCircuitStore(CircuitStore):
             closed.append(fp)
         return closed
 
+    def opened_elsewhere(self, fingerprint: str, event_types: frozenset[str] = frozenset()) -> None:
+        """A circuit another worker opened just now."""
+        self.rows[fingerprint] = {
+            "open": True,
+            "event_types": event_types,
+            "tried_at": self.clock(),
+            "until": 0.0,
+        }
+
     def close_by_operator(self, fingerprint: str, seconds: float) -> None:
         self.rows[fingerprint].update(open=False, until=self.clock() + seconds)

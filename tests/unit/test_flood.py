@@ -275,12 +275,7 @@ def test_a_circuit_found_open_is_judged_on_the_window_like_any_failure() -> None
     clock = Clock()
     store = FakeCircuitStore(clock=clock)
     fp = many_keys(1)[0].failure.fingerprint
-    store.rows[fp] = {
-        "open": True,
-        "event_types": frozenset({"order.paid"}),
-        "tried_at": clock.now,
-        "until": 0.0,
-    }
+    store.opened_elsewhere(fp, frozenset({"order.paid"}))
     guard, _ = make_guard(store, clock)
     run(guard, 1, many_keys(1))
     run(guard, 5, many_keys(5))
@@ -292,12 +287,7 @@ def test_a_circuit_found_open_closes_only_when_its_events_apply_and_no_worker_tr
     clock = Clock()
     store = FakeCircuitStore(clock=clock)
     fp = many_keys(1)[0].failure.fingerprint
-    store.rows[fp] = {
-        "open": True,
-        "event_types": frozenset({"order.paid"}),
-        "tried_at": clock.now,
-        "until": 0.0,
-    }
+    store.opened_elsewhere(fp, frozenset({"order.paid"}))
     guard, _ = make_guard(store, clock)
     assert run(guard, 10, [], applied(10, "device.reading")).closed == []  # not its events
     assert run(guard, 10, [], applied(10)).closed == []  # another worker tried it just now
@@ -309,12 +299,7 @@ def test_a_circuit_found_open_closes_only_when_its_events_apply_and_no_worker_tr
 def test_circuits_closed_elsewhere_are_forgotten_at_the_next_sync() -> None:
     clock = Clock()
     store = FakeCircuitStore(clock=clock)
-    store.rows["0123456789abcdef"] = {
-        "open": True,
-        "event_types": frozenset(),
-        "tried_at": clock.now,
-        "until": 0.0,
-    }
+    store.opened_elsewhere("0123456789abcdef")
     guard, _ = make_guard(store, clock)
     run(guard, 10, [])
     assert "0123456789abcdef" in guard.open
