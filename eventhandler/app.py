@@ -34,6 +34,7 @@ from eventhandler.policy import Backoff, FailurePolicy
 from eventhandler.redaction import Redactor
 from eventhandler.replay import Replayer
 from eventhandler.service import DLQService
+from eventhandler.simulate import Simulator
 from eventhandler.source import KafkaSource
 from eventhandler.worker import Worker, default_worker_id
 
@@ -194,10 +195,18 @@ def build_service(
     if metrics is not None:  # the API's /metrics shows circuits as every view does
         metrics.shown_fingerprint = redactor.fingerprint
     replayer = Replayer(PostgresReplayRows(pool), settings.producer_config(), metrics=metrics)
+    simulator = Simulator(
+        pool,
+        lambda: load_registry(settings.handlers),
+        handlers=settings.handlers,
+        skip_unknown=settings.unknown_event_policy == "skip",
+        redactor=redactor,
+    )
     service = DLQService(
         repository,
         replayer,
         redactor=redactor,
         circuits=PostgresCircuitStore(pool),
+        simulator=simulator,
     )
     return service, pool

@@ -157,7 +157,7 @@ class Header(BaseModel):
     encoding: Literal["text", "base64"] | None
 
 
-# The admin API's row and the one `dlq show --json` prints (see `service.row_detail`); its docstring is
+# The admin API's row and the one `dlq show --json` prints (see `detail.row_detail`); its docstring is
 # the OpenAPI description.
 class DLQDetail(DLQSummary):
     """A whole DLQ row. Bytes are shown as JSON or text when they are, else as base64."""

@@ -62,6 +62,11 @@ def replay_headers(entry: DLQEntry) -> Headers:
     return headers
 
 
+def replay_message(entry: DLQEntry) -> tuple[bytes | None, Headers]:
+    """What a replay publishes for a row, beside its key: the payload and the headers."""
+    return entry.event_payload, replay_headers(entry)
+
+
 def _utf8_keys(headers: Headers) -> bool:
     try:
         for key, _ in headers:
@@ -79,11 +84,13 @@ class _RawPublisher:
         self._config = config
         self._producer: RawProducer | None = None
 
-    def publish(self, dlq_id: int, topic: str, row: DLQEntry, headers: Headers) -> str | None:
+    def publish(
+        self, dlq_id: int, topic: str, value: bytes | None, key: bytes | None, headers: Headers
+    ) -> str | None:
         if self._producer is None:
             self._producer = RawProducer(self._config)
-        raw = [(raw_header_key(key), value) for key, value in headers]
-        return self._producer.produce(dlq_id, topic, row.event_payload, row.message_key, raw)
+        raw = [(raw_header_key(name), header) for name, header in headers]
+        return self._producer.produce(dlq_id, topic, value, key, raw)
 
     def settle(self, timeout: float, delivered: set[int], failed: dict[int, str]) -> None:
         if self._producer is None:
@@ -267,9 +274,9 @@ class Replayer:
         for row in rows:
             limiter.wait()
             topic = to_topic or row.source_topic
-            headers = replay_headers(row)
+            value, headers = replay_message(row)
             if not _utf8_keys(headers):
-                refused = raw.publish(row.dlq_id, topic, row, headers)
+                refused = raw.publish(row.dlq_id, topic, value, row.message_key, headers)
                 if refused is not None:
                     failed[row.dlq_id] = refused
                 continue
@@ -277,7 +284,7 @@ class Replayer:
                 try:
                     producer.produce(
                         topic,
-                        value=row.event_payload,
+                        value=value,
                         key=row.message_key,
                         headers=headers,  # type: ignore[arg-type]  # list is invariant
                         on_delivery=on_delivery(row.dlq_id),

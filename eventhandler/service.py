@@ -6,18 +6,16 @@ log line that goes with it. The CLI and the API only parse input and render outp
 
 from __future__ import annotations
 
-import base64
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 from eventhandler.circuits import CircuitBoard
+from eventhandler.detail import row_detail
 from eventhandler.dlq import OperatorStore
 from eventhandler.errors import Busy, InvalidOperation, NotFound, NotPermitted, PublishFailed
 from eventhandler.filters import replay_target_problem
-from eventhandler.librdkafka import raw_header_key
 from eventhandler.logs import get_logger
 from eventhandler.models import (
     STATUSES,
@@ -26,12 +24,12 @@ from eventhandler.models import (
     DLQFilter,
     DLQSummary,
     FingerprintGroup,
-    Header,
     Stats,
     Status,
 )
 from eventhandler.redaction import Redactor, View
 from eventhandler.replay import Replayer, ReplayReport
+from eventhandler.simulate import Simulation, Simulator
 
 log = get_logger("eventhandler.audit")
 
@@ -56,41 +54,6 @@ class ReplayPlan:
         return ReplayReport(matched=self.matched, dry_run=True)
 
 
-def row_detail(view: View) -> DLQDetail:
-    """A row as operators see it, in JSON (the redactor made `view`): every byte field as text when
-    it is UTF-8, else as base64, and the payload as the view rendered it."""
-    entry = view.entry
-    key, key_encoding = _text_or_base64(entry.message_key)
-    headers = []
-    for name, raw in entry.headers:
-        value, value_encoding = _text_or_base64(raw)
-        key_text, key_text_encoding = _as_text(raw_header_key(name))
-        headers.append(
-            Header(key=key_text, key_encoding=key_text_encoding, value=value, encoding=value_encoding)
-        )
-    fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
-    return DLQDetail(
-        **fields,
-        payload=view.payload.document,
-        payload_encoding=view.payload.encoding,
-        payload_redacted=view.payload.masked,
-        key=key,
-        key_encoding=key_encoding,
-        headers=headers,
-    )
-
-
-def _text_or_base64(raw: bytes | None) -> tuple[str | None, Literal["text", "base64"] | None]:
-    return (None, None) if raw is None else _as_text(raw)
-
-
-def _as_text(raw: bytes) -> tuple[str, Literal["text", "base64"]]:
-    try:
-        return raw.decode("utf-8"), "text"
-    except UnicodeDecodeError:
-        return base64.b64encode(raw).decode("ascii"), "base64"
-
-
 class DLQService:
     def __init__(
         self,
@@ -99,9 +62,11 @@ class DLQService:
         *,
         redactor: Redactor | None = None,
         circuits: CircuitBoard | None = None,
+        simulator: Simulator | None = None,
     ) -> None:
         self.repository = repository
         self.replayer = replayer
+        self.simulator = simulator
         self.circuit_board = circuits
         self.redactor = redactor or Redactor(())
         # Each replay holds a thread (and a producer) while it publishes; the API answers 503 beyond this.
@@ -315,6 +280,19 @@ class DLQService:
         matched = min(matched, limit) if limit is not None else matched
         shown = self.list_rows(flt, limit=min(matched, rows)) if matched and rows else []
         return ReplayPlan(matched=matched, rows=shown)
+
+    def simulate(
+        self, flt: DLQFilter, *, actor: str, limit: int | None = None, force: bool = False
+    ) -> Simulation:
+        """What `replay` with the same arguments would do: the current code run on the rows in a
+        transaction that is rolled back (see `simulate`). Nothing changes, so nothing is audited."""
+        flt = self._replayable(flt, force=force, to_topic=None)
+        if self.simulator is None:
+            raise InvalidOperation("this service was built without a simulator")
+        with self._replay_slot():
+            simulation = self.simulator.simulate(flt, limit=limit)
+        log.info("dlq_simulated", actor=actor, matched=simulation.matched, **simulation.outcomes)
+        return simulation
 
     def retry(
         self, dlq_id: int, *, actor: str, force: bool = False, to_topic: str | None = None

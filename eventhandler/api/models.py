@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -29,6 +29,7 @@ MAX_ID = 2**63 - 1  # dlq_id is a bigint
 MAX_PAGE = 500
 MAX_REPLAY = 10_000
 MAX_IDS = 1_000
+MAX_SIMULATE = 100_000
 
 
 def _storable(text: str) -> str:
@@ -162,6 +163,25 @@ class RetryAllRequest(_Filters):
         return self._filter(self.ids, self.statuses or ["pending"])
 
 
+class SimulateRequest(_Filters):
+    """Simulate a replay of the rows matching the filters (the same selection as `retry-all`)."""
+
+    ids: list[BodyId] = Field(default_factory=list, max_length=MAX_IDS)
+    statuses: list[Status] = Field(default_factory=list, max_length=4)
+    limit: StrictInt = Field(ge=1, le=MAX_SIMULATE, description="The most rows to simulate.")
+    all: StrictBool = Field(default=False, description="Needed to simulate without any other filter.")
+    force: StrictBool = Field(default=False, description="Include resolved or discarded rows.")
+
+    @model_validator(mode="after")
+    def _narrowed(self) -> SimulateRequest:
+        if not self.all and self._filter(self.ids, []).is_empty():
+            raise ValueError("give at least one filter, or set all to true")
+        return self
+
+    def dlq_filter(self) -> DLQFilter:
+        return self._filter(self.ids, self.statuses or ["pending"])
+
+
 class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -252,6 +272,42 @@ class ReplayResponse(BaseModel):
     dry_run: bool
     published_ids: list[int]
     failures: dict[str, str] = Field(description="dlq_id → why the broker refused it.")
+
+
+class PredictedRow(BaseModel):
+    dlq_id: int
+    fingerprint: str = Field(description="The row's error group now.")
+    outcome: Literal["apply", "fail", "duplicate", "skip"]
+    stage: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    new_fingerprint: str | None = Field(default=None, description="With fail: the new error's group.")
+
+
+class PredictedGroup(BaseModel):
+    fingerprint: str
+    rows: int
+    outcomes: dict[str, int]
+    new_errors: dict[str, int] = Field(description="New fingerprint → rows that would fail with it.")
+
+
+class PredictedFailure(BaseModel):
+    fingerprint: str
+    rows: int
+    stage: str
+    error_type: str
+    sample_message: str
+    sample_id: int
+
+
+class SimulationResponse(BaseModel):
+    matched: int
+    outcomes: dict[str, int] = Field(description="apply / fail / duplicate / skip → rows.")
+    groups: list[PredictedGroup]
+    failures: list[PredictedFailure]
+    rows: list[PredictedRow]
+    code: dict[str, Any] = Field(description="The code it ran: version, EVENTHANDLER_HANDLERS, digests.")
+    seconds: float
 
 
 class ResolveResponse(BaseModel):

@@ -25,6 +25,8 @@ from eventhandler.api.models import (
     ResolveResponse,
     RetryAllRequest,
     RetryRequest,
+    SimulateRequest,
+    SimulationResponse,
     StatsQuery,
     StatsResponse,
     ValidationErrorResponse,
@@ -154,11 +156,32 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
     return ReplayResponse.model_validate(report.as_dict())
 
 
+@router.post(
+    "/simulate",
+    response_model=SimulationResponse,
+    summary="Simulate a replay of every row matching the filters",
+    responses=_errors(403, 404, 409),
+)
+def simulate(request: SimulateRequest, principal: Admin, service: Service) -> SimulationResponse:
+    """Runs the current deserializer, handlers and projection writes on the matching rows in a
+    PostgreSQL transaction that is rolled back, and says per row and per error group what a replay
+    would do: apply, fail again (with the new error), or nothing (already applied). Nothing is
+    published and nothing changes."""
+    flt = service.readable_filter(request.dlq_filter(), reader=False)
+    simulation = service.simulate(flt, actor=principal.actor, limit=request.limit, force=request.force)
+    return SimulationResponse.model_validate(simulation.as_dict())
+
+
 # Without these, `DELETE /stats` or `GET /retry-all` reach the `/{dlq_id}` routes and get a 422 for
 # an id that is not a number; the right answer is 405 with the methods the path has.
 @router.api_route("/stats", methods=["POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 def _stats_other_methods() -> Response:
     return _not_allowed("GET")
+
+
+@router.api_route("/simulate", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+def _simulate_other_methods() -> Response:
+    return _not_allowed("POST")
 
 
 @router.api_route("/retry-all", methods=["GET", "PUT", "DELETE", "PATCH"], include_in_schema=False)

@@ -29,8 +29,8 @@ from eventhandler.cli.shared import (
     print_json,
     service,
 )
+from eventhandler.detail import row_detail
 from eventhandler.filters import parse_duration
-from eventhandler.service import row_detail
 
 dlq_app = typer.Typer(help="Inspect and change the dead letter queue.", no_args_is_help=True)
 

@@ -9,10 +9,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from eventhandler.librdkafka import shown_header_key
 from eventhandler.models import CircuitState, DLQDetail, DLQEntry, DLQSummary, Stats
+from eventhandler.simulate import OUTCOMES, Simulation
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -214,3 +217,38 @@ def circuits_table(circuits: Sequence[CircuitState]) -> Table:
             c.closed_by or "",
         )
     return table
+
+
+def print_simulation(console: Console, simulation: Simulation) -> None:
+    """A simulated replay: the outcome per error group, then the failures a replay would meet."""
+    groups = Table(title="what a replay would do, by error group", header_style="bold")
+    for column in ("fingerprint", "rows", "apply", "fail", "duplicate", "skip"):
+        groups.add_column(column, justify="left" if column == "fingerprint" else "right")
+    for group in simulation.groups():
+        groups.add_row(group.fingerprint, str(group.rows), *(str(group.outcomes[o]) for o in OUTCOMES))
+    console.print(groups)
+    failures = simulation.failures()
+    if failures:
+        table = Table(title="the failures it would meet", header_style="bold")
+        for column in ("new fingerprint", "rows", "stage", "error type", "sample (row)"):
+            table.add_column(column, overflow="fold")
+        for failure in failures:
+            table.add_row(
+                failure["fingerprint"],
+                str(failure["rows"]),
+                failure["stage"],
+                escape(failure["error_type"]),
+                Text(f"{_short(failure['sample_message'], 90)} ({failure['sample_id']})"),
+            )
+        console.print(table)
+    outcomes = simulation.outcomes
+    code = simulation.code
+    console.print(
+        f"simulated {simulation.matched} rows in {simulation.seconds:.2f} s (rolled back; nothing "
+        f"published): {outcomes['apply']} would apply, {outcomes['fail']} would fail again, "
+        f"{outcomes['duplicate']} already applied, {outcomes['skip']} skipped",
+        markup=False,
+    )
+    handlers = ", ".join(code["handlers"]) or "(the built-in example only)"
+    line = f"code: eventhandler {code['eventhandler']}; EVENTHANDLER_HANDLERS: {handlers}"
+    console.print(line, markup=False)

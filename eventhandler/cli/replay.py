@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from eventhandler.cli.render import make_console, rows_table
+from eventhandler.cli.render import make_console, print_simulation, rows_table
 from eventhandler.cli.shared import (
     ActorOpt,
     ConsumerOpt,
@@ -29,6 +29,7 @@ from eventhandler.cli.shared import (
 )
 
 DRY_RUN_ROWS = 1000  # a dry run lists at most this many rows
+WOULD_FAIL = 3  # the exit status of a simulation that predicts failures
 
 
 def replay(
@@ -50,6 +51,14 @@ def replay(
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count and list what would be replayed; change nothing.")
+    ] = False,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            "--simulate",
+            help="Run the current handlers on the rows in a transaction that is rolled back and "
+            "report what a replay would do; publish and change nothing. Exit 3: some would fail.",
+        ),
     ] = False,
     rate: Annotated[float | None, typer.Option(help="Messages per second at most.", min=0.01)] = None,
     force: Annotated[
@@ -75,6 +84,15 @@ def replay(
     console = make_console(stderr=as_json)
     with service() as svc:
         flt = svc.readable_filter(flt, reader=False)
+        if simulate:
+            simulation = svc.simulate(flt, actor=actor_name(actor), limit=limit, force=force)
+            if as_json:
+                print_json(simulation.as_dict())
+            else:
+                print_simulation(console, simulation)
+            if simulation.outcomes["fail"]:
+                raise typer.Exit(WOULD_FAIL)
+            return
         plan = svc.preview(
             flt, limit=limit, to_topic=to_topic, force=force, rows=DRY_RUN_ROWS if dry_run else 0
         )

@@ -71,10 +71,8 @@ class PostgresOperatorStore:
         """Whole rows by id (the ones that exist)."""
         if not ids:
             return {}
-        query = sql.SQL(READ["entries"]).format(columns=ENTRY_COLUMNS)
-        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            found = cur.execute(query, {"ids": list(ids)}).fetchall()
-        return {entry.dlq_id: entry for entry in map(rows.entry, found)}
+        with translate_db_errors(), self._pool.connection() as conn:
+            return rows.entries(conn, ids)
 
     def depth(self) -> list[DepthRow]:
         return self.depth_snapshot().rows

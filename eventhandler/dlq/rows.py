@@ -11,6 +11,7 @@ import psycopg
 import psycopg_pool
 import structlog
 from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from eventhandler import queries
@@ -110,6 +111,14 @@ def matching_ids(pool: psycopg_pool.ConnectionPool, flt: DLQFilter, limit: int |
     query = sql.SQL(READ["matching_ids"]).format(where=where_clause)
     with translate_db_errors(), pool.connection() as conn:
         return [r[0] for r in conn.execute(query, params | {"limit": limit}).fetchall()]
+
+
+def entries(conn: psycopg.Connection[Any], ids: Sequence[int]) -> dict[int, DLQEntry]:
+    """Whole rows by id (the ones that exist), on the caller's connection."""
+    query = sql.SQL(READ["entries"]).format(columns=ENTRY_COLUMNS)
+    with conn.cursor(row_factory=dict_row) as cur:
+        found = cur.execute(query, {"ids": list(ids)}).fetchall()
+    return {e.dlq_id: e for e in map(entry, found)}
 
 
 @contextmanager

@@ -389,6 +389,44 @@ def test_retry_of_a_resolved_or_discarded_row_needs_force(api: Api, db: psycopg.
     assert scalar(db, "SELECT replay_count FROM dlq WHERE dlq_id = %s", replayed) == 1
 
 
+def test_simulate_predicts_per_row_and_group_through_redaction_and_changes_nothing(
+    api: Api, db: psycopg.Connection[Any]
+) -> None:
+    """The rows fail again (no device registered): the answer names the new error's group as views
+    show it (keyed while redacting) with the masked value masked, and the row is as it was."""
+    event = k.cloud_event(
+        "device.reading", {"device_id": "pump-7", "metric": "t", "value": 1, "password": "hunter22"}
+    )
+    event["data"]["device_id"] = "hunter22"  # the error quotes it: masked there too
+    (dlq_id,) = api.record(failure(api, value=k.structured(event), headers=[]))
+    before = db.execute("SELECT dlq::text FROM dlq").fetchall()
+
+    response = api.client.post(f"{DLQ}/simulate", json={"ids": [dlq_id], "limit": 10}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["outcomes"] == {"apply": 0, "fail": 1, "duplicate": 0, "skip": 0}
+    (row,) = body["rows"]
+    assert row["outcome"] == "fail"
+    assert row["error_type"] == "HandlerFailure"
+    assert "hunter22" not in response.text
+    assert row["error_message"] == "device '***' is not registered"
+    stored = failure(api, stage="handler", error_type="HandlerFailure", error_message=row["error_message"])
+    assert row["new_fingerprint"] != stored.fingerprint  # keyed, not the stored hash of the text
+    assert row["fingerprint"] == shown_fingerprint(api, scalar(db, "SELECT fingerprint FROM dlq"))
+    assert body["groups"][0]["outcomes"]["fail"] == 1
+    assert body["code"]["handlers"] == []
+    assert db.execute("SELECT dlq::text FROM dlq").fetchall() == before
+    assert audit(db) == []
+
+    assert api.client.get(f"{DLQ}/simulate", headers=ADMIN).status_code == 405
+    refused = api.client.post(f"{DLQ}/simulate", json={"limit": 10}, headers=ADMIN)
+    assert refused.status_code == 422
+    parked = api.client.post(
+        f"{DLQ}/simulate", json={"all": True, "limit": 10, "statuses": ["parked"]}, headers=ADMIN
+    )
+    assert parked.status_code == 409, parked.text
+
+
 def test_retry_to_another_topic(api: Api, kafka_bootstrap: str, db: psycopg.Connection[Any]) -> None:
     other = f"{api.settings.topics[0]}-retry"
     k.create_topic(kafka_bootstrap, other, partitions=1)
@@ -587,13 +625,14 @@ def test_the_audit_alone_says_who_did_what_to_which_rows_when_and_from_where(
 
 # -- authorization ------------------------------------------------------------------------------------------
 
-# (name, method, path, JSON body, is a change)
+# (name, method, path, JSON body, admin only); every admin route but simulate changes something
 ROUTES: list[tuple[str, str, str, dict[str, Any] | None, bool]] = [
     ("list", "GET", DLQ, None, False),
     ("stats", "GET", f"{DLQ}/stats", None, False),
     ("get", "GET", f"{DLQ}/{{id}}", None, False),
     ("retry", "POST", f"{DLQ}/{{id}}/retry", None, True),
     ("retry_all", "POST", f"{DLQ}/retry-all", {"all": True, "limit": 10}, True),
+    ("simulate", "POST", f"{DLQ}/simulate", {"all": True, "limit": 10}, True),
     ("delete", "DELETE", f"{DLQ}/{{id}}", None, True),
     ("resolve", "PUT", f"{DLQ}/{{id}}/resolve", {"note": "done"}, True),
     ("circuits", "GET", CIRCUITS, None, False),
@@ -646,7 +685,7 @@ def test_auth_matrix(
 
     response = api.client.request(method, url, json=body, headers=ADMIN)
     assert response.status_code == (204 if name == "delete" else 200), response.text
-    if change:
+    if change and name != "simulate":
         assert audit(db)[0][0] == "api:admin"
 
 
