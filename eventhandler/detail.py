@@ -23,7 +23,7 @@ def row_detail(view: View) -> DLQDetail:
         headers.append(
             Header(key=key_text, key_encoding=key_text_encoding, value=value, encoding=value_encoding)
         )
-    fields = entry.model_dump(exclude={"event_payload", "message_key", "headers"})
+    fields = entry.model_dump(exclude={"event_payload", "message_key", "headers", "edited_payload"})
     return DLQDetail(
         **fields,
         payload=view.payload.document,
@@ -32,6 +32,9 @@ def row_detail(view: View) -> DLQDetail:
         key=key,
         key_encoding=key_encoding,
         headers=headers,
+        edited_payload=view.edited.document if view.edited else None,
+        edited_payload_encoding=view.edited.encoding if view.edited else None,
+        edit_diff=view.diff,
     )
 
 

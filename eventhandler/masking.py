@@ -116,6 +116,14 @@ class Scrubber:
     def __bool__(self) -> bool:
         return bool(self._forms)
 
+    def __or__(self, other: Scrubber) -> Scrubber:
+        """One that masks what either masks (a row's original payload and its repair)."""
+        union = Scrubber()
+        union._forms = sorted(set(self._forms) | set(other._forms), key=len, reverse=True)
+        union._raw = [form.encode("utf-8", "surrogatepass") for form in union._forms]
+        union._everything = self._everything or other._everything or len(union._forms) > MAX_SEARCHED
+        return union
+
     def text(self, text: str | None) -> str | None:
         if text is None or not self._forms:
             return text

@@ -148,6 +148,9 @@ class DLQEntry(DLQSummary):
     resolution_note: str | None
     worker_version: str
     updated_at: datetime
+    edited_payload: bytes | None = None  # an operator's repair, beside the original (see `repair`)
+    edited_at: datetime | None = None
+    edited_by: str | None = None
 
 
 class Header(BaseModel):
@@ -179,6 +182,16 @@ class DLQDetail(DLQSummary):
     resolution_note: str | None
     worker_version: str
     updated_at: datetime
+    edited_payload: JsonValue = Field(
+        default=None,
+        description="An operator's repair of the payload (replayed instead), shown as `payload` is.",
+    )
+    edited_payload_encoding: Literal["json", "base64", "withheld"] | None = None
+    edited_at: datetime | None = None
+    edited_by: str | None = None
+    edit_diff: list[dict[str, JsonValue]] | None = Field(
+        default=None, description="The JSON Patch from the original payload to the repair, redacted."
+    )
 
 
 class DLQFilter(BaseModel):

@@ -26,10 +26,11 @@ import json
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from pydantic import JsonValue
 
+from eventhandler import repair
 from eventhandler.logs import redact_text
 from eventhandler.masking import (
     MASK,
@@ -59,10 +60,13 @@ class Payload:
 
 @dataclass
 class View:
-    """A row as every view shows it; `entry.event_payload` holds what `payload` renders."""
+    """A row as every view shows it; `entry.event_payload` holds what `payload` renders, and
+    `entry.edited_payload` what `edited` renders (an operator's repair, see `repair`)."""
 
     entry: DLQEntry
     payload: Payload
+    edited: Payload | None = None
+    diff: list[dict[str, Any]] | None = None  # the JSON Patch from the original to the repair
 
 
 class Redactor:
@@ -160,8 +164,14 @@ class Redactor:
     # -- the row ----------------------------------------------------------------------------------
 
     def view(self, entry: DLQEntry) -> View:
-        """The row with the payload's masked values masked in every other field too."""
+        """The row with the payload's masked values masked in every other field too (and those of
+        its repair, when an operator edited it)."""
         payload, scrubber = self.payload(entry.event_payload, entry.headers)
+        edited, diff = None, None
+        if entry.edited_payload is not None:
+            edited, edit_scrubber = self.payload(entry.edited_payload, entry.headers)
+            scrubber = scrubber | edit_scrubber
+            diff = self._diff(entry, payload, edited)
         shown = entry.model_copy(
             update={
                 "event_id": scrubber.text(entry.event_id),
@@ -174,9 +184,20 @@ class Redactor:
                 "error_message": _text(entry.error_message, scrubber),
                 "error_traceback": _text(entry.error_traceback, scrubber),
                 "event_payload": _payload_bytes(entry.event_payload, payload),
+                "edited_payload": _payload_bytes(entry.edited_payload, edited) if edited else None,
             }
         )
-        return View(shown, payload)
+        return View(shown, payload, edited, diff)
+
+    def _diff(self, entry: DLQEntry, payload: Payload, edited: Payload) -> list[dict[str, Any]] | None:
+        """The repair's diff as views show it; None when a side is not JSON or too large to diff."""
+        original, repaired = entry.event_payload or b"", entry.edited_payload or b""
+        if payload.encoding != "json" or edited.encoding != "json":
+            return None
+        if len(original) + len(repaired) > repair.MAX_DIFF_BYTES:
+            return None
+        raw = (parse_json(original), parse_json(repaired))
+        return repair.shown_diff(*raw, payload.document, edited.document, MASK)
 
     def summary(self, row: DLQSummary, entry: DLQEntry | None) -> DLQSummary:
         """A list row; `entry` is the same row in full (needed while redaction is on)."""

@@ -63,8 +63,10 @@ def replay_headers(entry: DLQEntry) -> Headers:
 
 
 def replay_message(entry: DLQEntry) -> tuple[bytes | None, Headers]:
-    """What a replay publishes for a row, beside its key: the payload and the headers."""
-    return entry.event_payload, replay_headers(entry)
+    """What a replay publishes for a row, beside its key: the payload (an operator's repair of it when
+    there is one) and the headers."""
+    value = entry.edited_payload if entry.edited_payload is not None else entry.event_payload
+    return value, replay_headers(entry)
 
 
 def _utf8_keys(headers: Headers) -> bool:

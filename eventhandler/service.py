@@ -10,7 +10,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+from eventhandler import repair
 from eventhandler.circuits import CircuitBoard
 from eventhandler.detail import row_detail
 from eventhandler.dlq import OperatorStore
@@ -223,6 +225,37 @@ class DLQService:
         log.info("dlq_discarded", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
         return changed
 
+    def edit(
+        self,
+        dlq_id: int,
+        *,
+        actor: str,
+        payload: bytes | None = None,
+        patch: Sequence[dict[str, Any]] | None = None,
+        note: str | None = None,
+    ) -> View:
+        """Keep a repair of a pending row's payload beside its original bytes: a whole new `payload`,
+        or a JSON Patch applied to the current one (the repair, if there is one). Checked with the
+        current deserializer first; audited with the diff as views show it."""
+        if (payload is None) == (patch is None):
+            raise InvalidOperation("give either the new payload or a patch")
+        entry = self.repository.get(dlq_id)
+        if entry.status != "pending":
+            raise InvalidOperation(f"DLQ row {dlq_id} is {entry.status}; only a pending row can be edited")
+        current = entry.edited_payload if entry.edited_payload is not None else entry.event_payload
+        new = repair.replaced(payload) if payload is not None else repair.patched(current, patch or [])
+        try:
+            repair.validate(entry, new, self._simulator().deserialize)
+        except InvalidOperation as exc:  # the error may quote the payload's values
+            raise InvalidOperation(self.redactor.failure_text(str(exc), new, entry.headers)) from None
+        stored = None if new == entry.event_payload else new  # back to the original: no repair
+        after = self.redactor.view(entry.model_copy(update={"edited_payload": stored}))
+        detail = {"diff": after.diff, "note": note, "bytes": len(new), "undone": stored is None}
+        if not self.repository.edit(dlq_id, stored, actor=actor, detail=detail):
+            raise InvalidOperation(f"DLQ row {dlq_id} changed status meanwhile; look at it again")
+        log.info("dlq_edited", actor=actor, dlq_id=dlq_id, changes=len(after.diff or []), note=note)
+        return self.view(dlq_id)
+
     def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
         self.require_ids(ids)
         deleted = self.repository.delete(ids, actor=actor)
@@ -287,12 +320,15 @@ class DLQService:
         """What `replay` with the same arguments would do: the current code run on the rows in a
         transaction that is rolled back (see `simulate`). Nothing changes, so nothing is audited."""
         flt = self._replayable(flt, force=force, to_topic=None)
-        if self.simulator is None:
-            raise InvalidOperation("this service was built without a simulator")
         with self._replay_slot():
-            simulation = self.simulator.simulate(flt, limit=limit)
+            simulation = self._simulator().simulate(flt, limit=limit)
         log.info("dlq_simulated", actor=actor, matched=simulation.matched, **simulation.outcomes)
         return simulation
+
+    def _simulator(self) -> Simulator:
+        if self.simulator is None:
+            raise InvalidOperation("this service was built without the handlers' code (a simulator)")
+        return self.simulator
 
     def retry(
         self, dlq_id: int, *, actor: str, force: bool = False, to_topic: str | None = None

@@ -31,10 +31,11 @@ from eventhandler.db import translate_db_errors
 from eventhandler.dlq import rows
 from eventhandler.dlq.writer import PostgresDLQWriter
 from eventhandler.errors import Busy, TransientError
+from eventhandler.events import Deserializer, Event
 from eventhandler.handlers import Registry
 from eventhandler.ledger import Ledger
 from eventhandler.logs import redact_text
-from eventhandler.models import DLQEntry, DLQFilter
+from eventhandler.models import DLQEntry, DLQFilter, Headers
 from eventhandler.pipeline import BatchProcessor
 from eventhandler.policy import FailurePolicy
 from eventhandler.redaction import Redactor
@@ -166,6 +167,7 @@ class Simulator:
         self._pool = pool
         self._load_registry = registry
         self._registry: Registry | None = None
+        self._deserializer = Deserializer({})
         self._handlers = list(handlers)
         self._redactor = redactor or Redactor(())
         # The worker's policy, but a transient failure (a lock the simulation did not get, PostgreSQL
@@ -176,7 +178,13 @@ class Simulator:
     def registry(self) -> Registry:
         if self._registry is None:
             self._registry = self._load_registry()
+            self._deserializer = Deserializer(self._registry.payload_models)
         return self._registry
+
+    def deserialize(self, value: bytes | None, headers: Headers) -> Event:
+        """The current deserializer, of the handlers this process loaded (a repair is checked with it)."""
+        self.registry()
+        return self._deserializer(value, headers)
 
     def simulate(self, flt: DLQFilter, *, limit: int | None = None) -> Simulation:
         started = time.monotonic()

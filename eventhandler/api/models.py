@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     StrictBool,
     StrictInt,
     StringConstraints,
@@ -189,6 +190,24 @@ class RetryRequest(BaseModel):
     to_topic: TargetTopic | None = Field(
         default=None, description="Publish here instead of the original topic."
     )
+
+
+class EditRequest(BaseModel):
+    """A repair of a pending row's payload: the whole new `payload`, or a JSON Patch (RFC 6902)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    payload: JsonValue = Field(default=None, description="The whole new payload (a JSON document).")
+    patch: list[dict[str, JsonValue]] | None = Field(
+        default=None, max_length=1000, description="JSON Patch operations, applied to the current payload."
+    )
+    note: LongText | None = Field(default=None, description="Why (kept for audit).")
+
+    @model_validator(mode="after")
+    def _one(self) -> EditRequest:
+        if (self.payload is None) == (self.patch is None):
+            raise ValueError("give either payload or patch")
+        return self
 
 
 class ResolveRequest(BaseModel):

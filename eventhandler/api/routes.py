@@ -12,11 +12,13 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from eventhandler import repair
 from eventhandler.api.auth import Admin, Reader
 from eventhandler.api.models import (
     MAX_ID,
     CircuitCloseRequest,
     DLQPage,
+    EditRequest,
     ErrorResponse,
     Health,
     ListQuery,
@@ -32,6 +34,7 @@ from eventhandler.api.models import (
     ValidationErrorResponse,
     encode_cursor,
 )
+from eventhandler.detail import row_detail
 from eventhandler.errors import EventHandlerError
 from eventhandler.logs import get_logger
 from eventhandler.metrics import Metrics
@@ -255,6 +258,27 @@ def resolve(
     a discarded row cannot be resolved (409)."""
     changed = service.resolve_row(dlq_id, actor=principal.actor, note=request.note if request else None)
     return ResolveResponse(dlq_id=dlq_id, status="resolved", changed=changed)
+
+
+@router.put(
+    "/{dlq_id}/payload",
+    response_model=DLQDetail,
+    summary="Repair one row's payload (kept beside the original)",
+    operation_id="edit_row",
+    responses=_errors(403, 404, 409),
+)
+def edit(dlq_id: DlqIdPath, request: EditRequest, principal: Admin, service: Service) -> DLQDetail:
+    """Stores the repair beside the original bytes (never overwritten) once it reads with the current
+    deserializer and keeps the event's id and source; a replay then publishes it with the original
+    key and headers. Only a pending row can be repaired. Audited with the diff, as views show it."""
+    view = service.edit(
+        dlq_id,
+        actor=principal.actor,
+        payload=repair.encode(request.payload) if request.patch is None else None,
+        patch=request.patch,
+        note=request.note,
+    )
+    return row_detail(view)
 
 
 circuits = APIRouter(

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from eventhandler.cli.edit import edit
 from eventhandler.cli.render import make_console, print_entry, print_stats, row_json, rows_table
 from eventhandler.cli.settings import fail
 from eventhandler.cli.shared import (
@@ -95,7 +96,7 @@ def show(
     if as_json:
         print_json(row_json(row_detail(view), view.entry))
     else:
-        print_entry(make_console(), view.entry)
+        print_entry(make_console(), view.entry, view.diff)
 
 
 @dlq_app.command()
@@ -191,3 +192,8 @@ def purge(
         print_json({"deleted": len(deleted), "ids": deleted})
     else:
         typer.echo(f"purged {len(deleted)} row(s)")
+
+
+dlq_app.command(help="Repair a pending row's payload (kept beside the original): $EDITOR, --set, --patch.")(
+    edit
+)

@@ -92,7 +92,7 @@ def status_text(row: DLQSummary) -> str:
     return row.status
 
 
-def print_entry(console: Console, entry: DLQEntry) -> None:
+def print_entry(console: Console, entry: DLQEntry, diff: list[dict[str, Any]] | None = None) -> None:
     fields: list[tuple[str, Any]] = [
         ("dlq_id", entry.dlq_id),
         ("status", status_text(entry)),
@@ -133,9 +133,31 @@ def print_entry(console: Console, entry: DLQEntry) -> None:
         console.print(entry.error_traceback, markup=False, highlight=False)
     kind, text = payload_text(entry.event_payload)
     console.print(f"[bold]payload[/bold] ({kind}, {entry.payload_size or 0} bytes)")
-    console.print(
-        text if len(text) < 20_000 else text[:20_000] + "\n… (truncated)", markup=False, highlight=False
-    )
+    console.print(_cut(text), markup=False, highlight=False)
+    if entry.edited_payload is not None:
+        kind, text = payload_text(entry.edited_payload)
+        console.print(f"[bold]repaired payload[/bold] ({kind}; replayed instead of the original)")
+        console.print(f"  by {entry.edited_by} at {entry.edited_at}", markup=False, highlight=False)
+        console.print(_cut(text), markup=False, highlight=False)
+        print_diff(console, diff)
+
+
+def print_diff(console: Console, diff: list[dict[str, Any]] | None) -> None:
+    """A repair's JSON Patch, an operation a line."""
+    if diff is None:
+        console.print("[bold]diff[/bold] (not shown: a side is not JSON, or too large)")
+        return
+    console.print(f"[bold]diff[/bold] ({len(diff)} change{'s' if len(diff) != 1 else ''})")
+    for operation in diff:
+        value = f" {json.dumps(operation['value'], ensure_ascii=False)}" if "value" in operation else ""
+        source = f" from {operation['from']}" if "from" in operation else ""
+        console.print(
+            f"  {operation['op']} {operation['path']}{source}{value}", markup=False, highlight=False
+        )
+
+
+def _cut(text: str) -> str:
+    return text if len(text) < 20_000 else text[:20_000] + "\n… (truncated)"
 
 
 def row_json(detail: DLQDetail, entry: DLQEntry) -> dict[str, Any]:
@@ -148,6 +170,10 @@ def row_json(detail: DLQDetail, entry: DLQEntry) -> dict[str, Any]:
     )
     kind, text = payload_text(entry.event_payload)
     data["payload"] = {"kind": kind, "text": text}
+    if entry.edited_payload is not None:
+        kind, text = payload_text(entry.edited_payload)
+        data["edited_payload"] = {"kind": kind, "text": text}
+    data.pop("edited_payload_encoding", None)
     data["key"] = _escaped(entry.message_key)
     data["headers"] = [[shown_header_key(key), _escaped(value)] for key, value in entry.headers]
     return data

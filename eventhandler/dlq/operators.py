@@ -165,6 +165,17 @@ class PostgresOperatorStore:
         """Give up on rows: they stay for the record but are never replayed by default."""
         return self._set_status(ids, "discarded", ("pending", "replayed"), actor, note)
 
+    def edit(self, dlq_id: int, payload: bytes | None, *, actor: str, detail: dict[str, Any]) -> bool:
+        """Keep `payload` beside the row's original bytes (None: drop the edit), with the audit row;
+        False when the row is not pending (any more)."""
+        with rows.transaction(self._pool) as conn:
+            changed = conn.execute(
+                CHANGE["edit_payload"], {"id": dlq_id, "payload": payload, "actor": actor}
+            ).fetchone()
+            if changed:
+                rows.audit(conn, actor, "edit", [dlq_id], detail)
+            return changed is not None
+
     def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
         with rows.transaction(self._pool) as conn, conn.cursor(row_factory=dict_row) as cur:
             gone = cur.execute(CHANGE["delete_rows"], {"ids": list(ids)}).fetchall()

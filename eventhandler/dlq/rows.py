@@ -79,7 +79,7 @@ def entry(row: dict[str, Any]) -> DLQEntry:
         keys = [header_key(bytes(raw)) for raw in raw_keys]
     values = row.pop("header_values") or []
     row["headers"] = [(k, None if v is None else bytes(v)) for k, v in zip(keys, values, strict=True)]
-    for column in ("event_payload", "message_key"):
+    for column in ("event_payload", "message_key", "edited_payload"):
         if row[column] is not None:
             row[column] = bytes(row[column])
     return DLQEntry.model_validate(row)

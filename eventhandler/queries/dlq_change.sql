@@ -22,6 +22,13 @@ RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition
           event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,
           event_payload IS NULL AS tombstone, encode(sha256(coalesce(message_key, '')), 'hex') AS key_sha256;
 
+-- name: edit_payload
+-- Only a pending row is edited: a replayed one is on its way through the worker, a parked one waits
+-- for its key's turn, a closed one is done. The original bytes are never touched.
+UPDATE dlq SET edited_payload = %(payload)s, edited_at = now(), edited_by = %(actor)s, updated_at = now()
+WHERE dlq_id = %(id)s AND status = 'pending'
+RETURNING dlq_id;
+
 -- name: record_audit
 INSERT INTO dlq_audit (actor, action, dlq_ids, detail, request_id, client)
 VALUES (%(actor)s, %(action)s, %(ids)s, %(detail)s, %(request_id)s, %(client)s);

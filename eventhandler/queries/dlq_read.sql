@@ -14,7 +14,7 @@ blocked_by,
 -- A whole row is the summary's columns and these.
 event_source, event_payload, message_key, header_keys, header_values, header_keys_raw,
 message_timestamp, error_traceback, replayed_to_topic, resolved_by, resolution_note, worker_version,
-updated_at
+updated_at, edited_payload, edited_at, edited_by
 
 -- name: list_rows
 SELECT {columns} FROM dlq {where} ORDER BY dlq_id LIMIT %(limit)s;

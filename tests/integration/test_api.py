@@ -427,6 +427,42 @@ def test_simulate_predicts_per_row_and_group_through_redaction_and_changes_nothi
     assert parked.status_code == 409, parked.text
 
 
+def test_a_repair_is_admin_only_and_redacted_in_every_view_and_the_audit(
+    api: Api, db: psycopg.Connection[Any]
+) -> None:
+    event = k.cloud_event(
+        "device.reading",
+        {"device_id": "d-1", "metric": "t", "value": 1, "password": "hunter22"},
+        event_id="e-1",
+    )
+    (dlq_id,) = api.record(failure(api, value=k.structured(event), headers=[], event_id="e-1"))
+    change = {"patch": [{"op": "replace", "path": "/data/password", "value": "s3cret99"}], "note": "rotated"}
+
+    assert api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=READER).status_code == 403
+    response = api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.json()["edit_diff"] == [{"op": "replace", "path": "/data/password", "value": "***"}]
+    assert response.json()["edited_payload"]["data"]["password"] == "***"
+    read = api.client.get(f"{DLQ}/{dlq_id}", headers=READER)
+    assert read.json()["edit_diff"] == response.json()["edit_diff"]
+    for text in (response.text, read.text, str(db.execute("SELECT detail::text FROM dlq_audit").fetchall())):
+        assert "s3cret99" not in text
+        assert "hunter22" not in text
+    stored = scalar(db, "SELECT edited_payload FROM dlq WHERE dlq_id = %s", dlq_id)
+    assert json.loads(bytes(stored))["data"]["password"] == "s3cret99"  # the repair itself is whole
+
+    for bad in (
+        {"payload": {"not": "an event"}},
+        {"patch": [{"op": "replace", "path": "/nowhere/deep", "value": 1}]},
+        {"patch": [{"op": "replace", "path": "/source", "value": "/elsewhere"}]},
+    ):
+        refused = api.client.put(f"{DLQ}/{dlq_id}/payload", json=bad, headers=ADMIN)
+        assert refused.status_code == 409, (bad, refused.text)
+    both = api.client.put(f"{DLQ}/{dlq_id}/payload", json={"payload": {}, "patch": []}, headers=ADMIN)
+    assert both.status_code == 422
+    assert [a for _, a, _ in audit(db)] == ["edit"]
+
+
 def test_retry_to_another_topic(api: Api, kafka_bootstrap: str, db: psycopg.Connection[Any]) -> None:
     other = f"{api.settings.topics[0]}-retry"
     k.create_topic(kafka_bootstrap, other, partitions=1)
@@ -625,6 +661,7 @@ def test_the_audit_alone_says_who_did_what_to_which_rows_when_and_from_where(
 
 # -- authorization ------------------------------------------------------------------------------------------
 
+READING = {"device_id": "d-1", "metric": "t", "value": 1}
 # (name, method, path, JSON body, admin only); every admin route but simulate changes something
 ROUTES: list[tuple[str, str, str, dict[str, Any] | None, bool]] = [
     ("list", "GET", DLQ, None, False),
@@ -634,6 +671,13 @@ ROUTES: list[tuple[str, str, str, dict[str, Any] | None, bool]] = [
     ("retry_all", "POST", f"{DLQ}/retry-all", {"all": True, "limit": 10}, True),
     ("simulate", "POST", f"{DLQ}/simulate", {"all": True, "limit": 10}, True),
     ("delete", "DELETE", f"{DLQ}/{{id}}", None, True),
+    (
+        "edit",
+        "PUT",
+        f"{DLQ}/{{id}}/payload",
+        {"payload": k.cloud_event("device.reading", READING, event_id="evt-1")},
+        True,
+    ),
     ("resolve", "PUT", f"{DLQ}/{{id}}/resolve", {"note": "done"}, True),
     ("circuits", "GET", CIRCUITS, None, False),
     ("close_circuit", "PUT", f"{CIRCUITS}/{{fingerprint}}/close", {"for_seconds": 600}, True),
