@@ -21,6 +21,7 @@ from benchmarks.replay import replay
 from benchmarks.report import Report
 from benchmarks.runner import Bench
 from benchmarks.services import services
+from benchmarks.simulate import simulate
 from benchmarks.throughput import failure_storms, happy_path
 from eventhandler.app import GC_THRESHOLDS, tune_gc
 from tests.support.apache_kafka import KAFKA_VERSION
@@ -31,6 +32,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "happy": happy_path,
     "storm": failure_storms,
     "replay": replay,
+    "simulate": simulate,
     "latency": latency,
     "memory": memory,
 }

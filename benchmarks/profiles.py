@@ -14,6 +14,7 @@ class Profile:
     naive_events: int  # the naive baseline runs on the first N messages of the same topic
     storm_events: int  # per failure-storm run
     replay_rows: int
+    simulate_rows: int  # DLQ rows of one error group run through DLQService.simulate
     latency_rate: float  # events/s
     latency_seconds: float
     memory_events: int
@@ -28,6 +29,7 @@ FULL = Profile(
     naive_events=10_000,
     storm_events=50_000,
     replay_rows=20_000,
+    simulate_rows=10_000,
     latency_rate=2_000,
     latency_seconds=30,
     memory_events=1_000_000,
@@ -41,6 +43,7 @@ QUICK = Profile(
     naive_events=2_000,
     storm_events=10_000,
     replay_rows=2_000,
+    simulate_rows=2_000,
     latency_rate=2_000,
     latency_seconds=6,
     memory_events=100_000,

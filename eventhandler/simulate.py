@@ -43,7 +43,7 @@ from eventhandler.replay import replay_message
 
 Outcome = Literal["apply", "fail", "duplicate", "skip"]
 OUTCOMES: tuple[Outcome, ...] = ("apply", "fail", "duplicate", "skip")
-CHUNK = 500  # rows read and run at a time (the worker's batch size), all in the one transaction
+CHUNK = 500  # rows read and run at a time, all in the one transaction
 MAX_ROWS = 100_000  # one simulation holds its locks until it ends: a bound on how long that is
 LOCK_TIMEOUT = "5s"
 
