@@ -25,7 +25,7 @@ from eventhandler.errors import BrokerUnavailable, DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
 from eventhandler.librdkafka import RawProducer, raw_header_key
 from eventhandler.metrics import Metrics
-from eventhandler.models import DLQEntry, DLQFilter, Headers
+from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, Headers
 
 CHUNK = 200
 CONNECT_SECONDS = 5.0  # how long a replay waits for the broker's metadata before it gives up
@@ -41,6 +41,9 @@ class ReplayReport:
     dry_run: bool = False
     published_ids: list[int] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)  # dlq_id → why the broker refused it
+    canary: dict[str, Any] | None = None  # a canary replay's verdict (see `canary`)
+    stopped: bool = False  # the canary failed: the rest was left untouched
+    outcomes: dict[str, int] | None = None  # what the workers made of the published rows so far
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -50,7 +53,22 @@ class ReplayReport:
             "dry_run": self.dry_run,
             "published_ids": self.published_ids,
             "failures": {str(k): v for k, v in self.failures.items()},
+            "canary": self.canary,
+            "stopped": self.stopped,
+            "outcomes": self.outcomes,
         }
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What a replay would take, found without changing anything: how many rows, and the first ones."""
+
+    matched: int
+    rows: list[DLQSummary] = field(default_factory=list)
+
+    def report(self) -> ReplayReport:
+        """The plan as the report of a dry run."""
+        return ReplayReport(matched=self.matched, dry_run=True)
 
 
 def replay_headers(entry: DLQEntry) -> Headers:

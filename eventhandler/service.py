@@ -9,10 +9,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from eventhandler import repair
+from eventhandler.canary import Canary, Outcomes, canary_replay
 from eventhandler.circuits import CircuitBoard
 from eventhandler.detail import row_detail
 from eventhandler.dlq import OperatorStore
@@ -30,7 +30,7 @@ from eventhandler.models import (
     Status,
 )
 from eventhandler.redaction import Redactor, View
-from eventhandler.replay import Replayer, ReplayReport
+from eventhandler.replay import Replayer, ReplayPlan, ReplayReport
 from eventhandler.simulate import Simulation, Simulator
 
 log = get_logger("eventhandler.audit")
@@ -42,18 +42,6 @@ PARKED_NOT_REPLAYED = (
     "parked rows are not replayed: the worker releases them in order once the failure that blocks "
     "their key is closed (replay or resolve that row)"
 )  # a fingerprint no row has (stored ones are 16 hex digits)
-
-
-@dataclass(frozen=True)
-class ReplayPlan:
-    """What a replay would take, found without changing anything: how many rows, and the first ones."""
-
-    matched: int
-    rows: list[DLQSummary] = field(default_factory=list)
-
-    def report(self) -> ReplayReport:
-        """The plan as the report of a dry run."""
-        return ReplayReport(matched=self.matched, dry_run=True)
 
 
 class DLQService:
@@ -368,13 +356,31 @@ class DLQService:
         rate: float | None = None,
         force: bool = False,
         progress: Callable[[int], None] | None = None,
+        canary: Canary | None = None,
+        on_outcomes: Callable[[Outcomes], None] | None = None,
     ) -> ReplayReport:
-        """Republish the matching rows (at most `limit`, oldest first); `preview` is its dry run."""
+        """Republish the matching rows (at most `limit`, oldest first); `preview` is its dry run.
+        With a `canary`, the first rows go alone, and the rest only if enough of them resolve."""
         flt = self._replayable(flt, force=force, to_topic=to_topic)
-        with self._replay_slot():
-            report = self.replayer.replay(
-                flt, limit=limit, to_topic=to_topic, rate=rate, actor=actor, progress=progress
+
+        def publish(rows: DLQFilter, limit: int | None = limit) -> ReplayReport:
+            return self.replayer.replay(
+                rows, limit=limit, to_topic=to_topic, rate=rate, actor=actor, progress=progress
             )
+
+        with self._replay_slot():
+            if canary is None:
+                report = publish(flt)
+            else:
+                report = canary_replay(
+                    self.repository,
+                    flt,
+                    canary,
+                    lambda f: publish(f, None),
+                    limit=limit,
+                    actor=actor,
+                    on_outcomes=on_outcomes,
+                )
         log.info(
             "dlq_replayed",
             actor=actor,

@@ -150,6 +150,13 @@ class RetryAllRequest(_Filters):
     )
     dry_run: StrictBool = Field(default=False, description="Count what would be replayed, change nothing.")
     force: StrictBool = Field(default=False, description="Needed to replay resolved or discarded rows.")
+    canary: StrictInt | Annotated[str, StringConstraints(max_length=4)] | None = Field(
+        default=None,
+        description='Replay this many rows first (10, or a percentage: "5%"), wait for the workers\' '
+        "outcomes, and replay the rest only if `canary_success` of them were resolved.",
+    )
+    canary_success: float = Field(default=1.0, gt=0, le=1, description="The share that must resolve.")
+    canary_timeout_seconds: float = Field(default=60.0, gt=0, le=600, description="How long to wait.")
 
     @model_validator(mode="after")
     def _narrowed(self) -> RetryAllRequest:
@@ -291,6 +298,13 @@ class ReplayResponse(BaseModel):
     dry_run: bool
     published_ids: list[int]
     failures: dict[str, str] = Field(description="dlq_id → why the broker refused it.")
+    canary: dict[str, Any] | None = Field(
+        default=None, description="A canary's verdict: rows, outcomes, ratio, required, passed."
+    )
+    stopped: bool = Field(default=False, description="The canary failed: the other rows were not replayed.")
+    outcomes: dict[str, int] | None = Field(
+        default=None, description="With a canary: resolved / failed / waiting / not_published so far."
+    )
 
 
 class PredictedRow(BaseModel):

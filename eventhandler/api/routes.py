@@ -34,6 +34,7 @@ from eventhandler.api.models import (
     ValidationErrorResponse,
     encode_cursor,
 )
+from eventhandler.canary import Canary, CanarySize
 from eventhandler.detail import row_detail
 from eventhandler.errors import EventHandlerError
 from eventhandler.logs import get_logger
@@ -153,8 +154,17 @@ def retry_all(request: RetryAllRequest, principal: Admin, service: Service) -> R
     if request.dry_run:
         plan = service.preview(flt, limit=request.limit, to_topic=request.to_topic, force=request.force)
         return ReplayResponse.model_validate(plan.report().as_dict())
+    canary = None
+    if request.canary is not None:
+        size = CanarySize.parse(request.canary)
+        canary = Canary(size, request.canary_success, request.canary_timeout_seconds)
     report = service.replay(
-        flt, actor=principal.actor, limit=request.limit, to_topic=request.to_topic, force=request.force
+        flt,
+        actor=principal.actor,
+        limit=request.limit,
+        to_topic=request.to_topic,
+        force=request.force,
+        canary=canary,
     )
     return ReplayResponse.model_validate(report.as_dict())
 

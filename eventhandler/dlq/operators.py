@@ -176,6 +176,11 @@ class PostgresOperatorStore:
                 rows.audit(conn, actor, "edit", [dlq_id], detail)
             return changed is not None
 
+    def audit(self, actor: str, action: str, ids: Sequence[int], detail: dict[str, Any]) -> None:
+        """An audit row of its own (an operation whose changes are audited apart, e.g. a canary)."""
+        with rows.transaction(self._pool) as conn:
+            rows.audit(conn, actor, action, ids, detail)
+
     def delete(self, ids: Sequence[int], *, actor: str) -> list[int]:
         with rows.transaction(self._pool) as conn, conn.cursor(row_factory=dict_row) as cur:
             gone = cur.execute(CHANGE["delete_rows"], {"ids": list(ids)}).fetchall()

@@ -42,7 +42,7 @@ from tests.support.dlq import DLQ as DLQStore
 from tests.support.factories import failed_message
 from tests.support.services import free_port
 from tests.support.waiting import wait_for
-from tests.support.worker import run_until_idle, scalar
+from tests.support.worker import run_until_idle, scalar, threaded_worker
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers httpx2 for its test client and warns on import when it finds only httpx.
@@ -358,6 +358,9 @@ def test_retry_really_republishes_and_the_worker_then_resolves_the_row(
         "dry_run": False,
         "published_ids": [dlq_id],
         "failures": {},
+        "canary": None,
+        "stopped": False,
+        "outcomes": None,
     }
     assert api.client.get(f"{DLQ}/{dlq_id}", headers=READER).json()["status"] == "replayed"
 
@@ -367,6 +370,33 @@ def test_retry_really_republishes_and_the_worker_then_resolves_the_row(
     assert row["replay_count"] == 1
     assert scalar(db, "SELECT reading_count FROM devices WHERE device_id = 'api-dev'") == 1
     assert ("api:admin", "replay", [dlq_id]) in audit(db)
+
+
+def test_retry_all_with_a_canary_waits_for_the_workers_outcomes_and_stops_on_failure(
+    api: Api, kafka_bootstrap: str, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    producer = k.TestProducer(kafka_bootstrap)
+    producer.send_events(topic, [k.reading("api-canary", value=i) for i in range(4)])
+    producer.flush()
+    run_until_idle(api.settings, idle=2)
+    body = {"event_type": "device.reading", "limit": 100, "canary": "50%", "canary_timeout_seconds": 60}
+    with threaded_worker(api.settings):
+        stopped = api.client.post(f"{DLQ}/retry-all", json=body, headers=ADMIN)
+        assert stopped.status_code == 200, stopped.text
+        assert stopped.json()["stopped"] is True
+        assert stopped.json()["canary"]["outcomes"]["failed"] == 2
+        assert stopped.json()["published"] == 2
+        producer.send_events(topic, [k.registered("api-canary")])
+        producer.flush()
+        wait_for(lambda: scalar(db, "SELECT count(*) FROM devices WHERE device_id = 'api-canary'") == 1)
+        passed = api.client.post(f"{DLQ}/retry-all", json=body, headers=ADMIN)
+    assert passed.status_code == 200, passed.text
+    assert passed.json()["canary"]["passed"] is True
+    assert passed.json()["published"] == 4
+    assert [a for _, a, _ in audit(db)].count("canary") == 2
+    bad = api.client.post(f"{DLQ}/retry-all", json=body | {"canary": "150%"}, headers=ADMIN)
+    assert bad.status_code == 409
+    assert "percentage" in bad.json()["detail"]
 
 
 def test_retry_of_a_resolved_or_discarded_row_needs_force(api: Api, db: psycopg.Connection[Any]) -> None:
