@@ -23,11 +23,14 @@ from eventhandler.models import DLQEntry, Headers
 
 MAX_DIFF_BYTES = 1_048_576  # larger documents are not diffed (a diff is for people to read)
 MAX_PAYLOAD_BYTES = 10 * 1_048_576
+SET = "set"  # `path=value`: replace what is there, else add (not an RFC 6902 operation)
+_MISSING = object()
 
 
 def parse_assignments(assignments: Sequence[str]) -> list[dict[str, Any]]:
-    """`data.value=21.5`, `data.unit="C"`, `data.tags.0=x`: JSON Patch `add` operations (which
-    replace what is there). The value is JSON when it reads as JSON, else the text itself."""
+    """`data.value=21.5`, `data.unit="C"`, `data.tags.0=x`: `set` operations, which `patched` turns
+    into JSON Patch `replace` where the path is (a list's item too) and `add` where it is not. The
+    value is JSON when it reads as JSON, else the text itself."""
     operations = []
     for assignment in assignments:
         path, equals, text = assignment.partition("=")
@@ -38,7 +41,7 @@ def parse_assignments(assignments: Sequence[str]) -> list[dict[str, Any]]:
         except ValueError:
             value = text
         segments = [segment.replace("~", "~0").replace("/", "~1") for segment in path.strip().split(".")]
-        operations.append({"op": "add", "path": "/" + "/".join(segments), "value": value})
+        operations.append({"op": SET, "path": "/" + "/".join(segments), "value": value})
     return operations
 
 
@@ -46,10 +49,17 @@ def patched(raw: bytes | None, operations: Sequence[dict[str, Any]]) -> bytes:
     """The payload `raw` with `operations` (JSON Patch) applied, as compact JSON."""
     document = document_of(raw)
     try:
-        result = jsonpatch.apply_patch(document, list(operations))
+        result = jsonpatch.apply_patch(document, [_standard(document, op) for op in operations])
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError, KeyError) as exc:
         raise InvalidOperation(f"the patch does not apply: {exc}") from None
     return encode(result)
+
+
+def _standard(document: Any, operation: dict[str, Any]) -> dict[str, Any]:
+    if operation.get("op") != SET:
+        return operation
+    there = jsonpointer.resolve_pointer(document, operation["path"], _MISSING) is not _MISSING
+    return operation | {"op": "replace" if there else "add"}
 
 
 def replaced(text: bytes) -> bytes:
