@@ -90,11 +90,13 @@ def outcomes(store: OperatorStore, published: Sequence[int], attempted: int) -> 
     statuses: Counter[str] = Counter()
     for start in range(0, len(published), 1000):
         chunk = tuple(published[start : start + 1000])
-        statuses.update(r.status for r in store.list_rows(DLQFilter(ids=chunk), limit=len(chunk)))
+        found = store.list_rows(DLQFilter(ids=chunk), limit=len(chunk))
+        # resolved by the worker's processing of the replay, not by an operator meanwhile
+        statuses.update("by replay" if r.resolved_by == "replay" else r.status for r in found)
     return Outcomes(
-        resolved=statuses["resolved"],
+        resolved=statuses["by replay"],
         waiting=statuses["replayed"],
-        failed=len(published) - statuses["resolved"] - statuses["replayed"],
+        failed=len(published) - statuses["by replay"] - statuses["replayed"],
         not_published=attempted - len(published),
     )
 

@@ -77,6 +77,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def own_connection(pool: psycopg_pool.ConnectionPool, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """A connection of its own, configured like the pool's, for work that holds one for long (a
+    replay's lease, a simulation): it would otherwise keep a pooled connection from the requests."""
+    conninfo, kwargs = pool.conninfo, pool.kwargs
+    options = dict(kwargs() if callable(kwargs) else kwargs or {})
+    return psycopg.connect(
+        conninfo() if callable(conninfo) else conninfo, **(options | {"autocommit": autocommit})
+    )
+
+
 @contextmanager
 def translate_db_errors() -> Iterator[None]:
     try:

@@ -129,6 +129,9 @@ class DLQSummary(BaseModel):
     last_failed_at: datetime
     last_replayed_at: datetime | None
     resolved_at: datetime | None
+    resolved_by: str | None = Field(
+        default=None, description="Who resolved the row: `replay` (the worker), `release`, or an operator."
+    )
     payload_size: int | None
     blocked_by: int | None = Field(default=None, description="The row a parked row waits behind.")
     parked_behind: int = Field(default=0, description="How many parked rows wait behind this one.")
@@ -144,7 +147,6 @@ class DLQEntry(DLQSummary):
     message_timestamp: datetime | None
     error_traceback: str | None
     replayed_to_topic: str | None
-    resolved_by: str | None
     resolution_note: str | None
     worker_version: str
     updated_at: datetime

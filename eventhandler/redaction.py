@@ -169,9 +169,11 @@ class Redactor:
         payload, scrubber = self.payload(entry.event_payload, entry.headers)
         edited, diff = None, None
         if entry.edited_payload is not None:
+            # Each side masked with what either masks: a repair may move a masked value elsewhere.
             edited, edit_scrubber = self.payload(entry.edited_payload, entry.headers)
             scrubber = scrubber | edit_scrubber
-            diff = self._diff(entry, payload, edited)
+            payload, edited = _scrubbed(payload, scrubber), _scrubbed(edited, scrubber)
+            diff = self._diff(entry, payload, edited, scrubber)
         shown = entry.model_copy(
             update={
                 "event_id": scrubber.text(entry.event_id),
@@ -189,7 +191,9 @@ class Redactor:
         )
         return View(shown, payload, edited, diff)
 
-    def _diff(self, entry: DLQEntry, payload: Payload, edited: Payload) -> list[dict[str, Any]] | None:
+    def _diff(
+        self, entry: DLQEntry, payload: Payload, edited: Payload, scrubber: Scrubber
+    ) -> list[dict[str, Any]] | None:
         """The repair's diff as views show it; None when a side is not JSON or too large to diff."""
         original, repaired = entry.event_payload or b"", entry.edited_payload or b""
         if payload.encoding != "json" or edited.encoding != "json":
@@ -197,7 +201,8 @@ class Redactor:
         if len(original) + len(repaired) > repair.MAX_DIFF_BYTES:
             return None
         raw = (parse_json(original), parse_json(repaired))
-        return repair.shown_diff(*raw, payload.document, edited.document, MASK)
+        shown = (payload.document, edited.document)
+        return repair.shown_diff(raw, shown, MASK, lambda path: scrubber.text(path) or "")
 
     def summary(self, row: DLQSummary, entry: DLQEntry | None) -> DLQSummary:
         """A list row; `entry` is the same row in full (needed while redaction is on)."""
@@ -225,12 +230,20 @@ class Redactor:
             return text
         return self.payload(value, headers, render=False)[1].text(text) or ""
 
+    def entry_text(self, entry: DLQEntry, text: str) -> str:
+        """Text about a row (an error it would meet), as its views would show it."""
+        return _text(text, self._scrubber(entry))
+
     def _scrubber(self, entry: DLQEntry | None) -> Scrubber:
+        """What a row's payload, and its repair, mask."""
         if not self.active:
             return Scrubber()
         if entry is None:  # the row went away between the two reads: show none of its text
             return Scrubber.everything()
-        return self.payload(entry.event_payload, entry.headers, render=False)[1]
+        scrubber = self.payload(entry.event_payload, entry.headers, render=False)[1]
+        if entry.edited_payload is not None:
+            scrubber = scrubber | self.payload(entry.edited_payload, entry.headers, render=False)[1]
+        return scrubber
 
 
 @overload
@@ -240,6 +253,13 @@ def _text(text: None, scrubber: Scrubber) -> None: ...
 def _text(text: str | None, scrubber: Scrubber) -> str | None:
     """Text of a row: masked values and passwords in URLs masked."""
     return None if text is None else redact_text(scrubber.text(text) or "")
+
+
+def _scrubbed(payload: Payload, scrubber: Scrubber) -> Payload:
+    if payload.encoding != "json":
+        return payload
+    document = scrub_strings(payload.document, scrubber)
+    return Payload(document, "json", payload.masked or document != payload.document)
 
 
 def _payload_bytes(raw: bytes | None, payload: Payload) -> bytes | None:

@@ -225,22 +225,20 @@ class DLQService:
         """Keep a repair of a pending row's payload beside its original bytes: a whole new `payload`,
         or a JSON Patch applied to the current one (the repair, if there is one). Checked with the
         current deserializer first; audited with the diff as views show it."""
-        if (payload is None) == (patch is None):
-            raise InvalidOperation("give either the new payload or a patch")
         entry = self.repository.get(dlq_id)
         if entry.status != "pending":
             raise InvalidOperation(f"DLQ row {dlq_id} is {entry.status}; only a pending row can be edited")
-        current = entry.edited_payload if entry.edited_payload is not None else entry.event_payload
-        new = repair.replaced(payload) if payload is not None else repair.patched(current, patch or [])
+        new = repair.new_payload(entry, payload, patch, may_test=not self.redactor.active)
         try:
             repair.validate(entry, new, self._simulator().deserialize)
         except InvalidOperation as exc:  # the error may quote the payload's values
-            raise InvalidOperation(self.redactor.failure_text(str(exc), new, entry.headers)) from None
+            shown = self.redactor.entry_text(entry.model_copy(update={"edited_payload": new}), str(exc))
+            raise InvalidOperation(shown) from None
         stored = None if new == entry.event_payload else new  # back to the original: no repair
         after = self.redactor.view(entry.model_copy(update={"edited_payload": stored}))
         detail = {"diff": after.diff, "note": note, "bytes": len(new), "undone": stored is None}
         if not self.repository.edit(dlq_id, stored, actor=actor, detail=detail):
-            raise InvalidOperation(f"DLQ row {dlq_id} changed status meanwhile; look at it again")
+            raise InvalidOperation(f"DLQ row {dlq_id} is being replayed or changed status; look at it again")
         log.info("dlq_edited", actor=actor, dlq_id=dlq_id, changes=len(after.diff or []), note=note)
         return self.view(dlq_id)
 

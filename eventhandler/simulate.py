@@ -27,14 +27,13 @@ import psycopg_pool
 
 from eventhandler import __version__
 from eventhandler.batch import Record
-from eventhandler.db import translate_db_errors
+from eventhandler.db import own_connection, translate_db_errors
 from eventhandler.dlq import rows
 from eventhandler.dlq.writer import PostgresDLQWriter
-from eventhandler.errors import Busy, TransientError
+from eventhandler.errors import Busy, InvalidOperation, TransientError
 from eventhandler.events import Deserializer, Event
 from eventhandler.handlers import Registry
 from eventhandler.ledger import Ledger
-from eventhandler.logs import redact_text
 from eventhandler.models import DLQEntry, DLQFilter, Headers
 from eventhandler.pipeline import BatchProcessor
 from eventhandler.policy import FailurePolicy
@@ -188,13 +187,15 @@ class Simulator:
 
     def simulate(self, flt: DLQFilter, *, limit: int | None = None) -> Simulation:
         started = time.monotonic()
-        limit = MAX_ROWS if limit is None else min(limit, MAX_ROWS)
-        ids = rows.matching_ids(self._pool, flt, limit)
+        ids = rows.matching_ids(self._pool, flt, MAX_ROWS + 1 if limit is None else min(limit, MAX_ROWS))
+        if len(ids) > MAX_ROWS:
+            raise InvalidOperation(f"more than {MAX_ROWS:,} rows match: narrow the filter, or give a limit")
         report = Simulation(matched=len(ids), code=code_identity(self.registry(), self._handlers))
         try:
+            # A connection of its own, not the pool's: a simulation holds it for its whole run.
             with (
                 translate_db_errors(),
-                self._pool.connection() as conn,
+                own_connection(self._pool) as conn,
                 conn.transaction(force_rollback=True),
             ):
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", [LOCK_TIMEOUT])
@@ -203,12 +204,14 @@ class Simulator:
                     # a row gone since the ids were read (deleted, purged) is not simulated
                     entries = [chunk[i] for i in ids[start : start + CHUNK] if i in chunk]
                     report.rows += self._run(conn, entries)
-        except psycopg.errors.LockNotAvailable as exc:
+        except _WAITED as exc:
             raise Busy(_BUSY) from exc
         except TransientError as exc:
-            if isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+            if isinstance(exc.__cause__, _WAITED):
                 raise Busy(_BUSY) from exc
             raise
+        except SystemExit as exc:  # a handler's: it must not end the process that runs the simulation
+            raise InvalidOperation(f"a handler raised SystemExit({exc.code!r}); nothing changed") from None
         report.seconds = time.monotonic() - started
         return report
 
@@ -245,13 +248,12 @@ class Simulator:
             put(decoded.record, "duplicate")
         for rejection in (*batch.rejected, *rejected):
             failure, record = rejection.failure, rejection.record
-            message = shown.failure_text(failure.error_message, record.value, record.headers or [])
             put(
                 record,
                 "fail",
                 stage=failure.stage,
                 error_type=failure.error_type,
-                error_message=redact_text(message),
+                error_message=shown.entry_text(of_record[id(record)], failure.error_message),
                 new_fingerprint=shown.fingerprint(failure.fingerprint),
             )
         for record in records:  # what decode skipped (an unknown type under unknown_event_policy=skip)
@@ -271,6 +273,7 @@ class Simulator:
         return self._processors[consumer]
 
 
+_WAITED = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 _BUSY = f"a worker holds rows the simulation needs (it waited {LOCK_TIMEOUT}); nothing changed: run it again"
 
 

@@ -18,11 +18,15 @@ from pydantic import (
     Field,
     JsonValue,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
+from eventhandler.canary import CanarySize
+from eventhandler.errors import InvalidOperation
 from eventhandler.filters import TimeBound, replay_target_problem
 from eventhandler.models import CircuitState, DLQFilter, DLQSummary, FingerprintGroup, Stage, Status
 
@@ -155,11 +159,25 @@ class RetryAllRequest(_Filters):
         description='Replay this many rows first (10, or a percentage: "5%"), wait for the workers\' '
         "outcomes, and replay the rest only if `canary_success` of them were resolved.",
     )
-    canary_success: float = Field(default=1.0, gt=0, le=1, description="The share that must resolve.")
-    canary_timeout_seconds: float = Field(default=60.0, gt=0, le=600, description="How long to wait.")
+    canary_success: StrictFloat = Field(default=1.0, gt=0, le=1, description="The share that must resolve.")
+    canary_timeout_seconds: StrictFloat = Field(default=60.0, gt=0, le=600, description="How long to wait.")
+
+    @field_validator("canary")
+    @classmethod
+    def _canary_size(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            try:
+                CanarySize.parse(value)
+            except InvalidOperation as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _narrowed(self) -> RetryAllRequest:
+        if self.canary is not None and (self.dry_run or self.to_topic is not None):
+            raise ValueError(
+                "a canary is for a real replay to the rows' own topics: not with dry_run or to_topic"
+            )
         if not self.all and self._filter(self.ids, []).is_empty():
             raise ValueError(
                 "refusing to replay without a filter: give at least one of ids, consumer, event_type, "
@@ -206,7 +224,7 @@ class EditRequest(BaseModel):
 
     payload: JsonValue = Field(default=None, description="The whole new payload (a JSON document).")
     patch: list[dict[str, JsonValue]] | None = Field(
-        default=None, max_length=1000, description="JSON Patch operations, applied to the current payload."
+        default=None, max_length=100, description="JSON Patch operations, applied to the current payload."
     )
     note: LongText | None = Field(default=None, description="Why (kept for audit).")
 

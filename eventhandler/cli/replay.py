@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from eventhandler.canary import Canary, CanarySize, Outcomes
 from eventhandler.cli.render import make_console, print_simulation, rows_table
+from eventhandler.cli.settings import fail
 from eventhandler.cli.shared import (
     ActorOpt,
     ConsumerOpt,
@@ -136,6 +137,8 @@ def replay(
                 console.print("nothing to replay: no row matches")
             return
         checked = None
+        if canary is not None and to_topic is not None:
+            fail("a canary waits for the workers of the rows' own topics: not with --to-topic")
         if canary is not None:
             checked = Canary(CanarySize.parse(canary), canary_success, canary_timeout)
         confirm("replay", plan.matched, yes)

@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 
 from eventhandler.db import deadline, translate_db_errors
 from eventhandler.dlq import rows
-from eventhandler.dlq.rows import CHANGE, ENTRY_COLUMNS, READ, SUMMARY_COLUMNS
+from eventhandler.dlq.rows import CHANGE, ENTRY_COLUMNS, LEASE_CLASS, READ, SUMMARY_COLUMNS
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.models import (
     DepthRow,
@@ -170,7 +170,8 @@ class PostgresOperatorStore:
         False when the row is not pending (any more)."""
         with rows.transaction(self._pool) as conn:
             changed = conn.execute(
-                CHANGE["edit_payload"], {"id": dlq_id, "payload": payload, "actor": actor}
+                CHANGE["edit_payload"],
+                {"id": dlq_id, "payload": payload, "actor": actor, "lease_class": LEASE_CLASS},
             ).fetchone()
             if changed:
                 rows.audit(conn, actor, "edit", [dlq_id], detail)

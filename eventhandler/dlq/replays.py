@@ -20,7 +20,7 @@ import psycopg_pool
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from eventhandler.db import translate_db_errors
+from eventhandler.db import own_connection, translate_db_errors
 from eventhandler.dlq import rows
 from eventhandler.dlq.rows import ENTRY_COLUMNS, LEASE_CLASS, REPLAY
 from eventhandler.models import DLQEntry, DLQFilter
@@ -42,7 +42,7 @@ class PostgresReplayRows:
 
         The connection is its own, not the pool's: concurrent replays (API requests) would otherwise
         hold every pooled connection and leave none for taking their rows."""
-        with translate_db_errors(), self._lease_connection() as conn:
+        with translate_db_errors(), own_connection(self._pool, autocommit=True) as conn:
             lease = 0
             try:
                 while True:
@@ -56,13 +56,6 @@ class PostgresReplayRows:
             finally:
                 with suppress(psycopg.Error):  # a lost connection has released the lock already
                     conn.execute(REPLAY["release_lease"], {"lease_class": LEASE_CLASS, "lease": lease})
-
-    def _lease_connection(self) -> psycopg.Connection[Any]:
-        conninfo, kwargs = self._pool.conninfo, self._pool.kwargs
-        options = dict(kwargs() if callable(kwargs) else kwargs or {})
-        return psycopg.connect(
-            conninfo() if callable(conninfo) else conninfo, **(options | {"autocommit": True})
-        )
 
     def lease_held(self, lease: int) -> bool:
         """Whether the lease's session still holds it (a dropped connection has released it, and its

@@ -5,7 +5,7 @@
 -- name: summary_columns
 dlq_id, consumer, event_id, event_type, source_topic, source_partition, source_offset, stage,
 error_type, error_message, fingerprint, status, retry_count, failure_count, replay_count,
-failed_at, last_failed_at, last_replayed_at, resolved_at, octet_length(event_payload) AS payload_size,
+failed_at, last_failed_at, last_replayed_at, resolved_at, resolved_by, octet_length(event_payload) AS payload_size,
 blocked_by,
 (SELECT count(*) FROM dlq parked WHERE parked.blocked_by = dlq.dlq_id AND parked.status = 'parked')
     AS parked_behind
@@ -13,7 +13,7 @@ blocked_by,
 -- name: detail_columns
 -- A whole row is the summary's columns and these.
 event_source, event_payload, message_key, header_keys, header_values, header_keys_raw,
-message_timestamp, error_traceback, replayed_to_topic, resolved_by, resolution_note, worker_version,
+message_timestamp, error_traceback, replayed_to_topic, resolution_note, worker_version,
 updated_at, edited_payload, edited_at, edited_by
 
 -- name: list_rows

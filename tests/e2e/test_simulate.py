@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
+from pydantic import BaseModel
 
 from eventhandler import simulate as simulate_module
 from eventhandler.app import build_service
 from eventhandler.config import Settings
+from eventhandler.errors import InvalidOperation
+from eventhandler.example.devices import DeviceReading
+from eventhandler.handlers import Registry
 from eventhandler.models import DLQFilter
+from eventhandler.simulate import Simulator
 from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, run_cli
@@ -189,3 +194,43 @@ def test_simulate_keeps_each_rows_effects_for_the_rows_after_it(
     run_until_idle(settings, idle=2)
     assert db.execute("SELECT status, count(*) FROM dlq GROUP BY status").fetchall() == [("resolved", 3)]
     assert db.execute("SELECT reading_count FROM devices WHERE device_id = 'dev-1'").fetchone() == (2,)
+
+
+class Exiting:
+    """A projection whose handler ends the process it runs in."""
+
+    name = "exiting"
+    payload_models: ClassVar[dict[str, type[BaseModel]]] = {"device.reading": DeviceReading}
+
+    def begin(self, conn: Any, events: Any) -> Exiting:
+        return self
+
+    def handle(self, event: Any) -> None:
+        raise SystemExit(3)
+
+    def flush(self, conn: Any) -> None:
+        pass
+
+
+def test_a_handler_that_raises_system_exit_ends_the_simulation_not_the_process(
+    make_settings: Callable[..., Settings], topic: str, db: psycopg.Connection[Any]
+) -> None:
+    settings = make_settings()
+    service, pool = build_service(settings)
+    try:
+        with pool.connection() as conn, conn.transaction():
+            DLQStore.on(pool).writer.record_failures(
+                conn,
+                [
+                    failed_message(
+                        consumer=settings.consumer_group, topic=topic, value=k.structured(k.reading("d"))
+                    )
+                ],
+            )
+        service.simulator = Simulator(pool, lambda: Registry([Exiting()]))
+        before = database(db)
+        with pytest.raises(InvalidOperation, match="SystemExit"):
+            service.simulate(DLQFilter(), actor="test")
+        assert database(db) == before
+    finally:
+        pool.close()

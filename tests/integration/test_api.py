@@ -34,7 +34,7 @@ from eventhandler.flood import Circuit
 from eventhandler.librdkafka import header_key
 from eventhandler.logs import configure_logging
 from eventhandler.metrics import Metrics
-from eventhandler.models import FailedMessage
+from eventhandler.models import DLQFilter, FailedMessage
 from eventhandler.service import DLQService
 from tests.conftest import settings_env
 from tests.support import kafka as k
@@ -394,9 +394,17 @@ def test_retry_all_with_a_canary_waits_for_the_workers_outcomes_and_stops_on_fai
     assert passed.json()["canary"]["passed"] is True
     assert passed.json()["published"] == 4
     assert [a for _, a, _ in audit(db)].count("canary") == 2
-    bad = api.client.post(f"{DLQ}/retry-all", json=body | {"canary": "150%"}, headers=ADMIN)
-    assert bad.status_code == 409
-    assert "percentage" in bad.json()["detail"]
+    for wrong in (
+        {"canary": "150%"},
+        {"canary": 0},
+        {"canary": "5.5%"},
+        {"canary_success": "0.5"},
+        {"canary_success": True},
+        {"dry_run": True},
+        {"to_topic": "elsewhere"},
+    ):
+        bad = api.client.post(f"{DLQ}/retry-all", json=body | wrong, headers=ADMIN)
+        assert bad.status_code == 422, (wrong, bad.text)
 
 
 def test_retry_of_a_resolved_or_discarded_row_needs_force(api: Api, db: psycopg.Connection[Any]) -> None:
@@ -485,12 +493,40 @@ def test_a_repair_is_admin_only_and_redacted_in_every_view_and_the_audit(
         {"payload": {"not": "an event"}},
         {"patch": [{"op": "replace", "path": "/nowhere/deep", "value": 1}]},
         {"patch": [{"op": "replace", "path": "/source", "value": "/elsewhere"}]},
+        {"patch": [{"op": "add", "path": "/data/nope/deep", "value": 1}]},
+        {"patch": [{"op": "test", "path": "/data/password", "value": "hunter22"}]},  # an oracle
+        {"payload": event | {"note": "\ud800"}},
+        {"patch": [{"op": "add", "path": "/data/x", "value": float("nan")}]},
     ):
-        refused = api.client.put(f"{DLQ}/{dlq_id}/payload", json=bad, headers=ADMIN)
+        body = json.dumps(bad).encode()  # ASCII, with \ud800 and NaN as Python's JSON writes them
+        headers = ADMIN | {"Content-Type": "application/json"}
+        refused = api.client.put(f"{DLQ}/{dlq_id}/payload", content=body, headers=headers)
         assert refused.status_code == 409, (bad, refused.text)
+        assert "hunter22" not in refused.text
     both = api.client.put(f"{DLQ}/{dlq_id}/payload", json={"payload": {}, "patch": []}, headers=ADMIN)
     assert both.status_code == 422
     assert [a for _, a, _ in audit(db)] == ["edit"]
+
+
+def test_a_row_a_replay_has_taken_is_not_repaired_until_the_replay_lets_go(
+    api: Api, db: psycopg.Connection[Any]
+) -> None:
+    """Else the replay would publish the bytes it read before the repair, and the repair never."""
+    event = k.cloud_event("device.reading", READING, event_id="e-2")
+    (dlq_id,) = api.record(failure(api, value=k.structured(event), headers=[], event_id="e-2"))
+    change = {"patch": [{"op": "replace", "path": "/data/value", "value": 2}]}
+    replays = DLQStore.on(api.pool).replays
+    with replays.lease() as lease:
+        taken, taken_at = replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+        assert [row.dlq_id for row in taken] == [dlq_id]
+        refused = api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=ADMIN)
+        assert refused.status_code == 409, refused.text
+        assert "being replayed" in refused.json()["detail"]
+        replays.finish(
+            lease=lease, taken_at=taken_at, published={}, unpublished=[dlq_id], actor="t", detail={}
+        )
+    assert scalar(db, "SELECT edited_payload FROM dlq") is None
+    assert api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=ADMIN).status_code == 200
 
 
 def test_retry_to_another_topic(api: Api, kafka_bootstrap: str, db: psycopg.Connection[Any]) -> None:
@@ -531,6 +567,9 @@ def test_retry_all_needs_a_filter_or_all_and_a_limit(api: Api, db: psycopg.Conne
         "dry_run": True,
         "published_ids": [],
         "failures": {},
+        "canary": None,
+        "stopped": False,
+        "outcomes": None,
     }
     assert all(status_of(db, i) == "pending" for i in readings)
 

@@ -22,6 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from eventhandler import canary
 from eventhandler.api import create_app
 from eventhandler.app import build_service
 from eventhandler.config import Settings
@@ -43,7 +44,10 @@ class Target:
 
 
 @pytest.fixture
-def target(make_settings: Callable[..., Settings]) -> Iterator[Target]:
+def target(make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    # No worker runs here: a fuzzed canary would wait its whole timeout (up to 600 s) for outcomes.
+    watch = canary.watch
+    monkeypatch.setattr(canary, "watch", lambda *a, **kw: watch(*a, **kw | {"timeout": 0.1}))
     settings = make_settings(
         admin_token=ADMIN_TOKEN,
         admin_read_token="reader-token-0123456789abcdef",

@@ -51,7 +51,8 @@ class Statuses:
     def list_rows(self, flt: DLQFilter, *, limit: int = 100, after_id: int | None = None) -> list[object]:
         self.polls += 1
         status = "resolved" if self.resolve_at is not None and self.polls >= self.resolve_at else "replayed"
-        return [type("Row", (), {"status": status})() for _ in flt.ids]
+        by = "replay" if status == "resolved" else None
+        return [type("Row", (), {"status": status, "resolved_by": by})() for _ in flt.ids]
 
 
 def run_watch(store: Statuses, ids: Sequence[int], timeout: float) -> tuple[object, float]:
