@@ -237,6 +237,17 @@ class FingerprintGroup(BaseModel):
     last_seen: datetime
 
 
+class AuditEntry(BaseModel):
+    """One audit row about a DLQ row: who did what, when, from where."""
+
+    at: datetime
+    actor: str
+    action: str
+    detail: dict[str, Any]
+    request_id: str | None
+    client: str | None
+
+
 class CircuitState(BaseModel):
     """A circuit as operators see it."""
 

@@ -21,6 +21,7 @@ from eventhandler.filters import replay_target_problem
 from eventhandler.logs import get_logger
 from eventhandler.models import (
     STATUSES,
+    AuditEntry,
     CircuitState,
     DLQDetail,
     DLQFilter,
@@ -101,6 +102,10 @@ class DLQService:
         if reader:
             view.entry = view.entry.model_copy(update={"error_traceback": None})
         return view
+
+    def history(self, dlq_id: int) -> list[AuditEntry]:
+        """Who did what to a row, oldest first (the audit rows hold no redacted value)."""
+        return self.repository.history(dlq_id)
 
     def detail(self, dlq_id: int, *, reader: bool = False) -> DLQDetail:
         return row_detail(self.view(dlq_id, reader=reader))

@@ -2,7 +2,7 @@
 
 `auth` says who may call (tokens and roles), `http` what every request goes through (the gate, the
 request log line, error bodies), `models` what requests and responses hold, `routes` the endpoints.
-This module assembles the app and serves it.
+This module assembles the app, with the operator's console (`eventhandler.console`), and serves it.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from eventhandler import __version__
+from eventhandler import __version__, console
 from eventhandler.api.auth import TokenChecker
 from eventhandler.api.http import gate, service_error, validation_error
 from eventhandler.api.routes import ApiState, circuits, operations, router
 from eventhandler.app import build_service
 from eventhandler.config import Settings
+from eventhandler.console.sessions import SessionStore
 from eventhandler.errors import ConfigError, EventHandlerError
 from eventhandler.health import DepthRefresher
 from eventhandler.logs import get_logger
@@ -36,8 +37,11 @@ __all__ = ["create_app", "serve"]
 log = get_logger("eventhandler.api")
 
 
-def create_app(service: DLQService, settings: Settings, metrics: Metrics) -> FastAPI:
-    """The admin API on `service`. The DLQ depth gauges are refreshed while the app runs."""
+def create_app(
+    service: DLQService, settings: Settings, metrics: Metrics, sessions: SessionStore | None = None
+) -> FastAPI:
+    """The admin API on `service`, and with `sessions` the operator's console at `/ui`. The DLQ depth
+    gauges are refreshed while the app runs."""
     tokens = TokenChecker(settings)
     if not tokens.configured:
         log.warning("api_without_tokens", detail="no token is configured: every /api/ request gets 401")
@@ -73,6 +77,8 @@ def create_app(service: DLQService, settings: Settings, metrics: Metrics) -> Fas
     app.include_router(router)
     app.include_router(circuits)
     app.include_router(operations)
+    if sessions is not None:
+        console.install(app, service, console.Gate(tokens, sessions))
     return app
 
 
@@ -84,7 +90,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None
     metrics = Metrics()
     service, pool = build_service(settings, metrics=metrics)
     try:
-        app = create_app(service, settings, metrics)
+        app = create_app(service, settings, metrics, SessionStore(pool))
         config = uvicorn.Config(
             app,
             host=host,

@@ -47,6 +47,20 @@ class TokenChecker:
     def configured(self) -> bool:
         return bool(self._tokens)
 
+    @property
+    def digests(self) -> frozenset[bytes]:
+        """The configured tokens' digests (a console session holds the one that signed it in)."""
+        return frozenset(token for token, _ in self._tokens)
+
+    def role_of_token(self, token: str) -> tuple[Role, bytes] | None:
+        """The role a token gives and its digest (the console's sign-in form), or None."""
+        presented = _digest(token.strip().encode("utf-8", "surrogateescape"))
+        found: tuple[Role, bytes] | None = None
+        for digest, role in self._tokens:
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = (role, digest)
+        return found
+
     def role_for(self, authorization: str | None) -> Role | None:
         scheme, _, credentials = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():

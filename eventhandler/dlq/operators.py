@@ -18,6 +18,7 @@ from eventhandler.dlq import rows
 from eventhandler.dlq.rows import CHANGE, ENTRY_COLUMNS, LEASE_CLASS, READ, SUMMARY_COLUMNS
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.models import (
+    AuditEntry,
     DepthRow,
     DepthSnapshot,
     DLQEntry,
@@ -45,6 +46,11 @@ class PostgresOperatorStore:
         with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             found = cur.execute(query, params | {"limit": limit}).fetchall()
         return [DLQSummary.model_validate(r) for r in found]
+
+    def history(self, dlq_id: int) -> list[AuditEntry]:
+        with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            found = cur.execute(READ["history"], {"id": dlq_id}).fetchall()
+        return [AuditEntry.model_validate(r) for r in found]
 
     def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]:
         return rows.matching_ids(self._pool, flt, limit)

@@ -80,3 +80,9 @@ GROUP BY consumer;
 -- last day (so that their gauge reads 0 on every worker, not the 1 a worker last set).
 SELECT consumer, fingerprint, state = 'open' AS open FROM flood_circuit
 WHERE state = 'open' OR closed_at > now() - interval '1 day';
+
+-- name: history
+-- The audit rows that name a row, oldest first (the GIN index on dlq_ids), at most the newest 200.
+SELECT at, actor, action, detail, request_id, client FROM (
+    SELECT * FROM dlq_audit WHERE dlq_ids @> ARRAY[%(id)s]::bigint[] ORDER BY audit_id DESC LIMIT 200
+) newest ORDER BY at, audit_id;

@@ -57,8 +57,8 @@ def test_no_module_is_longer_than_a_reader_can_hold() -> None:
 
 def test_the_engine_never_imports_the_example_domain_or_the_interfaces() -> None:
     """The example (devices, the demo) is what a user replaces, and the CLI and the API are shells
-    around the service: no module below them reaches up into them."""
-    shells = ("eventhandler.example", "eventhandler.cli", "eventhandler.api")
+    around the service (the console too): no module below them reaches up into them."""
+    shells = ("eventhandler.example", "eventhandler.cli", "eventhandler.api", "eventhandler.console")
     allowed = {
         "eventhandler.__main__": {"eventhandler.cli"},  # `python -m eventhandler` is the CLI
         "eventhandler.handlers.loading": {"eventhandler.example.devices"},  # the built-in projection
