@@ -7,6 +7,7 @@ session's CSRF token, and goes through the same `DLQService` operations as the A
 
 from __future__ import annotations
 
-from eventhandler.console.views import Gate, install
+from eventhandler.console.common import Gate
+from eventhandler.console.views import install
 
 __all__ = ["Gate", "install"]

@@ -4,109 +4,46 @@ session may make. Each page is one `DLQService` read, rendered; each change one 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-import jinja2
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 import eventhandler.console.render as render
-from eventhandler import __version__
-from eventhandler.api.auth import TokenChecker
 from eventhandler.api.models import ListQuery
-from eventhandler.console.sessions import Session, SessionStore
+from eventhandler.console.common import (
+    COOKIE,
+    DONE,
+    HEADERS,
+    HERE,
+    PAGE,
+    STATIC,
+    Admin,
+    Forbidden,
+    Gate,
+    Note,
+    Pages,
+    Reader,
+    SignIn,
+    given,
+    pairs,
+    problem,
+)
+from eventhandler.console.replaying import add_replay_routes
+from eventhandler.console.sessions import Session
 from eventhandler.detail import row_detail
 from eventhandler.errors import EventHandlerError, InvalidOperation, NotFound
 from eventhandler.models import STAGES, STATUSES
 from eventhandler.service import DLQService
 
-HERE = Path(__file__).parent
-COOKIE = "eventhandler_console"
-PAGE = 50
-STATIC = {"htmx.min.js": "text/javascript", "console.css": "text/css"}
-# The console's pages load only their own script and style; nothing frames them.
-HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
-FILTER_FIELDS = (
-    "consumer",
-    "event_type",
-    "stage",
-    "since",
-    "until",
-    "error_contains",
-    "fingerprint",
-    "topic",
-)
-DONE = {
-    "replayed": "Replayed: the broker has it; the worker resolves the row once it has processed it.",
-    "resolved": "Resolved.",
-    "discarded": "Discarded.",
-}
-
-
-class SignIn(Exception):
-    """No live session: the browser is sent to the sign-in page."""
-
-
-class Forbidden(Exception):
-    """A change without an admin session or without the session's CSRF token."""
-
-
-@dataclass(frozen=True)
-class Gate:
-    """What the console's pages check a browser against, kept on the app."""
-
-    tokens: TokenChecker
-    sessions: SessionStore
-
-
-def current(request: Request) -> Session:
-    """The browser's live session, or off to the sign-in page."""
-    gate: Gate = request.app.state.console
-    session = gate.sessions.find(request.cookies.get(COOKIE), gate.tokens.digests)
-    if session is None:
-        raise SignIn(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
-    request.state.console_session = session
-    return session
-
-
-def changing(
-    request: Request, session: Annotated[Session, Depends(current)], csrf: Annotated[str, Form()] = ""
-) -> Session:
-    """An admin session, its CSRF token in the form, and a request from the console's own pages."""
-    site = request.headers.get("sec-fetch-site")
-    if not session.may_change or not session.csrf_ok(csrf) or site not in (None, "same-origin"):
-        raise Forbidden()
-    return session
-
-
-Reader = Annotated[Session, Depends(current)]
-Admin = Annotated[Session, Depends(changing)]
-Note = Annotated[str, Form(max_length=2000)]
-
 
 def console_router(service: DLQService, gate: Gate) -> APIRouter:
     tokens, sessions = gate.tokens, gate.sessions
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
-    )
-    environment.filters |= render.FILTERS
+    page = Pages()
     router = APIRouter(prefix="/ui", include_in_schema=False)
-
-    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        session: Session | None = getattr(request.state, "console_session", None)
-        html = environment.get_template(name).render(
-            session=session, version=__version__, path=request.url.path, **context
-        )
-        return HTMLResponse(html, status_code=status, headers=HEADERS)
+    add_replay_routes(router, service, page)
 
     # -- signing in and out ------------------------------------------------------------------
 
@@ -154,20 +91,21 @@ def console_router(service: DLQService, gate: Gate) -> APIRouter:
 
     @router.get("/rows")
     def rows(request: Request, session: Reader) -> HTMLResponse:
-        given = _given(request)
-        context: dict[str, Any] = {"given": given, "filters": _choices(), "next_url": None}
+        filters = given(request.query_params)
+        context: dict[str, Any] = {"given": filters, "filters": _choices(), "next_url": None}
+        context["query"] = urlencode(pairs(filters))
         try:
-            query = ListQuery.model_validate(given | {"limit": PAGE})
+            query = ListQuery.model_validate(filters | {"limit": PAGE})
             flt = service.readable_filter(query.dlq_filter(), reader=not session.may_change)
         except (ValidationError, EventHandlerError) as exc:
-            return page(request, "rows.html", 400, rows=[], total=0, error=_problem(exc), **context)
+            return page(request, "rows.html", 400, rows=[], total=0, error=problem(exc), **context)
         found = service.list_rows(flt, limit=PAGE, after_id=_int(request.query_params.get("after")))
         if len(found) == PAGE:
-            context["next_url"] = f"/ui/rows?{urlencode([*_pairs(given), ('after', found[-1].dlq_id)])}"
+            context["next_url"] = f"/ui/rows?{urlencode([*pairs(filters), ('after', found[-1].dlq_id)])}"
         return page(request, "rows.html", rows=found, total=service.count(flt), error=None, **context)
 
     def row_page(
-        request: Request, dlq_id: int, session: Session, done: str | None = None, problem: str | None = None
+        request: Request, dlq_id: int, session: Session, done: str | None = None, refusal: str | None = None
     ) -> HTMLResponse:
         try:
             view = service.view(dlq_id, reader=not session.may_change)
@@ -182,13 +120,13 @@ def console_router(service: DLQService, gate: Gate) -> APIRouter:
         return page(
             request,
             "row.html",
-            409 if problem else 200,
+            409 if refusal else 200,
             row=row_detail(view),
             entry=view.entry,
             history=service.history(dlq_id),
             done=done,
             messages=DONE,
-            problem=problem,
+            problem=refusal,
             **context,
         )
 
@@ -213,7 +151,7 @@ def console_router(service: DLQService, gate: Gate) -> APIRouter:
         try:
             operation()
         except (InvalidOperation, NotFound) as exc:
-            return row_page(request, dlq_id, session, problem=str(exc))
+            return row_page(request, dlq_id, session, refusal=str(exc))
         return RedirectResponse(f"/ui/rows/{dlq_id}?done={done}", status_code=303, headers=HEADERS)
 
     @router.post("/rows/{dlq_id}/replay")
@@ -266,33 +204,9 @@ def _inside(target: str) -> str:
     return "/ui"
 
 
-def _given(request: Request) -> dict[str, Any]:
-    """The filters in the URL, blank fields left out (a GET form sends them all)."""
-    given: dict[str, Any] = {k: v for k in FILTER_FIELDS if (v := request.query_params.get(k, "").strip())}
-    statuses = [s for s in request.query_params.getlist("status") if s]
-    if statuses:
-        given["status"] = statuses
-    return given
-
-
-def _pairs(given: dict[str, Any]) -> list[tuple[str, Any]]:
-    pairs: list[tuple[str, Any]] = []
-    for key, value in given.items():
-        pairs += [(key, v) for v in value] if isinstance(value, list) else [(key, value)]
-    return pairs
-
-
 def _choices() -> dict[str, Any]:
     return {"stages": STAGES, "statuses": STATUSES}
 
 
 def _int(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() and len(text) < 19 else None
-
-
-def _problem(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
-        return f"{where}: {str(error['msg']).removeprefix('Value error, ')}"[:300]
-    return str(exc)[:300]

@@ -232,3 +232,40 @@ def test_a_wrong_token_does_not_sign_in_and_next_never_leaves_the_console(
     page.get_by_role("button", name="Sign in").click()
     expect(page).to_have_url(f"{base}/ui")
     page.close()
+
+
+def test_an_admin_replays_an_error_group_after_its_preview_and_simulation_and_sees_it_resolved(
+    browser: Browser,
+    console: tuple[str, Settings],
+    kafka_bootstrap: str,
+    topic: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    base, settings = console
+    seed(settings, kafka_bootstrap, topic)
+    producer = k.TestProducer(kafka_bootstrap)
+    producer.send_events(topic, [k.registered("heat-pump")])  # the cause, fixed
+    producer.flush()
+    run_until_idle(settings, idle=2)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    sign_in(page, base, ADMIN_TOKEN)
+    page.get_by_role("row", name="heat-pump").get_by_role("link", name="replay…").click()
+    expect(page.locator("#matched")).to_have_text("3")
+    page.get_by_role("button", name="Simulate").click()
+    expect(page.locator("#simulation")).to_contain_text("3 would apply, 0 would fail again")
+    shot(page, "replay-preview")
+    assert db.execute("SELECT count(*) FROM dlq WHERE status = 'pending'").fetchone() == (
+        4,
+    )  # nothing changed
+
+    with threaded_worker(settings):
+        page.get_by_role("button", name="Replay 3 rows").click()
+        expect(page.get_by_role("heading", name="Replay of 3 rows")).to_be_visible()
+        expect(page.locator("#published")).to_have_text("3", timeout=30_000)
+        expect(page.locator("#resolved")).to_have_text("3", timeout=30_000)  # followed live (htmx)
+        shot(page, "replay-progress")
+    rows = db.execute("SELECT status, count(*) FROM dlq GROUP BY status ORDER BY status").fetchall()
+    assert rows == [("pending", 1), ("resolved", 3)]
+    actors = db.execute("SELECT DISTINCT actor, action FROM dlq_audit").fetchall()
+    assert actors == [("console:admin", "replay")]
+    page.close()
