@@ -235,6 +235,9 @@ class FingerprintGroup(BaseModel):
     count: int
     first_seen: datetime
     last_seen: datetime
+    trend: list[int] = Field(
+        default_factory=list, description="Rows that last failed in each of the last 24 hours, oldest first."
+    )
 
 
 class AuditEntry(BaseModel):
@@ -288,6 +291,7 @@ class Stats:
     oldest_pending_age_seconds: dict[str, float]
     top_groups: list[FingerprintGroup]
     circuits: list[CircuitState] = field(default_factory=list)  # the flood guard's, open ones first
+    open_by_hour: list[int] = field(default_factory=list)  # open rows at the end of the last 24 hours
 
     def as_dict(self) -> dict[str, Any]:
         def rows(items: list[tuple[str | None, str, int]], name: str) -> list[dict[str, Any]]:
@@ -302,6 +306,7 @@ class Stats:
             "oldest_pending_age_seconds": self.oldest_pending_age_seconds,
             "top_groups": [g.model_dump(mode="json") for g in self.top_groups],
             "circuits": [c.model_dump(mode="json") for c in self.circuits],
+            "open_by_hour": self.open_by_hour,
         }
 
 

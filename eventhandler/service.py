@@ -124,6 +124,7 @@ class DLQService:
             oldest_pending_age_seconds=self.repository.oldest_pending_age(),
             top_groups=self._groups(flt, top),
             circuits=self.circuits(flt.consumer) if self.circuit_board is not None else [],
+            open_by_hour=self.repository.open_by_hour(),
         )
 
     def _groups(self, flt: DLQFilter, top: int) -> list[FingerprintGroup]:

@@ -307,6 +307,10 @@ class StatsResponse(BaseModel):
     oldest_pending_age_seconds: dict[str, float]
     top_groups: list[FingerprintGroup]
     circuits: list[CircuitState] = Field(description="The flood guard's circuits, open ones first.")
+    open_by_hour: list[int] = Field(
+        description="Open rows (pending, parked, replayed) at the end of each of the last 24 hours, oldest "
+        "first, from the rows' own times (rows purged since are not counted)."
+    )
 
 
 class ReplayResponse(BaseModel):

@@ -30,9 +30,6 @@ def when(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-FILTERS = {"age": age, "when": when}
-
-
 @dataclass
 class Depth:
     consumer: str
@@ -103,3 +100,47 @@ def diff_lines(diff: list[dict[str, Any]] | None) -> list[str]:
         + (f" {json.dumps(op['value'], ensure_ascii=False)}" if "value" in op else "")
         for op in diff
     ]
+
+
+@dataclass
+class Spark:
+    points: str
+    total: int
+    peak: int
+
+
+def spark(values: list[int], width: int = 96, height: int = 22) -> Spark:
+    """A group's last 24 hours as a small line's points (the template draws it)."""
+    top = max([*values, 1])
+    step = width / max(len(values) - 1, 1)
+    points = " ".join(
+        f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(values)
+    )
+    return Spark(points, sum(values), max(values, default=0))
+
+
+@dataclass
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    hours_ago: int
+    value: int
+
+
+def bars(
+    values: list[int], width: int = 720, height: int = 160, left: int = 44, bottom: int = 20
+) -> list[Bar]:
+    """Open rows at the end of each of the last 24 hours as bars (the template draws them)."""
+    top, slot = max([*values, 1]), (width - left) / max(len(values), 1)
+    found = []
+    for i, value in enumerate(values):
+        tall = (value / top) * (height - bottom - 8)
+        found.append(
+            Bar(left + i * slot + 1, height - bottom - tall, slot - 2, tall, len(values) - 1 - i, value)
+        )
+    return found
+
+
+FILTERS: dict[str, Any] = {"age": age, "when": when, "spark": spark, "bars": bars}

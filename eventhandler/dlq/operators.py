@@ -134,7 +134,25 @@ class PostgresOperatorStore:
         query = sql.SQL(READ["fingerprint_groups"]).format(where=where)
         with translate_db_errors(), self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             found = cur.execute(query, params | {"limit": limit}).fetchall()
-        return [FingerprintGroup.model_validate(r) for r in found]
+            trends = {r["fingerprint"]: [0] * 24 for r in found}
+            for trend in cur.execute(READ["group_trends"], {"fingerprints": list(trends)}).fetchall():
+                if 0 <= trend["slot"] < 24:
+                    trends[trend["fingerprint"]][trend["slot"]] = trend["count"]
+        return [FingerprintGroup.model_validate(r | {"trend": trends[r["fingerprint"]]}) for r in found]
+
+    def open_by_hour(self) -> list[int]:
+        """Open rows (pending, parked, replayed) at the end of each of the last 24 hours, oldest first,
+        from the rows' own times: no sampling, but rows purged since are not counted."""
+        with translate_db_errors(), self._pool.connection() as conn:
+            row = conn.execute(READ["open_now"]).fetchone()
+            changes = conn.execute(READ["open_changes"]).fetchall()
+        by_slot = {slot: (opened, closed) for slot, opened, closed in changes}
+        counts, open_rows = [0] * 24, int(row[0]) if row else 0
+        for slot in range(23, -1, -1):  # back from now: before an hour, its openings were not yet
+            counts[slot] = open_rows
+            opened, closed = by_slot.get(slot, (0, 0))
+            open_rows = max(0, open_rows - int(opened) + int(closed))
+        return counts
 
     # -- changing, each with its audit row in the same transaction ------------------------
 

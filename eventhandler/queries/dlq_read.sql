@@ -86,3 +86,24 @@ WHERE state = 'open' OR closed_at > now() - interval '1 day';
 SELECT at, actor, action, detail, request_id, client FROM (
     SELECT * FROM dlq_audit WHERE dlq_ids @> ARRAY[%(id)s]::bigint[] ORDER BY audit_id DESC LIMIT 200
 ) newest ORDER BY at, audit_id;
+
+-- name: group_trends
+-- How many rows of each group last failed in each of the last 24 hours (slot 23: the latest hour).
+SELECT fingerprint, 23 - floor(extract(epoch FROM now() - last_failed_at) / 3600)::int AS slot, count(*) AS count
+FROM dlq WHERE fingerprint = ANY(%(fingerprints)s) AND last_failed_at > now() - interval '24 hours'
+GROUP BY 1, 2;
+
+-- name: open_changes
+-- Rows that failed first, and rows resolved or discarded, in each of the last `hours` hours; with the
+-- rows open now, they give the open count at the end of each hour (rows purged since are not counted).
+SELECT 23 - floor(extract(epoch FROM now() - moment) / 3600)::int AS slot, sum(opened) AS opened,
+       sum(closed) AS closed
+FROM (
+    SELECT failed_at AS moment, 1 AS opened, 0 AS closed FROM dlq WHERE failed_at > now() - interval '24 hours'
+    UNION ALL
+    SELECT resolved_at, 0, 1 FROM dlq WHERE resolved_at > now() - interval '24 hours'
+) changes
+GROUP BY 1;
+
+-- name: open_now
+SELECT count(*) FROM dlq WHERE status IN ('pending', 'parked', 'replayed');

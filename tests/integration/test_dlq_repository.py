@@ -468,3 +468,30 @@ def test_the_copy_statements_name_their_columns_in_the_order_of_their_types(
             for column in columns
         ]
         assert actual == [scalar(db, "SELECT %s::regtype::text", pg_type) for pg_type in types], table
+
+
+def test_open_rows_by_hour_and_group_trends_come_from_the_rows_own_times(
+    repo: DLQ, pool: Any, db: psycopg.Connection[Any]
+) -> None:
+    """Three rows: one failed 5 h ago and is still open, one failed 3 h ago and was resolved 1 h ago,
+    one failed 30 min ago. Open at the end of each hour: 0 before, 1, 2 from 3 h ago, 1 after the
+    resolve, 2 in the last hour."""
+    ids = [record(repo, pool, failed_message())[0] for _ in range(3)]
+    now = datetime.now(UTC)
+    for dlq_id, failed, resolved in [
+        (ids[0], now - timedelta(hours=5, minutes=30), None),
+        (ids[1], now - timedelta(hours=3, minutes=30), now - timedelta(hours=1, minutes=30)),
+        (ids[2], now - timedelta(minutes=30), None),
+    ]:
+        db.execute(
+            "UPDATE dlq SET failed_at = %s, last_failed_at = %s, resolved_at = %s,"
+            " status = CASE WHEN %s::timestamptz IS NULL THEN 'pending' ELSE 'resolved' END WHERE dlq_id = %s",
+            [failed, failed, resolved, resolved, dlq_id],
+        )
+    hours = repo.operators.open_by_hour()
+    assert len(hours) == 24
+    assert hours[:18] == [0] * 18
+    assert hours[18:] == [1, 1, 2, 2, 1, 2]  # end of 5 h ago … end of the current hour (now)
+    (group,) = repo.operators.fingerprint_groups(DLQFilter())
+    assert group.trend[-6:] == [1, 0, 1, 0, 0, 1]
+    assert sum(group.trend) == 3
