@@ -212,6 +212,7 @@ class DLQFilter(BaseModel):
     since: TimeBound | None = None
     until: TimeBound | None = None
     error_contains: str | None = None
+    payload_contains: str | None = None  # bytes of the UTF-8 text, in the payload or its repair
     fingerprint: str | None = None
     topic: str | None = None
 

@@ -73,10 +73,10 @@ class DLQService:
         a read-only caller (`total` answers whether the text occurs), so only the admin token may
         search; and the fingerprint a view showed is keyed (see `Redactor.fingerprint`): it is
         turned back into the stored one here."""
-        if reader and flt.error_contains is not None and self.redactor.active:
+        if reader and self.redactor.active and (flt.error_contains or flt.payload_contains) is not None:
             raise NotPermitted(
-                "error_contains needs the admin token while EVENTHANDLER_API_REDACT_FIELDS is set "
-                "(a search would confirm redacted values); filter by fingerprint instead"
+                "error_contains and payload_contains need the admin token while "
+                "EVENTHANDLER_API_REDACT_FIELDS is set (a search would confirm redacted values)"
             )
         if not self.redactor.active or flt.fingerprint is None:
             return flt

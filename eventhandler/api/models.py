@@ -105,6 +105,9 @@ class _Filters(BaseModel):
     )
     until: TimeBound | None = Field(default=None, description="Last failed before this time.")
     error_contains: Text | None = Field(default=None, description="Case-insensitive substring of the error.")
+    payload_contains: Text | None = Field(
+        default=None, description="Text in the payload or its repair (its UTF-8 bytes, case-sensitive)."
+    )
     fingerprint: Fingerprint | None = Field(default=None, description="Failure group (see stats).")
     topic: TopicName | None = Field(default=None, description="Original topic.")
 

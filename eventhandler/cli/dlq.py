@@ -19,6 +19,7 @@ from eventhandler.cli.shared import (
     IdsOpt,
     JsonOpt,
     NoteOpt,
+    PayloadOpt,
     SinceOpt,
     StageOpt,
     TopicOpt,
@@ -48,6 +49,7 @@ def list_rows(
     since: SinceOpt = None,
     until: UntilOpt = None,
     error_contains: ErrorOpt = None,
+    payload_contains: PayloadOpt = None,
     fingerprint: FingerprintOpt = None,
     topic: TopicOpt = None,
     limit: Annotated[int, typer.Option(help="Rows per page.", min=1, max=10_000)] = 50,
@@ -64,6 +66,7 @@ def list_rows(
         since=since,
         until=until,
         error_contains=error_contains,
+        payload_contains=payload_contains,
         fingerprint=fingerprint,
         topic=topic,
     )

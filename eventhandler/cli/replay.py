@@ -19,6 +19,7 @@ from eventhandler.cli.shared import (
     FingerprintOpt,
     IdsOpt,
     JsonOpt,
+    PayloadOpt,
     SinceOpt,
     StageOpt,
     TopicOpt,
@@ -48,6 +49,7 @@ def replay(
     since: SinceOpt = None,
     until: UntilOpt = None,
     error_contains: ErrorOpt = None,
+    payload_contains: PayloadOpt = None,
     fingerprint: FingerprintOpt = None,
     topic: TopicOpt = None,
     limit: Annotated[int | None, typer.Option(help="Replay at most this many rows.", min=1)] = None,
@@ -102,6 +104,7 @@ def replay(
         since=since,
         until=until,
         error_contains=error_contains,
+        payload_contains=payload_contains,
         fingerprint=fingerprint,
         topic=topic,
     )

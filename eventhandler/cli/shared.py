@@ -37,6 +37,10 @@ UntilOpt = Annotated[str | None, typer.Option(help="Last failed before: ISO 8601
 ErrorOpt = Annotated[
     str | None, typer.Option("--error-contains", help="Error message contains (case-insensitive).")
 ]
+PayloadOpt = Annotated[
+    str | None,
+    typer.Option("--payload-contains", help="Payload (or its repair) contains this text (case-sensitive)."),
+]
 FingerprintOpt = Annotated[str | None, typer.Option(help="Error group fingerprint (see `dlq stats`).")]
 TopicOpt = Annotated[str | None, typer.Option(help="Original topic.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]

@@ -36,6 +36,7 @@ FILTER_FIELDS = (
     "since",
     "until",
     "error_contains",
+    "payload_contains",
     "fingerprint",
     "topic",
 )

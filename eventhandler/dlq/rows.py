@@ -58,6 +58,12 @@ def where(
     if flt.error_contains:
         escaped = flt.error_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         add("error_message ILIKE %(f_error)s", f_error=f"%{escaped}%")
+    if flt.payload_contains:
+        add(
+            "(position(convert_to(%(f_payload)s, 'UTF8') IN event_payload) > 0"
+            " OR position(convert_to(%(f_payload)s, 'UTF8') IN edited_payload) > 0)",
+            f_payload=flt.payload_contains,
+        )
     if flt.fingerprint is not None:
         add("fingerprint = %(f_fingerprint)s", f_fingerprint=flt.fingerprint)
     if flt.topic is not None:

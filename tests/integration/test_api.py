@@ -170,7 +170,12 @@ def test_a_full_page_at_the_end_has_no_next_cursor(api: Api) -> None:
 
 def test_list_filters_like_the_cli(api: Api, db: psycopg.Connection[Any]) -> None:
     reading, bad_json, projection, other_group, other_topic = api.record(
-        failure(api, event_type="device.reading", error_message="device 'd1' is not registered"),
+        failure(
+            api,
+            event_type="device.reading",
+            error_message="device 'd1' is not registered",
+            value=b'{"d": "pump-7"}',
+        ),
         failure(api, stage="deserialize", event_type=None, error_message="message value is not valid JSON"),
         failure(api, stage="projection", event_type="device.registered", error_message="NUL in name"),
         failure(api, consumer="another-group"),
@@ -194,6 +199,9 @@ def test_list_filters_like_the_cli(api: Api, db: psycopg.Connection[Any]) -> Non
     assert ids(status="resolved") == []
     assert ids(ADMIN, error_contains="NOT VALID json") == [bad_json]
     assert ids(ADMIN, error_contains="100%") == []  # a LIKE wildcard is taken literally
+    assert ids(ADMIN, payload_contains="pump-7") == [reading]
+    refused = api.client.get(DLQ, params={"payload_contains": "device"}, headers=READER)
+    assert refused.status_code == 403  # while redacting, a search would confirm masked values
     assert ids(topic="other-topic") == [other_topic]
     assert ids(id=[other_topic, reading]) == [reading, other_topic]
     assert ids(since="1d") == [reading, projection, other_group, other_topic]

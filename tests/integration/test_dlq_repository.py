@@ -495,3 +495,21 @@ def test_open_rows_by_hour_and_group_trends_come_from_the_rows_own_times(
     (group,) = repo.operators.fingerprint_groups(DLQFilter())
     assert group.trend[-6:] == [1, 0, 1, 0, 0, 1]
     assert sum(group.trend) == 3
+
+
+def test_payload_contains_finds_text_in_the_payload_or_its_repair(
+    repo: DLQ, pool: Any, db: psycopg.Connection[Any]
+) -> None:
+    plain, other, binary = record(
+        repo,
+        pool,
+        failed_message(value=b'{"device_id": "pump-7"}'),
+        failed_message(value=b'{"device_id": "fan-2"}'),
+        failed_message(value=b"\xff\x00pump-7\xfe"),
+    )
+    db.execute("UPDATE dlq SET edited_payload = %s WHERE dlq_id = %s", [b'{"device_id": "pump-8"}', other])
+    found = {r.dlq_id for r in repo.operators.list_rows(DLQFilter(payload_contains="pump-7"))}
+    assert found == {plain, binary}
+    assert {r.dlq_id for r in repo.operators.list_rows(DLQFilter(payload_contains="pump-8"))} == {other}
+    assert repo.operators.list_rows(DLQFilter(payload_contains="PUMP-7")) == []  # bytes: case-sensitive
+    assert repo.operators.list_rows(DLQFilter(payload_contains="%")) == []  # no pattern characters
