@@ -136,19 +136,30 @@ def demo(
             "EVENTHANDLER_DATABASE_URL that reaches it.",
         ),
     ] = False,
+    console_: Annotated[
+        bool,
+        typer.Option(
+            "--console",
+            help="Serve the operator's console on an earlier demo's rows at 127.0.0.1 (--port), until "
+            "Ctrl-C, with an admin token made for the run (printed once).",
+        ),
+    ] = False,
+    port: Annotated[int, typer.Option(help="The console's port (with --console).", min=1, max=65535)] = 8080,
 ) -> None:
     """The whole story in a minute: bad events land in the DLQ, the cause is fixed, they are replayed."""
     from eventhandler.cli.render import make_console
     from eventhandler.example import demo as demo_module
+    from eventhandler.example import demo_explore
 
     if postgres not in demo_module.POSTGRES_CHOICES:
         fail(f"--postgres must be one of {', '.join(demo_module.POSTGRES_CHOICES)}, not {postgres!r}", code=2)
     console = make_console()
     try:
+        kept = data_dir or demo_module.default_data_dir()
         if explore:
-            raise typer.Exit(
-                demo_module.explore(console, data_dir or demo_module.default_data_dir(), _until_signal())
-            )
+            raise typer.Exit(demo_explore.explore(console, kept, _until_signal()))
+        if console_:
+            raise typer.Exit(demo_explore.open_console(console, kept, port))
         code = demo_module.run_demo(console, postgres=postgres, data_dir=data_dir)
     except EventHandlerError as exc:
         fail(str(exc))

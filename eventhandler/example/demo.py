@@ -33,12 +33,12 @@ from eventhandler.cli.render import rows_table
 from eventhandler.config import Settings
 from eventhandler.errors import EventHandlerError
 from eventhandler.example import demo_orders
+from eventhandler.example.demo_explore import DEMO_DATABASE, LOCAL_SERVER, with_database
 from eventhandler.local.broker import bundled_broker
 from eventhandler.local.postgres import local_postgres, server_answers
 from eventhandler.migrate import apply_migrations
 from eventhandler.models import DLQFilter
 
-DEMO_DATABASE = "eventhandler_demo"
 DEVICES = ["boiler-1", "boiler-2", "chiller-1", "pump-7", "meter-3"]
 LATE_DEVICE = "heatpump-9"  # reports before anybody registered it
 READINGS = 2_000
@@ -50,7 +50,6 @@ class DemoError(EventHandlerError):
     pass
 
 
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 POSTGRES_CHOICES = ("auto", "local", "embedded")
 
 
@@ -79,26 +78,6 @@ def demo_database(postgres: str, data_dir: Path) -> Iterator[DemoDatabase]:
         return
     with local_postgres(data_dir / "postgres") as admin_url:
         yield DemoDatabase(with_database(admin_url, DEMO_DATABASE), own=True, embedded=data_dir)
-
-
-def with_database(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
-
-
-def explore(console: Console, data_dir: Path, stop: threading.Event) -> int:
-    """Start the demo's kept PostgreSQL again, say how to reach it, and hold it until `stop` is set."""
-    if not (data_dir / "postgres" / "PG_VERSION").exists():
-        raise DemoError(f"no demo data in {data_dir}: run `eventhandler demo` first")
-    with local_postgres(data_dir / "postgres") as admin_url:
-        url = with_database(admin_url, DEMO_DATABASE)
-        console.print(f"The demo's PostgreSQL is running on {url.rsplit('@', 1)[-1]} (Ctrl-C stops it).")
-        console.print("In another terminal:", markup=False)
-        console.print(f"  export EVENTHANDLER_DATABASE_URL={url}", markup=False)
-        console.print(
-            "  eventhandler dlq list    (or: dlq stats, dlq show ID, replay --dry-run)", markup=False
-        )
-        stop.wait()
-    return 0
 
 
 def _reset_database(url: str) -> None:
@@ -223,16 +202,19 @@ def run_demo(
     with demo_database(postgres, data_dir) as database:
         code = _run(console, database, log_level)
     if database.embedded is not None:
+        option = _data_dir_option(database.embedded)
         console.print(
             f"\nThe demo's PostgreSQL stopped; its data stays in {database.embedded}. To explore the DLQ:\n"
-            f"  eventhandler demo --explore{_data_dir_option(database.embedded)}"
-            "    (starts it again and prints EVENTHANDLER_DATABASE_URL for `eventhandler dlq list`)",
+            f"  eventhandler demo --explore{option}"
+            "    (starts it again and prints EVENTHANDLER_DATABASE_URL for `eventhandler dlq list`)\n"
+            f"  eventhandler demo --console{option}    (the DLQ in your browser: the operator's console)",
             markup=False,
         )
     elif database.own:
         console.print(
             "\nThe demo database stays for you to explore: "
-            f"EVENTHANDLER_DATABASE_URL={database.url} eventhandler dlq list",
+            f"EVENTHANDLER_DATABASE_URL={database.url} eventhandler dlq list\n"
+            "In your browser: eventhandler demo --console    (the operator's console on these rows)",
             markup=False,
         )
     return code

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
 from tests.support.cli import cli_json
+from tests.support.services import free_port
+from tests.support.waiting import wait_for
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -120,3 +123,41 @@ def test_the_demo_on_its_embedded_postgres_keeps_the_data_and_its_closing_lines_
             assert explore.wait(timeout=60) == 0
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=2).close()  # the server stopped with it
+
+    # The other closing line: the console on the same rows, signed in with the token it prints.
+    console_line = f"eventhandler demo --console --data-dir {data_dir}"
+    assert console_line in result.stdout
+    port = free_port()
+    with subprocess.Popen(
+        [sys.executable, "-m", "eventhandler", *console_line.split()[1:], "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as served:
+        try:
+            assert served.stdout is not None
+            token = None
+            for line in served.stdout:
+                match = re.search(r"admin token, made for this run: (\S+)", line)
+                if match:
+                    token = match.group(1)
+                    break
+            assert token, "demo --console printed no token"
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _answers(base), timeout=60, message="the console")
+            with httpx.Client(base_url=base, follow_redirects=True, timeout=10) as browser:
+                assert browser.get("/ui").url.path == "/ui/signin"
+                overview = browser.post("/ui/signin", data={"token": token, "next": "/ui"})
+                assert overview.status_code == 200
+                assert "<strong>7</strong> pending" in overview.text
+        finally:
+            served.send_signal(signal.SIGINT)
+            assert served.wait(timeout=60) == 0
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
