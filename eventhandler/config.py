@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     api_redact_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Addresses (or networks) of reverse proxies whose X-Forwarded-For the admin API believes.
     api_trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    console_secure_cookie: bool = False  # the console's cookie is Secure even over plain HTTP (a TLS proxy)
 
     retry_initial_seconds: float = Field(default=0.2, gt=0, le=60)
     retry_max_seconds: float = Field(default=15.0, gt=0, le=600)

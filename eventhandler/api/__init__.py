@@ -78,7 +78,7 @@ def create_app(
     app.include_router(circuits)
     app.include_router(operations)
     if sessions is not None:
-        console.install(app, service, console.Gate(tokens, sessions))
+        console.install(app, service, console.Gate(tokens, sessions, settings.console_secure_cookie))
     return app
 
 

@@ -48,9 +48,10 @@ class TokenChecker:
         return bool(self._tokens)
 
     @property
-    def digests(self) -> frozenset[bytes]:
-        """The configured tokens' digests (a console session holds the one that signed it in)."""
-        return frozenset(token for token, _ in self._tokens)
+    def roles(self) -> dict[bytes, Role]:
+        """The configured tokens' digests and roles (a console session holds the digest that signed
+        it in, and has the role that token has now)."""
+        return {token: role for token, role in reversed(self._tokens)}
 
     def role_of_token(self, token: str) -> tuple[Role, bytes] | None:
         """The role a token gives and its digest (the console's sign-in form), or None."""

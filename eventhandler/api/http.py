@@ -104,7 +104,9 @@ def gate(tokens: TokenChecker) -> Callable[[Request, Next], Awaitable[Response]]
     return dispatch
 
 
-def _error_status(exc: EventHandlerError) -> tuple[int, str]:
+def error_status(exc: EventHandlerError) -> tuple[int, str]:
+    """The status and the fixed message an operator is told for a service error (never a DSN or a
+    broker address)."""
     if isinstance(exc, NotFound):
         return 404, str(exc)
     if isinstance(exc, InvalidOperation):
@@ -128,7 +130,7 @@ def _error_status(exc: EventHandlerError) -> tuple[int, str]:
 
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EventHandlerError)
-    status, detail = _error_status(exc)
+    status, detail = error_status(exc)
     headers = {"Retry-After": "5"} if status == 503 else None
     if status >= 500 or status == 400:
         log.warning("api_request_failed", status=status, error_type=type(exc).__name__, error=str(exc))

@@ -16,7 +16,9 @@ from starlette.datastructures import QueryParams
 import eventhandler.console.render as render
 from eventhandler import __version__
 from eventhandler.api.auth import TokenChecker
+from eventhandler.api.http import error_status
 from eventhandler.console.sessions import Session, SessionStore
+from eventhandler.errors import EventHandlerError
 
 HERE = Path(__file__).parent
 COOKIE = "eventhandler_console"
@@ -61,12 +63,13 @@ class Gate:
 
     tokens: TokenChecker
     sessions: SessionStore
+    secure_cookie: bool = False  # Secure even on plain HTTP (TLS ends at a proxy)
 
 
 def current(request: Request) -> Session:
     """The browser's live session, or off to the sign-in page."""
     gate: Gate = request.app.state.console
-    session = gate.sessions.find(request.cookies.get(COOKIE), gate.tokens.digests)
+    session = gate.sessions.find(request.cookies.get(COOKIE), gate.tokens.roles)
     if session is None:
         raise SignIn(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
     request.state.console_session = session
@@ -125,9 +128,12 @@ def pairs(filters: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def problem(exc: Exception) -> str:
-    """What was wrong with an operator's input, in a line."""
+    """What was wrong, in a line: an operator's input, or the service's fixed message (the API's: never
+    a connection string or a broker's address)."""
     if isinstance(exc, ValidationError):
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         return f"{where}: {str(error['msg']).removeprefix('Value error, ')}"[:300]
-    return str(exc)[:300]
+    if isinstance(exc, EventHandlerError):
+        return error_status(exc)[1][:300]
+    return "internal error"

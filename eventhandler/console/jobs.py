@@ -6,6 +6,7 @@ done). Behind a load balancer, the job's page must reach the replica that runs i
 
 from __future__ import annotations
 
+import contextvars
 import secrets
 import threading
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from eventhandler.api.http import error_status
 from eventhandler.canary import Outcomes
 from eventhandler.errors import EventHandlerError
 from eventhandler.logs import get_logger
@@ -63,12 +65,15 @@ class JobBoard:
             try:
                 job.report = run(job)
             except EventHandlerError as exc:
-                job.error = str(exc)
+                job.error = error_status(exc)[1]
             except Exception:  # a replay that broke must say so on its page, not vanish
                 log.exception("console_replay_failed", job=job.id)
                 job.error = "the replay failed (see the API's log)"
 
-        threading.Thread(target=work, name=f"console-replay-{job.id}", daemon=True).start()
+        # The request's log context (request id, client) goes with it into the audit rows; not a daemon:
+        # a shutdown waits for the chunk it is publishing to be marked.
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(work,), name=f"console-replay-{job.id}").start()
         return job
 
     def get(self, job_id: str) -> Job | None:

@@ -68,8 +68,8 @@ def payload(view: View, edited: bool = False) -> Shown:
     if shown.encoding == "withheld":
         return Shown("withheld", "(withheld: not JSON, so its fields cannot be redacted)", size)
     if shown.encoding == "json":
-        text = json.dumps(shown.document, indent=2, ensure_ascii=False)
-        return Shown("json", text[:TEXT_CHARS], size, len(text) > TEXT_CHARS)
+        text, cut = _indented(shown.document)
+        return Shown("json", text, size, cut)
     data = raw or b""
     try:
         text = data.decode("utf-8")
@@ -78,6 +78,18 @@ def payload(view: View, edited: bool = False) -> Shown:
     if any(ord(c) < 32 and c not in "\n\r\t" for c in text[:TEXT_CHARS]):
         return Shown("hex", hex_dump(data[:HEX_BYTES]), size, len(data) > HEX_BYTES)
     return Shown("text", text[:TEXT_CHARS], size, len(text) > TEXT_CHARS)
+
+
+def _indented(document: Any) -> tuple[str, bool]:
+    """The document as indented JSON, encoded piece by piece and stopped at `TEXT_CHARS`: indentation
+    grows with depth, so a deep 10 MB document would otherwise be gigabytes of text first."""
+    pieces, length = [], 0
+    for piece in json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(document):
+        pieces.append(piece)
+        length += len(piece)
+        if length > TEXT_CHARS:
+            return "".join(pieces)[:TEXT_CHARS], True
+    return "".join(pieces), False
 
 
 def hex_dump(data: bytes) -> str:

@@ -86,7 +86,7 @@ def add_replay_routes(router: APIRouter, service: DLQService, page: Pages) -> No
             return service.replay(
                 flt,
                 actor=session.actor,
-                limit=MAX_ROWS,
+                limit=matched,  # never more than the operator confirmed
                 progress=published,
                 canary=checked,
                 on_outcomes=watched,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psycopg_pool
@@ -49,7 +49,9 @@ class Session:
         return f"console:{self.role}"
 
     def csrf_ok(self, presented: str | None) -> bool:
-        return presented is not None and hmac.compare_digest(presented.encode(), self.csrf_token.encode())
+        if presented is None or not presented.isascii():
+            return False
+        return hmac.compare_digest(presented.encode(), self.csrf_token.encode())
 
 
 class SessionStore:
@@ -67,18 +69,18 @@ class SessionStore:
             )
         return value
 
-    def find(self, value: str | None, tokens: Collection[bytes]) -> Session | None:
-        """The live session a cookie names, if its token is still one of `tokens` (digests)."""
-        if not value or len(value) > 100:
+    def find(self, value: str | None, roles: Mapping[bytes, Role]) -> Session | None:
+        """The live session a cookie names, with the role its token has now (`roles`: token digest →
+        role); None when that token is no longer configured."""
+        if not value or len(value) > 100 or not value.isascii():
             return None
         with translate_db_errors(), self._pool.connection() as conn:
             row = conn.execute(FIND, (_digest(value),)).fetchone()
-        if row is None or bytes(row[1]) not in tokens:
-            return None
-        return Session(row[0], row[2])
+        role = roles.get(bytes(row[1])) if row is not None else None
+        return None if row is None or role is None else Session(role, row[2])
 
     def delete(self, value: str | None) -> None:
-        if value and len(value) <= 100:
+        if value and len(value) <= 100 and value.isascii():
             with translate_db_errors(), self._pool.connection() as conn:
                 conn.execute(DELETE, (_digest(value),))
 

@@ -55,13 +55,16 @@ def console_router(service: DLQService, gate: Gate) -> APIRouter:
     def signin(
         request: Request, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/ui"
     ) -> Response:
+        if request.headers.get("sec-fetch-site") not in (None, "same-origin"):
+            raise Forbidden()  # another site must not sign this browser into a session of its choosing
         found = tokens.role_of_token(token)
         if found is None:
             return page(request, "signin.html", 401, next=_inside(next), error="That token is not valid.")
         role, digest = found
+        sessions.delete(request.cookies.get(COOKIE))  # signing in again ends the session before
         value = sessions.create(role, digest, request.client.host if request.client else None)
         response = RedirectResponse(_inside(next), status_code=303, headers=HEADERS)
-        secure = request.url.scheme == "https"
+        secure = gate.secure_cookie or request.url.scheme == "https"
         response.set_cookie(
             COOKIE,
             value,
@@ -199,6 +202,8 @@ def install(app: Any, service: DLQService, gate: Gate) -> None:
 
 def _inside(target: str) -> str:
     """A place to go after signing in: a console page, never another site (`//evil`, `/\\evil`)."""
+    if not target.isascii() or not target.isprintable():
+        return "/ui"
     if target.startswith("/ui") and not target.startswith(("//", "/\\")) and "\\" not in target:
         return target
     return "/ui"
@@ -209,4 +214,4 @@ def _choices() -> dict[str, Any]:
 
 
 def _int(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() and len(text) < 19 else None
+    return int(text) if text and text.isascii() and text.isdigit() and len(text) < 19 else None

@@ -128,6 +128,13 @@ def test_an_admin_signs_in_filters_opens_a_row_replays_it_and_signs_out(
     page.get_by_role("button", name="Filter").click()
     expect(page.locator("#total")).to_have_text("3 matching rows")
     assert "event_type=device.reading" in page.url
+    with_bad_time = browser.new_page()  # a refused filter is shown, with JavaScript on as without
+    with_bad_time.context.add_cookies(context.cookies())
+    with_bad_time.goto(f"{base}/ui/rows")
+    with_bad_time.get_by_label("Since").fill("last tuesday")
+    with_bad_time.get_by_role("button", name="Filter").click()
+    expect(with_bad_time.get_by_role("alert")).to_contain_text("since")
+    with_bad_time.close()
     assert "status=pending" in page.url
     shot(page, "rows")
     shared = browser.new_context()
@@ -165,6 +172,10 @@ def test_an_admin_signs_in_filters_opens_a_row_replays_it_and_signs_out(
 
     # Sign out: the session is gone, on this browser and for any copy of its cookie.
     page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    # … and no copy of an admin page stays in the browser's storage for the next person at it
+    assert page.evaluate("sessionStorage.getItem('htmx-history-cache')") in (None, "[]")
+    page.go_back()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     copied = httpx.get(f"{base}/ui", cookies={cookie["name"]: cookie["value"]}, follow_redirects=False)
     assert copied.status_code == 303
@@ -266,6 +277,8 @@ def test_an_admin_replays_an_error_group_after_its_preview_and_simulation_and_se
         shot(page, "replay-progress")
     rows = db.execute("SELECT status, count(*) FROM dlq GROUP BY status ORDER BY status").fetchall()
     assert rows == [("pending", 1), ("resolved", 3)]
-    actors = db.execute("SELECT DISTINCT actor, action FROM dlq_audit").fetchall()
-    assert actors == [("console:admin", "replay")]
+    actors = db.execute(
+        "SELECT DISTINCT actor, action, request_id IS NOT NULL, client FROM dlq_audit"
+    ).fetchall()
+    assert actors == [("console:admin", "replay", True, "127.0.0.1")]  # the request that started it
     page.close()

@@ -100,3 +100,16 @@ def test_a_password_in_a_url_is_masked_wherever_the_url_stands() -> None:
     for secret in ("s3cr3t", "p4ss", ":b@", ":e@"):
         assert secret not in masked
     assert masked.count("**********") == 4
+
+
+def test_a_console_log_of_an_exception_never_shows_the_frames_local_variables() -> None:
+    """A rich traceback lists each frame's locals: a token a handler held would be printed."""
+    stream = io.StringIO()
+    configure_logging("info", "console", stream)
+    token = "admin-token-0123456789abcdef"
+    try:
+        raise ValueError(f"failed with a token of {len(token)} characters")
+    except ValueError:
+        get_logger("test").exception("it_failed")
+    assert "ValueError" in stream.getvalue()
+    assert token not in stream.getvalue()
