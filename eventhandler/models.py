@@ -105,6 +105,22 @@ class FailedMessage:
         return fingerprint(self.stage, self.error_type, self.error_message)
 
 
+@dataclass(slots=True)
+class OutgoingRow:
+    """A row as a replay publishes it: the columns it needs, as a plain dataclass (a replay takes
+    hundreds of thousands of rows, and their values come from the DLQ's own columns)."""
+
+    dlq_id: int
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    message_key: bytes | None
+    event_payload: bytes | None
+    edited_payload: bytes | None
+    headers: Headers
+    replay_count: int
+
+
 class DLQSummary(BaseModel):
     """A DLQ row without its payload and traceback: what a list shows."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,10 @@ from eventhandler.errors import BrokerUnavailable, DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
 from eventhandler.librdkafka import RawProducer, raw_header_key
 from eventhandler.metrics import Metrics
-from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, Headers
+from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, Headers, OutgoingRow
 
-CHUNK = 200
+CHUNK = 1000  # rows a lease takes at once
+WINDOW = 4  # chunks in flight: the next ones are taken and sent while the broker confirms the first
 CONNECT_SECONDS = 5.0  # how long a replay waits for the broker's metadata before it gives up
 DOWN_SECONDS = 5.0  # after the broker did not answer, replays fail at once for this long
 _OUR_HEADERS = {DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER}
@@ -71,7 +73,7 @@ class ReplayPlan:
         return ReplayReport(matched=self.matched, dry_run=True)
 
 
-def replay_headers(entry: DLQEntry) -> Headers:
+def replay_headers(entry: DLQEntry | OutgoingRow) -> Headers:
     """The original headers, byte for byte, plus the row's id, the original message's coordinates and
     the replay count (replacing older ones)."""
     headers: Headers = [(k, v) for k, v in entry.headers if k not in _OUR_HEADERS]
@@ -80,7 +82,7 @@ def replay_headers(entry: DLQEntry) -> Headers:
     return headers
 
 
-def replay_message(entry: DLQEntry) -> tuple[bytes | None, Headers]:
+def replay_message(entry: DLQEntry | OutgoingRow) -> tuple[bytes | None, Headers]:
     """What a replay publishes for a row, beside its key: the payload (an operator's repair of it when
     there is one) and the headers."""
     value = entry.edited_payload if entry.edited_payload is not None else entry.event_payload
@@ -145,6 +147,22 @@ class RateLimiter:
         self._next = max(self._next, now) + self._interval
 
 
+@dataclass
+class _Chunk:
+    """Rows taken for the lease and handed to the producer, waiting for their delivery reports."""
+
+    rows: list[OutgoingRow]
+    taken_at: Any
+    size: int  # the ids it stood for (a row another replayer took is counted as done)
+    topics: dict[int, str] = field(default_factory=dict)  # dlq_id → where it went
+    delivered: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> bool:
+        return len(self.delivered) + len(self.failed) >= len(self.rows)
+
+
 class Replayer:
     def __init__(
         self,
@@ -189,6 +207,10 @@ class Replayer:
         actor: str = "unknown",
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
+        """Publish the matching rows, oldest first. Chunks are pipelined: while the broker confirms
+        one chunk, the next is taken and sent (at most `WINDOW` in flight); a chunk is marked once
+        all its delivery reports are in, in order, so a row is `replayed` only after the broker took
+        it, and no transaction is open while the broker or the rate limiter is waited on."""
         report = ReplayReport()
         # The ids are read once, oldest first; each chunk is then taken by id (an index lookup,
         # whatever the table's statistics say) with the filter applied again, so a row another
@@ -202,104 +224,90 @@ class Replayer:
             self._producer_config | {"message.timeout.ms": int(self._delivery_timeout * 1000)}
         )
         limiter = RateLimiter(rate)
-        # With a rate, smaller chunks keep each lease short (about ten seconds of sending).
-        chunk_size = CHUNK if not rate else max(1, min(CHUNK, int(rate * 10)))
+        # With a rate, a chunk is about a second of sending: leases stay short and rows are marked
+        # (and the progress moves) as they go.
+        size = CHUNK if not rate else max(1, min(CHUNK, int(rate)))
+        lease_seconds = self._delivery_timeout + (size * WINDOW / rate if rate else 0) + 60
+        flying: deque[_Chunk] = deque()
+
+        def settle(wait_for_all: bool) -> bool:
+            """Mark the settled chunks at the head; wait while the window is full (or for all).
+            False once a chunk came back with nothing delivered: the rest would fare the same."""
+            deadline = time.monotonic() + self._delivery_timeout + 5
+            while flying:
+                producer.poll(0)
+                head = flying[0]
+                if not head.settled:
+                    if not wait_for_all and len(flying) < WINDOW:
+                        return True
+                    if time.monotonic() < deadline:
+                        producer.poll(0.05)
+                        continue
+                    head.failed |= {
+                        row.dlq_id: "delivery not confirmed before the timeout (outcome unknown)"
+                        for row in head.rows
+                        if row.dlq_id not in head.delivered and row.dlq_id not in head.failed
+                    }
+                flying.popleft()
+                self._finish(head, lease, actor, to_topic, report)
+                if progress is not None:
+                    progress(head.size)
+                if head.failed and not head.delivered:
+                    return False
+            return True
+
         try:
             with self._rows.lease() as lease:
-                for start in range(0, len(ids), chunk_size):
-                    chunk = ids[start : start + chunk_size]
-                    done, failed = self._replay_chunk(
-                        producer, raw, flt, chunk, lease, to_topic, limiter, rate, actor
+                for start in range(0, len(ids), size):
+                    chunk = self._send(
+                        producer, raw, flt, ids[start : start + size], lease, lease_seconds, to_topic, limiter
                     )
-                    report.published_ids += done
-                    report.published += len(done)
-                    report.failed += len(failed)
-                    report.failures.update(failed)
-                    if self._metrics is not None:
-                        self._metrics.replay_published.inc(len(done))
-                        self._metrics.replay_failed.inc(len(failed))
-                    if progress is not None:
-                        progress(len(chunk))
-                    if failed and not done:  # the broker took none of a chunk: the rest would fare the same
+                    flying.append(chunk)
+                    if not settle(wait_for_all=False):
                         break
+                settle(wait_for_all=True)
         finally:
             producer.flush(5)
             raw.close()
         return report  # the service logs the outcome with the audit line
 
-    def _replay_chunk(
+    def _send(
         self,
         producer: Producer,
         raw: _RawPublisher,
         flt: DLQFilter,
-        chunk: list[int],
+        ids: list[int],
         lease: int,
+        lease_seconds: float,
         to_topic: str | None,
         limiter: RateLimiter,
-        rate: float | None,
-        actor: str,
-    ) -> tuple[list[int], dict[int, str]]:
-        """Take the chunk's rows (a short transaction), publish them with no transaction open, then
-        mark the confirmed ones and free the rest (another short transaction)."""
-        lease_seconds = self._delivery_timeout + (len(chunk) / rate if rate else 0) + 60
+    ) -> _Chunk:
+        """Take the chunk's rows (a short transaction) and hand them to the producer."""
         if not self._rows.lease_held(lease):
             raise DatabaseUnavailable(
                 "the replay lost its lease (its PostgreSQL connection dropped); the rows it did not "
                 "publish are still pending: run it again"
             )
         rows, taken_at = self._rows.take(
-            flt.model_copy(update={"ids": tuple(chunk)}),
-            limit=len(chunk),
+            flt.model_copy(update={"ids": tuple(ids)}),
+            limit=len(ids),
             lease=lease,
             lease_seconds=lease_seconds,
         )
-        if not rows:
-            return [], {}
-        delivered, failed = self._publish(producer, raw, rows, to_topic, limiter)
-        published: dict[str, list[int]] = {}
-        for row in rows:
-            if row.dlq_id in delivered:
-                published.setdefault(to_topic or row.source_topic, []).append(row.dlq_id)
-        done = [row.dlq_id for row in rows if row.dlq_id in delivered]
-        self._rows.finish(
-            lease=lease,
-            taken_at=taken_at,
-            published=published,
-            unpublished=[row.dlq_id for row in rows if row.dlq_id not in delivered],
-            actor=actor,
-            detail={"to_topic": to_topic, "failed": len(failed)},
-        )
-        return done, failed
-
-    def _publish(
-        self,
-        producer: Producer,
-        raw: _RawPublisher,
-        rows: list[DLQEntry],
-        to_topic: str | None,
-        limiter: RateLimiter,
-    ) -> tuple[set[int], dict[int, str]]:
-        delivered: set[int] = set()
-        failed: dict[int, str] = {}
-
-        def on_delivery(dlq_id: int) -> Callable[[Any, Any], None]:
-            def report(err: Any, _msg: Any) -> None:
-                if err is None:
-                    delivered.add(dlq_id)
-                else:
-                    failed[dlq_id] = err.str()
-
-            return report
+        chunk = _Chunk(rows, taken_at, len(ids))
+        delivered, failed = chunk.delivered, chunk.failed
 
         for row in rows:
             limiter.wait()
             topic = to_topic or row.source_topic
+            chunk.topics[row.dlq_id] = topic
             value, headers = replay_message(row)
             if not _utf8_keys(headers):
                 refused = raw.publish(row.dlq_id, topic, value, row.message_key, headers)
                 if refused is not None:
                     failed[row.dlq_id] = refused
                 continue
+            on_delivery = _reporter(row.dlq_id, delivered, failed)
             while True:
                 try:
                     producer.produce(
@@ -307,18 +315,53 @@ class Replayer:
                         value=value,
                         key=row.message_key,
                         headers=headers,  # type: ignore[arg-type]  # list is invariant
-                        on_delivery=on_delivery(row.dlq_id),
+                        on_delivery=on_delivery,
                     )
                     break
                 except BufferError:
-                    producer.poll(0.1)
+                    producer.poll(0.05)  # the queue is full: let deliveries drain it
                 except KafkaException as exc:
                     failed[row.dlq_id] = exc.args[0].str()
                     break
             producer.poll(0)
-        producer.flush(self._delivery_timeout)
         raw.settle(self._delivery_timeout, delivered, failed)
-        for row in rows:
-            if row.dlq_id not in delivered and row.dlq_id not in failed:
-                failed[row.dlq_id] = "delivery not confirmed before the timeout (outcome unknown)"
-        return delivered, failed
+        return chunk
+
+    def _finish(
+        self, chunk: _Chunk, lease: int, actor: str, to_topic: str | None, report: ReplayReport
+    ) -> None:
+        """Mark the rows the broker confirmed (by topic) and free the others, with the audit row."""
+        if not chunk.rows:
+            return
+        published: dict[str, list[int]] = {}
+        done = [row.dlq_id for row in chunk.rows if row.dlq_id in chunk.delivered]
+        for dlq_id in done:
+            published.setdefault(chunk.topics[dlq_id], []).append(dlq_id)
+        failed = {i: why for i, why in chunk.failed.items() if i not in chunk.delivered}
+        self._rows.finish(
+            lease=lease,
+            taken_at=chunk.taken_at,
+            published=published,
+            unpublished=[row.dlq_id for row in chunk.rows if row.dlq_id not in chunk.delivered],
+            actor=actor,
+            detail={"to_topic": to_topic, "failed": len(failed)},
+        )
+        report.published_ids += done
+        report.published += len(done)
+        report.failed += len(failed)
+        report.failures.update(failed)
+        if self._metrics is not None:
+            self._metrics.replay_published.inc(len(done))
+            self._metrics.replay_failed.inc(len(failed))
+
+
+def _reporter(dlq_id: int, delivered: set[int], failed: dict[int, str]) -> Callable[[Any, Any], None]:
+    """The delivery callback of one row's message."""
+
+    def report(err: Any, _msg: Any) -> None:
+        if err is None:
+            delivered.add(dlq_id)
+        else:
+            failed[dlq_id] = err.str()
+
+    return report

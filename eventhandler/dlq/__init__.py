@@ -27,6 +27,7 @@ from eventhandler.models import (
     DLQSummary,
     FailedMessage,
     FingerprintGroup,
+    OutgoingRow,
     ReplayOrigin,
 )
 
@@ -86,7 +87,7 @@ class ReplayRows(Protocol):
     def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]: ...
     def take(
         self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float
-    ) -> tuple[list[DLQEntry], Any]: ...
+    ) -> tuple[list[OutgoingRow], Any]: ...
     def finish(
         self,
         *,

@@ -18,12 +18,12 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from eventhandler.db import own_connection, translate_db_errors
 from eventhandler.dlq import rows
-from eventhandler.dlq.rows import ENTRY_COLUMNS, LEASE_CLASS, REPLAY
-from eventhandler.models import DLQEntry, DLQFilter
+from eventhandler.dlq.rows import LEASE_CLASS, REPLAY
+from eventhandler.librdkafka import header_key
+from eventhandler.models import DLQFilter, OutgoingRow
 
 
 class PostgresReplayRows:
@@ -66,19 +66,18 @@ class PostgresReplayRows:
 
     def take(
         self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float
-    ) -> tuple[list[DLQEntry], Any]:
+    ) -> tuple[list[OutgoingRow], Any]:
         """Take up to `limit` matching rows no other lease holds, for `lease`, in one short
         transaction. Returns the rows and the time they were taken, which `finish` needs."""
         where, params = rows.where(flt, lease_free=True)
-        query = sql.SQL(REPLAY["free_rows"]).format(columns=ENTRY_COLUMNS, where=where)
-        with rows.transaction(self._pool) as conn, conn.cursor(row_factory=dict_row) as cur:
-            free = cur.execute(query, params | {"limit": limit}).fetchall()
-            entries = [rows.entry(r) for r in free]
-            if not entries:
+        query = sql.SQL(REPLAY["free_rows"]).format(where=where)
+        with rows.transaction(self._pool) as conn:
+            free = conn.execute(query, params | {"limit": limit}).fetchall()
+            if not free:
                 return [], None
-            taken = {"ids": [e.dlq_id for e in entries], "lease": lease, "lease_seconds": lease_seconds}
+            taken = {"ids": [r[0] for r in free], "lease": lease, "lease_seconds": lease_seconds}
             taken_at = conn.execute(REPLAY["take_rows"], taken).fetchone()
-        return entries, taken_at[0] if taken_at else None
+        return [_outgoing(*r) for r in free], taken_at[0] if taken_at else None
 
     def finish(
         self,
@@ -102,3 +101,34 @@ class PostgresReplayRows:
                 conn.execute(REPLAY["release_rows"], {"ids": list(unpublished), "lease": lease})
             done = [dlq_id for ids in published.values() for dlq_id in ids]
             rows.audit(conn, actor, "replay", done, detail)
+
+
+def _outgoing(
+    dlq_id: int,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    payload: bytes | None,
+    edited: bytes | None,
+    header_keys: list[str] | None,
+    header_values: list[bytes | None] | None,
+    header_keys_raw: list[bytes] | None,
+    replay_count: int,
+) -> OutgoingRow:
+    """A taken row as it goes out (the header columns as `rows.entry` reads them)."""
+    keys = (
+        [header_key(bytes(k)) for k in header_keys_raw] if header_keys_raw is not None else header_keys or []
+    )
+    values = header_values or []
+    return OutgoingRow(
+        dlq_id,
+        topic,
+        partition,
+        offset,
+        None if key is None else bytes(key),
+        None if payload is None else bytes(payload),
+        None if edited is None else bytes(edited),
+        [(k, None if v is None else bytes(v)) for k, v in zip(keys, values, strict=True)],
+        replay_count,
+    )

@@ -19,8 +19,11 @@ SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AN
       AND classid = %(lease_class)s::oid AND objid = dlq.replay_lease::oid))
 
 -- name: free_rows
--- The WHERE clause is the replay's filter with `lease_free`; the columns a whole row's (dlq_read.sql).
-SELECT {columns} FROM dlq {where} ORDER BY dlq_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED;
+-- The WHERE clause is the replay's filter with `lease_free`; the columns what a replay publishes
+-- (`models.OutgoingRow`), not a whole row: a replay reads hundreds of thousands.
+SELECT dlq_id, source_topic, source_partition, source_offset, message_key, event_payload, edited_payload,
+       header_keys, header_values, header_keys_raw, replay_count
+FROM dlq {where} ORDER BY dlq_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED;
 
 -- name: take_rows
 UPDATE dlq SET replay_lease = %(lease)s, replay_lease_until = now() + %(lease_seconds)s * interval '1 second',

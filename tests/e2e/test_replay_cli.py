@@ -248,10 +248,12 @@ def test_a_replay_that_loses_its_lease_stops_before_its_next_chunk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A dropped lease connection frees the replay's rows for another replayer: going on would let
-    both publish them."""
+    both publish them. (One chunk in flight at a time here, so that "the next chunk" is one not yet
+    taken; with a window, the chunks already sent are marked, and no other is taken.)"""
     settings = make_settings()
     seed_unregistered_readings(producer, topic, settings, 6)
     monkeypatch.setattr(replay_module, "CHUNK", 2)
+    monkeypatch.setattr(replay_module, "WINDOW", 1)
     service, pool = build_service(settings)
 
     def drop_the_lease(_done: int) -> None:
