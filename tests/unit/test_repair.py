@@ -12,7 +12,7 @@ from eventhandler.events import Deserializer
 from eventhandler.handlers.loading import load_registry
 from eventhandler.models import DLQEntry
 from eventhandler.redaction import Redactor
-from tests.support.factories import failed_message
+from tests.unit.test_redaction import entry
 
 EVENT = {
     "id": "e-1",
@@ -61,44 +61,8 @@ def test_a_patch_that_does_not_apply_is_refused_with_why(
 
 
 def row(original: bytes, edited: bytes | None, **overrides: object) -> DLQEntry:
-    failure = failed_message(value=original, headers=[])
-    return DLQEntry.model_validate(
-        {
-            "dlq_id": 1,
-            "consumer": failure.consumer,
-            "event_id": "e-1",
-            "event_type": "device.reading",
-            "source_topic": "t",
-            "source_partition": 0,
-            "source_offset": 1,
-            "stage": "handler",
-            "error_type": "E",
-            "error_message": "m",
-            "fingerprint": "0" * 16,
-            "status": "pending",
-            "retry_count": 0,
-            "failure_count": 1,
-            "replay_count": 0,
-            "failed_at": "2026-01-01T00:00:00Z",
-            "last_failed_at": "2026-01-01T00:00:00Z",
-            "last_replayed_at": None,
-            "resolved_at": None,
-            "payload_size": len(original),
-            "event_source": "/s",
-            "event_payload": original,
-            "message_key": None,
-            "headers": [],
-            "message_timestamp": None,
-            "error_traceback": None,
-            "replayed_to_topic": None,
-            "resolved_by": None,
-            "resolution_note": None,
-            "worker_version": "test",
-            "updated_at": "2026-01-01T00:00:00Z",
-            "edited_payload": edited,
-        }
-        | overrides
-    )
+    """A pending row with `original` as its payload and `edited` as its repair."""
+    return entry(original, edited_payload=edited, **overrides)
 
 
 def test_the_diff_views_show_masks_a_redacted_fields_change() -> None:
