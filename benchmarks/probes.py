@@ -49,11 +49,12 @@ class Clock:
         return (self.total - self.first_count) / self.seconds
 
 
+TRANSACTION = "PostgreSQL transaction (incl. pool, deadline timer)"  # the committer thread's step
 # (owner, method name, label, nested inside another timed step): public methods of one app's objects
 _STEPS: tuple[tuple[str, str, str, bool], ...] = (
     ("source", "consume", "consume (librdkafka → Record)", False),
     ("processor", "decode", "decode (JSON + pydantic)", False),
-    ("inflight", "transaction", "PostgreSQL transaction (incl. pool, deadline timer)", False),
+    ("inflight", "transaction", TRANSACTION, False),
     ("processor", "write", "… of which BatchProcessor.write", True),
     ("source", "commit_offsets", "Kafka offset commit", False),
 )
@@ -71,7 +72,7 @@ class _Timed:
         try:
             return self._inner(*args, **kwargs)
         finally:
-            self._charge(time.perf_counter() - started)
+            self._charge(started, time.perf_counter())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -95,6 +96,9 @@ class WorkerProbe:
     steps: dict[str, float] = field(default_factory=dict)
     nested: set[str] = field(default_factory=set)
     latencies_ms: list[float] = field(default_factory=list)
+    # (start, end) of every main-thread step and every transaction, to measure how far they overlap
+    main_spans: list[tuple[float, float]] = field(default_factory=list)
+    transaction_spans: list[tuple[float, float]] = field(default_factory=list)
     _pending: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,7 +116,9 @@ class WorkerProbe:
         def observed(records: list[Record], result: BatchResult, seconds: float) -> None:
             started = time.perf_counter()
             settled(records, result, seconds)
-            self._pending[OBSERVERS] += time.perf_counter() - started
+            ended = time.perf_counter()
+            self._pending[OBSERVERS] += ended - started
+            self.main_spans.append((started, ended))
             self._batch_end(records)  # the observers ran last: this batch is done
 
         observers.settled = observed  # type: ignore[method-assign]
@@ -128,8 +134,13 @@ class WorkerProbe:
             self._latencies(records)
 
     def _charge(self, label: str) -> Any:
-        def charge(seconds: float) -> None:
-            self._pending[label] = self._pending.get(label, 0.0) + seconds
+        spans = self.transaction_spans if label == TRANSACTION else self.main_spans
+        nested = any(inside for _, _, name, inside in _STEPS if name == label)  # its parent's span counts
+
+        def charge(started: float, ended: float) -> None:
+            self._pending[label] = self._pending.get(label, 0.0) + ended - started
+            if not nested:
+                spans.append((started, ended))
 
         return charge
 
@@ -149,15 +160,40 @@ class WorkerProbe:
             try:
                 return method(*args, **kwargs)
             finally:
-                charge(time.perf_counter() - started)
+                charge(started, time.perf_counter())
 
         setattr(target, name, timed)
 
     @property
     def unaccounted(self) -> float:
-        """Window time outside every timed step (the loop itself, positions, Records → batch…)."""
-        timed = sum(seconds for label, seconds in self.steps.items() if label not in self.nested)
-        return self.clock.seconds - timed
+        """The main thread's window time outside its timed steps (the loop itself, waiting for the
+        transaction to settle, Records → batch…): the transaction runs on the committer thread, so it
+        is not subtracted here (see `overlap`)."""
+        main = sum(
+            seconds
+            for label, seconds in self.steps.items()
+            if label not in self.nested and label != TRANSACTION
+        )
+        return self.clock.seconds - main
+
+    @property
+    def overlap(self) -> float:
+        """Window time during which the committer thread's transaction ran while the main thread was
+        in one of its timed steps."""
+        start, end = self.clock.first_at, self.clock.last_at
+        if start is None or end is None:
+            return 0.0
+        main = _clipped(self.main_spans, start, end)
+        transactions = _clipped(self.transaction_spans, start, end)
+        total, i = 0.0, 0
+        for t_start, t_end in transactions:  # both lists sorted, and a thread's spans never overlap
+            while i < len(main) and main[i][1] <= t_start:
+                i += 1
+            j = i
+            while j < len(main) and main[j][0] < t_end:
+                total += min(t_end, main[j][1]) - max(t_start, main[j][0])
+                j += 1
+        return total
 
     @property
     def window_events(self) -> int:
@@ -211,3 +247,7 @@ class PeakRss:
         except (OSError, ValueError):
             pass  # exited between poll() and the read
         return 0
+
+
+def _clipped(spans: list[tuple[float, float]], start: float, end: float) -> list[tuple[float, float]]:
+    return sorted((max(a, start), min(b, end)) for a, b in spans if b > start and a < end)

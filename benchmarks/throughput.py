@@ -4,7 +4,7 @@ JSON logs) on the same topic, and failure storms against the happy-path rate."""
 from __future__ import annotations
 
 from benchmarks.baselines import naive_worker, raw_ceiling
-from benchmarks.probes import OBSERVERS, WorkerProbe
+from benchmarks.probes import OBSERVERS, TRANSACTION, WorkerProbe
 from benchmarks.report import Row, Target
 from benchmarks.runner import Bench, WorkerRun, run_worker
 from benchmarks.workload import Workload, produce
@@ -110,11 +110,28 @@ def happy_path(bench: Bench) -> None:
 
 
 def _breakdown(bench: Bench, scenario: str, run: WorkerRun) -> None:
-    """Where the worker's time went, per event, inside the measured window."""
+    """Where the worker's wall time went, per event, inside the measured window: the main thread's
+    steps add up to the window with "other"; the committer thread's transaction runs beside them, and
+    the time both were busy is shown apart (not subtracted twice)."""
     probe: WorkerProbe = run.probe
     events = max(probe.window_events, 1)
     window = probe.clock.seconds or 1.0
-    steps = [*probe.steps.items(), ("other (loop, positions, …)", probe.unaccounted)]
+    main = [
+        (f"main thread: {label}", s)
+        for label, s in probe.steps.items()
+        if label != TRANSACTION and label not in probe.nested
+    ]
+    committer = [
+        (f"committer thread: {label}", s)
+        for label, s in probe.steps.items()
+        if label == TRANSACTION or label in probe.nested
+    ]
+    steps = [
+        *main,
+        ("main thread: other (loop, waiting for the transaction, …)", probe.unaccounted),
+        *committer,
+        ("both threads busy at once (transaction ∩ main-thread steps)", probe.overlap),
+    ]
     for label, seconds in steps:
         bench.report.add(
             Row(
