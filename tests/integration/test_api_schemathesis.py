@@ -140,8 +140,11 @@ def test_sequences_of_calls_that_follow_the_links_keep_the_api_and_its_schema_wh
 
     Workflow.run(
         settings=settings(
-            max_examples=40,
+            # enough scenarios that some follow the links to rows that exist among the API's many
+            # operations (40 of them missed every row once the API had simulate and payload edits)
+            max_examples=120,
             stateful_step_count=6,
+            derandomize=True,  # the same scenarios every run: the coverage assertion below cannot flake
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
