@@ -172,7 +172,7 @@ def build_worker(
     metrics.ready.set_function(worker.ready_value)
     health = None
     if serve_http and settings.metrics_port:
-        health = HealthServer("0.0.0.0", settings.metrics_port, metrics, worker.is_ready)  # noqa: S104 - scraped from outside the container
+        health = HealthServer("0.0.0.0", settings.metrics_port, metrics.registry, worker.is_ready)  # noqa: S104 - scraped from outside the container
     pruner = LedgerPruner(pool, ledger, settings.ledger_retention_hours * 3600)
     return App(
         worker=worker,

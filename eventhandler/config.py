@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     dlq_refresh_seconds: float = Field(default=15.0, gt=0, le=3600)
     ledger_retention_hours: float = Field(default=168.0, gt=0)
 
+    # Worker processes of `eventhandler run` (`eventhandler.processes`): a number, or `auto` for the
+    # cores this container may use. Kept as given; `processes.count` resolves `auto`.
+    processes: Annotated[int | Literal["auto"], NoDecode] = 1
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     worker_id: str | None = None
@@ -162,6 +166,11 @@ class Settings(BaseSettings):
             topic, _, attribute = entry.partition(":")
             keys[topic] = attribute
         return keys
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _valid_processes(cls, value: Any) -> Any:
+        return parse_processes(value)
 
     @field_validator("kafka_bootstrap_servers", "consumer_group")
     @classmethod
@@ -254,6 +263,25 @@ class Settings(BaseSettings):
         config.update(self.kafka_options)
         config.update(self.kafka_producer_options)
         return config
+
+
+MAX_PROCESSES = 256
+
+
+def parse_processes(value: Any) -> int | Literal["auto"]:
+    """`auto` or a whole number of worker processes, 1 to `MAX_PROCESSES`."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if not (text.isascii() and text.isdigit()):  # isdigit alone takes "²"
+            raise ValueError("must be a whole number of processes or auto")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number of processes or auto")
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"must be between 1 and {MAX_PROCESSES}, or auto")
+    return value
 
 
 def load_settings(**overrides: Any) -> Settings:

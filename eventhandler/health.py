@@ -10,7 +10,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from eventhandler.dlq import DepthSource
 from eventhandler.errors import EventHandlerError
@@ -22,9 +22,29 @@ log = get_logger("eventhandler.health")
 ReadyCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
 
+def _always_alive() -> tuple[bool, dict[str, Any]]:
+    return True, {"status": "ok"}
+
+
 class HealthServer:
-    def __init__(self, host: str, port: int, metrics: Metrics, ready: ReadyCheck) -> None:
-        metrics_registry = metrics.registry
+    """`alive` answers `/healthz` (a worker that serves HTTP is alive; the supervisor asks its
+    children), `ready` answers `/readyz`."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: ReadyCheck,
+        alive: ReadyCheck = _always_alive,
+    ) -> None:
+        metrics_registry = registry
+
+        def answer(check: ReadyCheck) -> tuple[int, bytes]:
+            ok, detail = check()
+            return 200 if ok else 503, (
+                json.dumps(detail, default=str) + "\n"
+            ).encode()  # error text may hold quotes
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -32,11 +52,9 @@ class HealthServer:
                 if path == "/metrics":
                     self._send(200, generate_latest(metrics_registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    self._send(200, b'{"status":"ok"}\n', "application/json")
+                    self._send(*answer(alive), "application/json")
                 elif path == "/readyz":
-                    ok, detail = ready()
-                    body = (json.dumps(detail, default=str) + "\n").encode()  # error text may hold quotes
-                    self._send(200 if ok else 503, body, "application/json")
+                    self._send(*answer(ready), "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from eventhandler import __version__
@@ -14,6 +17,9 @@ from eventhandler.models import STAGES, STATUSES, DepthSnapshot
 _BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+
+# Gauges every process reads from the same table: the latest reading of a live process counts.
+_LATEST: Literal["livemostrecent"] = "livemostrecent"
 
 LagReader = Callable[[], dict[tuple[str, int], int]]
 
@@ -46,10 +52,18 @@ class _LagCollector(Collector):
 
 class Metrics:
     """Metrics of the worker, the replayer and the admin API. Nothing is global: tests and
-    benchmarks pass their own registry."""
+    benchmarks pass their own registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `multiprocess`: a worker process under the supervisor (`eventhandler run --processes N`), whose
+    values prometheus-client keeps in files that the supervisor adds up (PROMETHEUS_MULTIPROC_DIR is
+    set for it). Each gauge says how its children combine: a count of partitions adds up, the DLQ
+    depth every child reads from the same table is the latest reading, and a process that exited
+    drops out. The lag, read at scrape time in one process, is copied into a gauge instead
+    (`publish_lag`), since the supervisor cannot call into its children."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess
         r = self.registry
         self.messages_consumed = Counter(
             "eventhandler_messages_consumed", "Kafka messages consumed.", ["topic"], registry=r
@@ -83,25 +97,32 @@ class Metrics:
             registry=r,
         )
         self.dlq_depth = Gauge(
-            "eventhandler_dlq_depth", "Rows in the dead letter queue.", ["consumer", "status"], registry=r
+            "eventhandler_dlq_depth",
+            "Rows in the dead letter queue.",
+            ["consumer", "status"],
+            registry=r,
+            multiprocess_mode=_LATEST,
         )
         self.dlq_oldest_pending_age = Gauge(
             "eventhandler_dlq_oldest_pending_age_seconds",
             "Age of the oldest pending DLQ row.",
             ["consumer"],
             registry=r,
+            multiprocess_mode=_LATEST,
         )
         self.dlq_oldest_replayed_age = Gauge(
             "eventhandler_dlq_oldest_replayed_age_seconds",
             "Seconds since the oldest row still `replayed` was republished (its outcome has not come back).",
             ["consumer"],
             registry=r,
+            multiprocess_mode=_LATEST,
         )
         self.dlq_oldest_parked_age = Gauge(
             "eventhandler_dlq_oldest_parked_age_seconds",
             "How long the oldest parked row (waiting behind an open failure of its key) has waited.",
             ["consumer"],
             registry=r,
+            multiprocess_mode=_LATEST,
         )
         self.dlq_write_errors = Counter(
             "eventhandler_dlq_write_errors",
@@ -149,9 +170,13 @@ class Metrics:
             "eventhandler_paused_partitions",
             "Assigned partitions paused while a failure is retried.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.assigned_partitions = Gauge(
-            "eventhandler_assigned_partitions", "Partitions assigned to this worker.", registry=r
+            "eventhandler_assigned_partitions",
+            "Partitions assigned to this worker (to all its processes).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.rebalances = Counter(
             "eventhandler_rebalances", "Consumer group rebalances seen, by kind.", ["kind"], registry=r
@@ -161,11 +186,23 @@ class Metrics:
             "1 while the flood guard holds the line for a systemic failure (a fingerprint), else 0.",
             ["consumer", "fingerprint"],
             registry=r,
+            multiprocess_mode=_LATEST,
         )
         # The fingerprint a label shows: keyed while redacting, as every view shows it (`app` sets it).
         self.shown_fingerprint: Callable[[str], str] = str
         self.consumer_lag = _LagCollector()
-        r.register(self.consumer_lag)
+        if multiprocess:
+            # livesum: a partition a process gave up reads 0 there and its lag at its new owner
+            self._lag_gauge = Gauge(
+                "eventhandler_consumer_lag_messages",
+                _LagCollector._family().documentation,
+                ["topic", "partition"],
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+            self._lag_published: set[tuple[str, int]] = set()
+        else:
+            r.register(self.consumer_lag)
         self.ready = Gauge("eventhandler_ready", "1 when the worker can make progress.", registry=r)
         self.build_info = Info("eventhandler_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__})
@@ -188,6 +225,18 @@ class Metrics:
         if child is None:
             child = self._processed_by_type[event_type] = self.events_processed.labels(event_type=event_type)
         return child
+
+    def publish_lag(self) -> None:
+        """Multiprocess mode: copy the current lag into the shared gauge; a partition no longer
+        assigned here reads 0 (a multiprocess series cannot be removed)."""
+        if not self.multiprocess:
+            return
+        lags = self.consumer_lag.read()
+        for topic, partition in self._lag_published - lags.keys():
+            self._lag_gauge.labels(topic=topic, partition=str(partition)).set(0)
+        for (topic, partition), lag in lags.items():
+            self._lag_gauge.labels(topic=topic, partition=str(partition)).set(lag)
+        self._lag_published = set(lags)
 
     def set_dlq_depth(self, consumers: list[str], snapshot: DepthSnapshot) -> None:
         """Publish a fresh depth snapshot; statuses with no rows read 0, not stale values."""
@@ -214,3 +263,37 @@ class Metrics:
         """`fingerprint` as stored; the label shows it as views do."""
         shown = self.shown_fingerprint(fingerprint)
         self.circuit_open.labels(consumer=consumer, fingerprint=shown).set(1 if is_open else 0)
+
+
+class _Children(Collector):
+    """Every worker process's metrics from prometheus-client's multiprocess files, added up as each
+    metric's mode says, without the families the supervisor answers itself."""
+
+    def __init__(self, path: str, own: frozenset[str]) -> None:
+        self._inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+        self._own = own
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._inner.collect()  # type: ignore[no-untyped-call]
+        return (family for family in families if family.name not in self._own)
+
+
+class SupervisorMetrics:
+    """The container's `/metrics` under `eventhandler run --processes N`: the children's metrics added
+    up, readiness over every child, the version, and the supervisor's own counts."""
+
+    def __init__(
+        self, children: Path, ready: Callable[[], tuple[bool, Any]], running: Callable[[], int]
+    ) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        r.register(_Children(str(children), frozenset({"eventhandler_ready"})))
+        Gauge(
+            "eventhandler_ready", "1 when every worker process can make progress.", registry=r
+        ).set_function(lambda: 1.0 if ready()[0] else 0.0)
+        Info("eventhandler_build", "Build information.", registry=r).info({"version": __version__})
+        Gauge(
+            "eventhandler_worker_processes", "Worker processes running (EVENTHANDLER_PROCESSES).", registry=r
+        ).set_function(lambda: float(running()))
+        self.restarts = Counter(
+            "eventhandler_worker_process_restarts", "Worker processes restarted after they died.", registry=r
+        )

@@ -20,6 +20,7 @@ from eventhandler.cli.circuit import circuit_app
 from eventhandler.cli.dlq import dlq_app
 from eventhandler.cli.replay import replay
 from eventhandler.cli.settings import fail, settings_or_exit
+from eventhandler.config import Settings
 from eventhandler.errors import ConfigError, EventHandlerError
 from eventhandler.logs import get_logger
 
@@ -78,23 +79,70 @@ def run(
         float | None,
         typer.Option(help="Exit cleanly once no message has arrived for this many seconds.", min=0.1),
     ] = None,
+    processes: Annotated[
+        str | None,
+        typer.Option(
+            help="Worker processes, each a member of the consumer group (a number, or auto: the cores "
+            "this container may use). Default: EVENTHANDLER_PROCESSES, else 1.",
+            show_default=False,
+        ),
+    ] = None,
+    process_slot: Annotated[int | None, typer.Option(hidden=True)] = None,
+    supervisor_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+    state_dir: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run the worker: consume, project into PostgreSQL, dead-letter what fails."""
-    from eventhandler.app import build_worker
-    from eventhandler.worker import install_signal_handlers
+    from eventhandler import processes as supervision
+    from eventhandler.config import parse_processes
 
     settings = settings_or_exit()
+    if process_slot is not None and supervisor_pid is not None and state_dir is not None:
+        _run_worker(settings, stop_when_idle, supervised=(process_slot, supervisor_pid, state_dir))
+        return
     try:
-        app_ = build_worker(settings)
+        count = supervision.count(settings.processes if processes is None else parse_processes(processes))
+    except ValueError as exc:
+        fail(f"invalid --processes: {exc}", code=2)
+    if count == 1:
+        _run_worker(settings, stop_when_idle)
+        return
+    try:
+        supervisor = supervision.Supervisor(settings, count, stop_when_idle=stop_when_idle)
+    except OSError as exc:
+        fail(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}", code=2)
+    supervision.install_signal_handlers(supervisor)
+    raise typer.Exit(supervisor.run())
+
+
+def _run_worker(
+    settings: Settings, stop_when_idle: float | None, supervised: tuple[int, int, Path] | None = None
+) -> None:
+    """One worker in this process; `supervised`: as the supervisor's child (slot, supervisor pid,
+    state directory)."""
+    from eventhandler.app import build_worker
+    from eventhandler.metrics import Metrics
+    from eventhandler.supervised import Reporter
+    from eventhandler.worker import install_signal_handlers
+
+    try:
+        app_ = build_worker(settings, metrics=Metrics(multiprocess=supervised is not None))
     except ConfigError as exc:
         fail(str(exc), code=2)
     except OSError as exc:
         fail(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}", code=2)
     install_signal_handlers(app_.worker)
+    reporter = None
+    if supervised is not None:
+        slot, supervisor_pid, state = supervised
+        reporter = Reporter(app_.worker, app_.metrics, state, slot, supervisor_pid)
+        reporter.start()
     try:
         app_.run(stop_when_idle=stop_when_idle)
     except EventHandlerError as exc:
         fail(str(exc))
+    finally:
+        if reporter is not None:
+            reporter.stop()
 
 
 @app.command()

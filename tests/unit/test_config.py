@@ -76,6 +76,11 @@ def test_librdkafka_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> Non
         ("EVENTHANDLER_FLOOD_MIN_KEYS", "many", "valid integer"),
         ("EVENTHANDLER_FLOOD_WINDOW_SECONDS", "-1", "greater than 0"),
         ("EVENTHANDLER_FLOOD_PROBE_SECONDS", "nan", "less than or equal to 3600"),
+        ("EVENTHANDLER_PROCESSES", "0", "between 1 and 256, or auto"),
+        ("EVENTHANDLER_PROCESSES", "257", "between 1 and 256, or auto"),
+        ("EVENTHANDLER_PROCESSES", "2.5", "whole number of processes or auto"),
+        ("EVENTHANDLER_PROCESSES", "\u00b2", "whole number of processes or auto"),
+        ("EVENTHANDLER_PROCESSES", "all", "whole number of processes or auto"),
     ],
 )
 def test_a_bad_value_names_the_setting(

@@ -23,7 +23,7 @@ HOSTILE_ERRORS = [
 @pytest.mark.parametrize("error", HOSTILE_ERRORS)
 def test_readyz_is_valid_json_whatever_the_error_text(error: str) -> None:
     detail: dict[str, Any] = {"postgres": "ok", "kafka": error, "assigned_partitions": 3}
-    server = HealthServer("127.0.0.1", 0, Metrics(), lambda: (False, detail))
+    server = HealthServer("127.0.0.1", 0, Metrics().registry, lambda: (False, detail))
     server.start()
     try:
         with pytest.raises(urllib.error.HTTPError) as caught:
