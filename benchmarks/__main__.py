@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.latency import latency
 from benchmarks.memory import memory
+from benchmarks.processes import processes
 from benchmarks.profiles import FULL, QUICK
 from benchmarks.replay import replay
 from benchmarks.report import Report
@@ -30,6 +31,7 @@ from tests.support.services import selected_broker
 # In table order; the failure storms and the memory run compare against the happy path's rate.
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "happy": happy_path,
+    "processes": processes,
     "storm": failure_storms,
     "replay": replay,
     "simulate": simulate,
