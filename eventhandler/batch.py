@@ -6,7 +6,6 @@ apply, records already rejected); `BatchResult` is what its transaction did.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ class Decoded:
     record: Record
     event: Event
     replay_of: ReplayOrigin | None
-    key: uuid.UUID  # the event's ledger key (see `Ledger.key`)
+    key: bytes  # the event's ledger key (see `Ledger.key`)
 
 
 @dataclass(slots=True)
@@ -57,7 +56,7 @@ class Rejected:
 
     record: Record
     failure: FailedMessage
-    key: uuid.UUID | None = None  # the ledger key of an event claimed before it failed
+    key: bytes | None = None  # the ledger key of an event claimed before it failed
     event: Event | None = None  # the event, when it was read before it failed
 
     @property

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -98,7 +97,7 @@ class FailedMessage:
     event_type: str | None = None
     event_source: str | None = None
     replay_of: ReplayOrigin | None = None  # the origin headers of a replayed message
-    event_key: uuid.UUID | None = None  # the ledger key, when the worker computed it already
+    event_key: bytes | None = None  # the ledger key (`ledger.digest`), when the worker computed it already
 
     @property
     def fingerprint(self) -> str:

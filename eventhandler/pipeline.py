@@ -208,7 +208,7 @@ class BatchProcessor:
     ) -> tuple[list[Decoded], list[Decoded], list[Decoded]]:
         """Split events into those to apply now (`fresh`), those the ledger knows as applied before
         (`known`), and later copies of an event earlier in this batch (`repeats`)."""
-        first: dict[uuid.UUID, Decoded] = {}
+        first: dict[bytes, Decoded] = {}
         repeats: list[Decoded] = []
         for decoded in events:
             if decoded.key in first:

@@ -62,9 +62,12 @@ def _identity(failure: FailedMessage) -> Identity:
 
 
 def _event_key(failure: FailedMessage) -> uuid.UUID | None:
+    """The ledger key of the failed event, as the `uuid` the column stores."""
+    if failure.event_key is not None:
+        return uuid.UUID(bytes=failure.event_key)
     if failure.event_id is None or failure.event_source is None:
         return None
-    return digest(failure.consumer, (failure.event_source, failure.event_id))
+    return uuid.UUID(bytes=digest(failure.consumer, (failure.event_source, failure.event_id)))
 
 
 def copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
@@ -90,7 +93,7 @@ def copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
         failure.fingerprint,
         failure.worker_version,
         # the ledger key of the event, which the ledger then keeps while this row is open
-        failure.event_key or _event_key(failure),
+        _event_key(failure),
     ]
     return [*head, *_header_columns(failure.headers), *tail] if headers else [*head, *tail]
 

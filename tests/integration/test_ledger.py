@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 import psycopg
@@ -31,7 +32,9 @@ def test_claim_recognises_duplicates_and_release_forgets_failures(db: psycopg.Co
     assert another.key("/s", "1") != s1
     assert another.claim(db, [another.key("/s", "1")]) == {another.key("/s", "1")}  # per consumer group
     stored = {r[0] for r in db.execute("SELECT event_key FROM applied_events WHERE consumer = 'g'")}
-    assert stored == {digest("g", key) for key in [("/other", "2"), ("/s", "1"), ("/s", "2")]}
+    assert stored == {
+        uuid.UUID(bytes=digest("g", key)) for key in [("/other", "2"), ("/s", "1"), ("/s", "2")]
+    }
 
 
 @pytest.mark.parametrize("first_commits", [True, False])
@@ -76,15 +79,15 @@ def test_pruner_forgets_only_events_older_than_the_retention(
     other.claim(db, [other.key("/s", "old-but-other-group")])
     db.execute(
         "UPDATE applied_events SET applied_at = now() - interval '8 days' WHERE event_key <> %s",
-        (digest("g", ("/s", "fresh")),),
+        (uuid.UUID(bytes=digest("g", ("/s", "fresh"))),),
     )
     with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=1) as pool:
         pruned = LedgerPruner(pool, ledger, retention_seconds=7 * 86400).prune_once()
     assert pruned == 25_000  # in bounded batches, until nothing old is left
     rows = db.execute("SELECT consumer, event_key FROM applied_events ORDER BY 1").fetchall()
     assert rows == [
-        ("g", digest("g", ("/s", "fresh"))),
-        ("other", digest("other", ("/s", "old-but-other-group"))),
+        ("g", uuid.UUID(bytes=digest("g", ("/s", "fresh")))),
+        ("other", uuid.UUID(bytes=digest("other", ("/s", "old-but-other-group")))),
     ]
 
 
@@ -108,7 +111,9 @@ def test_the_pruner_keeps_an_event_an_open_dlq_row_holds_until_the_row_is_closed
         pruner = LedgerPruner(pool, ledger, retention_seconds=7 * 86400)
 
         assert pruner.prune_once() == 1
-        assert [row[0] for row in db.execute("SELECT event_key FROM applied_events").fetchall()] == [held]
+        assert [row[0].bytes for row in db.execute("SELECT event_key FROM applied_events").fetchall()] == [
+            held
+        ]
         with pool.connection() as conn, conn.transaction():  # the replayed copy arrives: a duplicate
             assert ledger.claim(conn, [held]) == set()
 
@@ -137,4 +142,4 @@ def test_open_rows_from_before_the_ledger_key_get_the_workers_key(db: psycopg.Co
     db.execute((migrations_dir() / "0008_backfill_event_keys.sql").read_text())
 
     keys = dict(db.execute("SELECT source_offset, event_key FROM dlq").fetchall())
-    assert keys == {1: digest("group-ü", ("/sö", "é-1")), 2: None, 3: None}
+    assert keys == {1: uuid.UUID(bytes=digest("group-ü", ("/sö", "é-1"))), 2: None, 3: None}
