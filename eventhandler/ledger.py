@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +36,12 @@ WITH claimed AS (
 )
 SELECT CASE WHEN count(*) < %(count)s THEN coalesce(array_agg(uuid_send(event_key)), '{}') END FROM claimed
 """
-RELEASE_EVENTS = "DELETE FROM applied_events WHERE event_key = ANY(%b::uuid[])"
+RELEASE_EVENTS = """
+DELETE FROM applied_events WHERE event_key = ANY(ARRAY(
+    SELECT encode(substring(%(keys)b::bytea FROM 16 * i + 1 FOR 16), 'hex')::uuid
+    FROM generate_series(0, %(count)s - 1) AS i
+))
+"""
 SAVE_POSITIONS = """
 INSERT INTO consumer_positions (consumer, topic, partition, next_offset)
 SELECT %s, * FROM unnest(%b::text[], %b::int[], %b::bigint[])
@@ -69,6 +73,11 @@ def digest(consumer: str, key: EventKey) -> bytes:
     secrecy), stored as a `uuid`. Kept as bytes in Python: no UUID object per event."""
     text = f"{consumer}\x00{key[0]}\x00{key[1]}".encode("utf-8", "surrogatepass")
     return hashlib.md5(text, usedforsecurity=False).digest()
+
+
+def _keys(keys: Sequence[bytes]) -> dict[str, Any]:
+    """The keys as one bytea parameter, and how many there are."""
+    return {"keys": b"".join(keys), "count": len(keys)}
 
 
 class StoredPositions:
@@ -111,9 +120,8 @@ class Ledger:
         """
         if not keys:
             return set()
-        params = {"keys": b"".join(keys), "count": len(keys), "consumer": self.consumer}
         with translate_db_errors():
-            row = conn.execute(CLAIM_EVENTS, params).fetchone()
+            row = conn.execute(CLAIM_EVENTS, _keys(keys) | {"consumer": self.consumer}).fetchone()
         assert row is not None  # an aggregate always answers one row
         return set(keys) if row[0] is None else set(row[0])  # NULL: every key was new
 
@@ -121,7 +129,7 @@ class Ledger:
         """Forget claims of events that failed after all, so a replay of them can apply."""
         if keys:
             with translate_db_errors():
-                conn.execute(RELEASE_EVENTS, ([uuid.UUID(bytes=key) for key in keys],))
+                conn.execute(RELEASE_EVENTS, _keys(keys))
 
     def prune(self, conn: psycopg.Connection[Any], older_than_seconds: float, batch: int = 10_000) -> int:
         """Forget applied events older than the retention, a bounded batch at a time."""
