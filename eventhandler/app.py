@@ -20,6 +20,7 @@ from eventhandler.dlq.operators import PostgresOperatorStore
 from eventhandler.dlq.parking import PostgresParkingStore
 from eventhandler.dlq.replays import PostgresReplayRows
 from eventhandler.dlq.writer import PostgresDLQWriter
+from eventhandler.errors import ConfigError
 from eventhandler.flood import FloodGuard, Thresholds
 from eventhandler.handlers import Registry
 from eventhandler.handlers.loading import load_registry
@@ -172,7 +173,14 @@ def build_worker(
     metrics.ready.set_function(worker.ready_value)
     health = None
     if serve_http and settings.metrics_port:
-        health = HealthServer("0.0.0.0", settings.metrics_port, metrics.registry, worker.is_ready)  # noqa: S104 - scraped from outside the container
+        try:
+            health = HealthServer("0.0.0.0", settings.metrics_port, metrics.registry, worker.is_ready)  # noqa: S104 - scraped from outside the container
+        except OSError as exc:
+            pool.close()
+            raise ConfigError(
+                "EVENTHANDLER_METRICS_PORT",
+                f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}",
+            ) from None
     pruner = LedgerPruner(pool, ledger, settings.ledger_retention_hours * 3600)
     return App(
         worker=worker,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -192,18 +194,25 @@ class Metrics:
         self.shown_fingerprint: Callable[[str], str] = str
         self.consumer_lag = _LagCollector()
         if multiprocess:
-            # livesum: a partition a process gave up reads 0 there and its lag at its new owner
+            # livemax: a partition a process gave up reads 0 there (from its next report) and its lag at
+            # its new owner; a sum would count it twice for that second
             self._lag_gauge = Gauge(
                 "eventhandler_consumer_lag_messages",
                 _LagCollector._family().documentation,
                 ["topic", "partition"],
                 registry=r,
-                multiprocess_mode="livesum",
+                multiprocess_mode="livemax",
             )
             self._lag_published: set[tuple[str, int]] = set()
         else:
             r.register(self.consumer_lag)
-        self.ready = Gauge("eventhandler_ready", "1 when the worker can make progress.", registry=r)
+        # A process's own readiness (the supervisor answers the container's); live: gone with the process
+        self.ready = Gauge(
+            "eventhandler_ready",
+            "1 when the worker can make progress.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.build_info = Info("eventhandler_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__})
 
@@ -267,15 +276,41 @@ class Metrics:
 
 class _Children(Collector):
     """Every worker process's metrics from prometheus-client's multiprocess files, added up as each
-    metric's mode says, without the families the supervisor answers itself."""
+    metric's mode says, without the families the supervisor answers itself.
 
-    def __init__(self, path: str, own: frozenset[str]) -> None:
-        self._inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+    A process that exited leaves its counters and histograms behind (their totals must not drop); they
+    are folded into one archive file per kind (`fold`), so a worker restarted thousands of times
+    costs one file, not thousands read at every scrape. A scrape and a fold never run at once: a
+    scrape in between would count the folded values twice, or not at all, and a counter that drops
+    reads as a reset."""
+
+    def __init__(self, path: Path, own: frozenset[str]) -> None:
+        self._path = path
+        self._inner = MultiProcessCollector(None, path=str(path))  # type: ignore[no-untyped-call]
         self._own = own
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
-        families = self._inner.collect()  # type: ignore[no-untyped-call]
+        with self._lock:
+            families = list(self._inner.collect())  # type: ignore[no-untyped-call]
         return (family for family in families if family.name not in self._own)
+
+    def fold(self, pid: int) -> None:
+        """Forget an exited process: drop its live gauges, move its counts into the archive."""
+        with self._lock:
+            multiprocess.mark_process_dead(pid, str(self._path))  # type: ignore[no-untyped-call]
+            for kind in ("counter", "histogram"):
+                dead = self._path / f"{kind}_{pid}.db"
+                if not dead.exists():
+                    continue
+                archive = MmapedDict(str(self._path / f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
+                try:
+                    for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):  # type: ignore[no-untyped-call]
+                        total, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
+                        archive.write_value(key, total + value, timestamp)  # type: ignore[no-untyped-call]
+                finally:
+                    archive.close()  # type: ignore[no-untyped-call]
+                dead.unlink()
 
 
 class SupervisorMetrics:
@@ -286,7 +321,8 @@ class SupervisorMetrics:
         self, children: Path, ready: Callable[[], tuple[bool, Any]], running: Callable[[], int]
     ) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        r.register(_Children(str(children), frozenset({"eventhandler_ready"})))
+        self.children = _Children(children, frozenset({"eventhandler_ready"}))
+        r.register(self.children)
         Gauge(
             "eventhandler_ready", "1 when every worker process can make progress.", registry=r
         ).set_function(lambda: 1.0 if ready()[0] else 0.0)

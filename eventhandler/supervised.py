@@ -42,7 +42,7 @@ class Report:
     pid: int
     ready: bool
     detail: dict[str, Any]
-    at: float  # time.time() of the report
+    at: float  # time.monotonic() of the report: one clock for every process on Linux, and no steps
 
     @classmethod
     def read(cls, path: Path) -> Report | None:
@@ -61,8 +61,8 @@ class Report:
         partial.write_text(body, encoding="utf-8")
         os.replace(partial, path)
 
-    def fresh(self, now: float) -> bool:
-        return now - self.at <= STALE_SECONDS
+    def fresh(self, now: float, seconds: float = STALE_SECONDS) -> bool:
+        return now - self.at <= seconds
 
 
 class Reporter:
@@ -89,7 +89,7 @@ class Reporter:
     def report(self) -> None:
         ready, detail = self._worker.is_ready()
         self._metrics.publish_lag()
-        Report(os.getpid(), ready, detail, time.time()).write(self._path)
+        Report(os.getpid(), ready, detail, time.monotonic()).write(self._path)
 
     def _run(self) -> None:
         while not self._stop.wait(REPORT_SECONDS):

@@ -108,8 +108,10 @@ def run(
         return
     try:
         supervisor = supervision.Supervisor(settings, count, stop_when_idle=stop_when_idle)
-    except OSError as exc:
-        fail(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}", code=2)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    except EventHandlerError as exc:
+        fail(str(exc))
     supervision.install_signal_handlers(supervisor)
     raise typer.Exit(supervisor.run())
 
@@ -127,9 +129,9 @@ def _run_worker(
     try:
         app_ = build_worker(settings, metrics=Metrics(multiprocess=supervised is not None))
     except ConfigError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), code=2)  # under a supervisor: stops them all, restarting cannot help
     except OSError as exc:
-        fail(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}", code=2)
+        fail(f"cannot start the worker: {exc}")
     install_signal_handlers(app_.worker)
     reporter = None
     if supervised is not None:

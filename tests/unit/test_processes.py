@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from eventhandler.config import load_settings
-from eventhandler.processes import available_cores, count, restart_delay
+from eventhandler.cores import available_cores
+from eventhandler.processes import count, exit_detail, restart_delay
 from eventhandler.supervised import Report, report_path
 
 
@@ -45,6 +46,7 @@ CORES = len(__import__("os").sched_getaffinity(0))
         (None, ("100000", "100000"), "/", 1),  # cgroup v1
         (None, ("-1", "100000"), "/", CORES),  # cgroup v1 without a quota
         ("garbage", None, "/", CORES),  # unreadable: no limit rather than a crash
+        ("max 100000", None, "/../../etc", CORES),  # a path that climbs out is not followed
         (None, None, "/", CORES),  # no cgroup file system at all
     ],
 )
@@ -53,6 +55,20 @@ def test_auto_is_the_cores_the_container_may_use(
 ) -> None:
     root = cgroup(tmp_path, v2=v2, v1=v1, own=own)
     assert available_cores(root, tmp_path / "self") == expected
+
+
+def test_a_limit_on_a_parent_group_counts_too(tmp_path: Path) -> None:
+    """Kubernetes sets the pod's limit on the pod's group; the container's own group says max."""
+    root = cgroup(tmp_path, v2="max 100000", own="/kubepods/pod1/c1")
+    (root / "kubepods" / "pod1" / "cpu.max").write_text("100000 100000\n")
+    (root / "kubepods" / "cpu.max").write_text("max 100000\n")
+    assert available_cores(root, tmp_path / "self") == 1
+
+
+def test_a_signal_without_a_name_is_still_told() -> None:
+    assert exit_detail(-9) == {"exit_code": -9, "signal": "SIGKILL"}
+    assert exit_detail(-40) == {"exit_code": -40, "signal": "signal 40"}  # a real-time signal
+    assert exit_detail(3) == {"exit_code": 3}
 
 
 def test_a_number_is_taken_as_it_is() -> None:
@@ -72,6 +88,7 @@ def test_a_report_is_read_whole_or_not_at_all(tmp_path: Path) -> None:
     Report(123, True, {"kafka": "ok", "assigned_partitions": 2}, 1000.0).write(path)
     assert Report.read(path) == Report(123, True, {"kafka": "ok", "assigned_partitions": 2}, 1000.0)
     assert not Report(123, True, {}, 1000.0).fresh(now=1006.0)
+    assert Report(123, True, {}, 1000.0).fresh(now=1006.0, seconds=60)
     path.write_text('{"pid": 1, "ready": tr')  # torn or foreign: unknown, not an exception
     assert Report.read(path) is None
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind

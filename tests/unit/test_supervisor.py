@@ -1,0 +1,147 @@
+"""The supervisor's loop with stand-in children (plain Python processes, no broker or database):
+what it does when a signal comes while it starts them, when a child dies of any signal, and when a
+child runs but never says it is ready; and the metrics of exited children folded into one archive."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from eventhandler.config import Settings
+from eventhandler.metrics import SupervisorMetrics
+from eventhandler.processes import Supervisor
+from tests.support.waiting import wait_for
+
+SETTINGS = Settings(metrics_port=0)
+SLEEPER = (sys.executable, "-c", "import time; time.sleep(120)")  # never reports, stops on SIGTERM
+
+
+class Running:
+    """`Supervisor.run` in a thread (the signal handler's part is `request_stop`, callable from any)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.code = self.supervisor.run()
+
+    def pids(self) -> list[int]:
+        """The children running now, as `/readyz` lists them."""
+        return [c["pid"] for c in self.supervisor.ready()[1]["processes"] if "pid" in c]
+
+    def join(self, timeout: float) -> int | None:
+        self.thread.join(timeout)
+        return self.code
+
+
+@contextmanager
+def supervising(**kwargs: object) -> Iterator[Running]:
+    running = Running(Supervisor(SETTINGS, **kwargs))  # type: ignore[arg-type]
+    try:
+        yield running
+    finally:
+        running.supervisor.request_stop()
+        running.supervisor.request_stop()  # a second time: kill whatever is left
+        running.join(30)
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def test_a_stop_asked_while_the_children_start_stops_every_one_of_them() -> None:
+    with supervising(processes=6, child=SLEEPER) as running:
+        wait_for(lambda: len(running.pids()) >= 1, timeout=10, message="the first child")
+        running.supervisor.request_stop()  # as SIGTERM does, while the others may still be starting
+        assert running.join(20) == 0, "the supervisor did not exit cleanly after SIGTERM"
+        assert all(gone(pid) for pid in running.pids() or [])
+
+
+def test_a_second_stop_kills_children_that_do_not_drain() -> None:
+    stubborn = (
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)",
+    )
+    with supervising(processes=2, child=stubborn) as running:
+        wait_for(lambda: len(running.pids()) == 2, timeout=10, message="two children")
+        pids = running.pids()
+        running.supervisor.request_stop()
+        time.sleep(1)
+        assert running.thread.is_alive()  # they ignore SIGTERM: still draining, as far as it knows
+        running.supervisor.request_stop()
+        assert running.join(10) == 1  # forced: not a clean exit
+        assert all(gone(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("signum", [9, 40])  # SIGKILL, and a real-time signal with no name
+def test_a_child_that_dies_of_any_signal_is_restarted(signum: int) -> None:
+    suicide = (sys.executable, "-c", f"import os, time; time.sleep(0.3); os.kill(os.getpid(), {signum})")
+    with supervising(processes=1, child=suicide) as running:
+        supervisor = running.supervisor
+        restarts = ("eventhandler_worker_process_restarts_total", ())
+        wait_for(lambda: samples(supervisor.metrics).get(restarts, 0) >= 1, timeout=10, message="a restart")
+        assert running.thread.is_alive()
+        assert supervisor.alive()[0]  # restarting a child is the supervisor working, not dead
+
+
+def test_a_child_that_never_reports_is_killed_and_restarted() -> None:
+    with supervising(processes=1, child=SLEEPER, start_seconds=1.0) as running:
+        first = wait_for(running.pids, timeout=10, message="a child")[0]
+        wait_for(lambda: gone(first), timeout=10, message="the silent child killed")
+        wait_for(lambda: running.pids() and running.pids()[0] != first, timeout=10, message="its replacement")
+        ready, detail = running.supervisor.ready()
+        assert not ready
+        assert detail["processes"][0]["state"] == "starting"
+
+
+CHILD_COUNTS = """
+import sys
+from prometheus_client import CollectorRegistry, Counter, Histogram
+r = CollectorRegistry()
+Counter("eventhandler_messages_consumed", "c", ["topic"], registry=r).labels(topic="t").inc(int(sys.argv[1]))
+Histogram("eventhandler_batch_size_messages", "h", registry=r, buckets=(10, 100)).observe(50)
+"""
+
+
+def test_the_counts_of_exited_children_are_kept_in_one_archive(tmp_path: Path) -> None:
+    metrics = SupervisorMetrics(tmp_path, lambda: (True, {}), lambda: 0)
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for n in range(1, 6):
+        child = subprocess.run([sys.executable, "-c", CHILD_COUNTS, str(n)], env=env, check=True)
+        assert child.returncode == 0
+    before = samples(metrics)
+    assert before["eventhandler_messages_consumed_total", (("topic", "t"),)] == 15
+    for path in list(tmp_path.glob("counter_*.db")):
+        pid = int(path.stem.split("_")[1])
+        metrics.children.fold(pid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_archive.db", "histogram_archive.db"]
+    after = samples(metrics)
+    assert after == before  # nothing lost, nothing counted twice
+    assert after["eventhandler_batch_size_messages_count", ()] == 5
+
+
+def samples(metrics: SupervisorMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
