@@ -1,8 +1,9 @@
 """Replay: republish DLQ rows to Kafka, exactly as they were consumed, and mark them `replayed`.
 
-Rows are taken in chunks with a lease (a short transaction with `FOR UPDATE SKIP LOCKED`), so two
-replayers never publish the same row, and no transaction stays open while the rate limiter or the
-broker is waited on: the worker, which updates replayed rows, is never held up by a replay. The
+Rows are taken in chunks, each claimed for the replay's lease in a short transaction (see
+`dlq.replays`), so two replayers never publish the same row, and no transaction stays open while the
+rate limiter or the broker is waited on: the worker, which updates replayed rows, is never held up by
+a replay. The
 producer is idempotent. A row is marked `replayed` only after the broker confirmed its delivery: a
 replay killed part-way leaves the rest `pending` (its lease dies with its session) and can simply be
 run again. A row whose delivery outcome was unknown may then be published twice; the worker recognises
@@ -152,7 +153,7 @@ class _Chunk:
     """Rows taken for the lease and handed to the producer, waiting for their delivery reports."""
 
     rows: list[OutgoingRow]
-    taken_at: Any
+    claim: int | None  # None: no row was free
     size: int  # the ids it stood for (a row another replayer took is counted as done)
     topics: dict[int, str] = field(default_factory=dict)  # dlq_id → where it went
     delivered: set[int] = field(default_factory=set)
@@ -288,13 +289,13 @@ class Replayer:
                 "the replay lost its lease (its PostgreSQL connection dropped); the rows it did not "
                 "publish are still pending: run it again"
             )
-        rows, taken_at = self._rows.take(
+        rows, claim = self._rows.take(
             flt.model_copy(update={"ids": tuple(ids)}),
             limit=len(ids),
             lease=lease,
             lease_seconds=lease_seconds,
         )
-        chunk = _Chunk(rows, taken_at, len(ids))
+        chunk = _Chunk(rows, claim, len(ids))
         delivered, failed = chunk.delivered, chunk.failed
 
         for row in rows:
@@ -331,7 +332,7 @@ class Replayer:
         self, chunk: _Chunk, lease: int, actor: str, to_topic: str | None, report: ReplayReport
     ) -> None:
         """Mark the rows the broker confirmed (by topic) and free the others, with the audit row."""
-        if not chunk.rows:
+        if chunk.claim is None:
             return
         published: dict[str, list[int]] = {}
         done = [row.dlq_id for row in chunk.rows if row.dlq_id in chunk.delivered]
@@ -340,9 +341,8 @@ class Replayer:
         failed = {i: why for i, why in chunk.failed.items() if i not in chunk.delivered}
         self._rows.finish(
             lease=lease,
-            taken_at=chunk.taken_at,
+            claim=chunk.claim,
             published=published,
-            unpublished=[row.dlq_id for row in chunk.rows if row.dlq_id not in chunk.delivered],
             actor=actor,
             detail={"to_topic": to_topic, "failed": len(failed)},
         )
