@@ -13,6 +13,7 @@ client cannot write one.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections import deque
@@ -237,9 +238,8 @@ class Replayer:
                 while flying and flying[0].settled:
                     head = flying.popleft()
                     outcome = head.outcome()
-                    marking.append(
-                        (head, outcome, marker.submit(self._mark, head, outcome, lease, actor, to_topic))
-                    )
+                    marked = marker.submit(in_context(), self._mark, head, outcome, lease, actor, to_topic)
+                    marking.append((head, outcome, marked))
                     stop = stop or (bool(outcome.failed) and not outcome.done)
                 while marking and marking[0][2].done():
                     chunk, outcome, marked = marking.popleft()
@@ -273,7 +273,11 @@ class Replayer:
         # marks the last ones while this thread sends (benchmarks/README.md). Takes go in order;
         # marks may finish out of order, and are accounted for in order. The window counts a chunk
         # from its take until it is marked. (On an error, the takes and marks handed over still
-        # finish before the lease is let go; a claim not sent dies with the lease.)
+        # finish before the lease is let go; a claim not sent dies with the lease.) Each runs in a
+        # copy of this thread's context: the audit rows name the request or CLI run (`logs`).
+        def in_context() -> Callable[..., Any]:
+            return contextvars.copy_context().run
+
         taking: deque[Future[_Chunk]] = deque()
         starts = iter(range(0, len(ids), size))
         try:
@@ -287,7 +291,7 @@ class Replayer:
                         start = next(starts, None)
                         if start is None:
                             break
-                        taking.append(taker.submit(take, ids[start : start + size]))
+                        taking.append(taker.submit(in_context(), take, ids[start : start + size]))
                     if not taking:
                         break
                     chunk = taking.popleft().result()

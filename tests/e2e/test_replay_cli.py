@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
 from eventhandler import replay as replay_module
 from eventhandler.app import build_service
@@ -437,3 +438,20 @@ def test_rows_the_broker_refused_stay_pending_and_free_and_the_replay_stops(
     finally:
         pool.close()
     assert statuses(db) == {"replayed": 40}
+
+
+def test_the_audit_rows_of_a_replay_name_the_request_that_started_it(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """The marks, and their audit rows, are written on threads of their own: the request's context
+    (its id and client, bound in the log context) goes with them."""
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 3)
+    service, pool = build_service(settings)
+    try:
+        with structlog.contextvars.bound_contextvars(request_id="req-7", client="10.0.0.7"):
+            assert service.replay(DLQFilter(), actor="test").published == 3
+    finally:
+        pool.close()
+    audit = db.execute("SELECT action, request_id, client FROM dlq_audit").fetchall()
+    assert audit == [("replay", "req-7", "10.0.0.7")]
