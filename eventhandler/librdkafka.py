@@ -282,3 +282,40 @@ class RawProducer:
         if self._handle:
             self._lib.rd_kafka_destroy(self._handle)
             self._handle = None
+
+
+class RawPublisher:
+    """A replay's `RawProducer`, for the rows the Python client cannot publish (a header key that is
+    not UTF-8); made when the first such row comes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._producer: RawProducer | None = None
+
+    def publish(
+        self,
+        dlq_id: int,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+    ) -> str | None:
+        if self._producer is None:
+            self._producer = RawProducer(self._config)
+        raw = [(raw_header_key(name), header) for name, header in headers]
+        return self._producer.produce(dlq_id, topic, value, key, raw)
+
+    def settle(self, timeout: float, delivered: set[int], failed: dict[int, str]) -> None:
+        if self._producer is None:
+            return
+        self._producer.flush(timeout)
+        for dlq_id, why in self._producer.outcomes.items():
+            if why is None:
+                delivered.add(dlq_id)
+            else:
+                failed[dlq_id] = why
+        self._producer.outcomes.clear()
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()

@@ -1,21 +1,24 @@
 """Replay: republish DLQ rows to Kafka, exactly as they were consumed, and mark them `replayed`.
 
-Rows are taken in chunks with a lease (a short transaction with `FOR UPDATE SKIP LOCKED`), so two
-replayers never publish the same row, and no transaction stays open while the rate limiter or the
-broker is waited on: the worker, which updates replayed rows, is never held up by a replay. The
-producer is idempotent. A row is marked `replayed` only after the broker confirmed its delivery: a
-replay killed part-way leaves the rest `pending` (its lease dies with its session) and can simply be
-run again. A row whose delivery outcome was unknown may then be published twice; the worker recognises
-the duplicate by its event id (or its `dlq_id` header) and applies it once. A row with a header key that
-is not UTF-8 goes out through librdkafka's C API (`RawProducer`), since the Python client cannot write one.
+Rows are taken in chunks, each claimed for the replay's lease in a short transaction (see
+`dlq.replays`), so two replayers never publish the same row, and no transaction stays open while the
+rate limiter or the broker is waited on: the worker, which updates replayed rows, is never held up by
+a replay. The producer is idempotent. A row is marked `replayed` only after the broker confirmed its
+delivery: a replay killed part-way leaves the rest `pending` (its claims die with its lease's session)
+and can simply be run again. A row whose delivery outcome was unknown may then be published twice; the
+worker recognises the duplicate by its event id (or its `dlq_id` header) and applies it once. A row with
+a header key that is not UTF-8 goes out through librdkafka's C API (`RawProducer`), since the Python
+client cannot write one.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +27,13 @@ from confluent_kafka import KafkaException, Producer
 from eventhandler.dlq import ReplayRows
 from eventhandler.errors import BrokerUnavailable, DatabaseUnavailable
 from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER, origin_header
-from eventhandler.librdkafka import RawProducer, raw_header_key
+from eventhandler.librdkafka import RawPublisher
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQEntry, DLQFilter, DLQSummary, Headers, OutgoingRow
 
 CHUNK = 1000  # rows a lease takes at once
-WINDOW = 4  # chunks in flight: the next ones are taken and sent while the broker confirms the first
+WINDOW = 4  # chunks taken and not yet marked: the next ones are sent while the first are confirmed and marked
+MARKERS = 2  # chunks marked at once: a mark is mostly PostgreSQL's work, and one thread left it waiting
 CONNECT_SECONDS = 5.0  # how long a replay waits for the broker's metadata before it gives up
 DOWN_SECONDS = 5.0  # after the broker did not answer, replays fail at once for this long
 _OUR_HEADERS = {DLQ_ID_HEADER, ORIGIN_HEADER, REPLAY_COUNT_HEADER}
@@ -98,38 +102,6 @@ def _utf8_keys(headers: Headers) -> bool:
     return True
 
 
-class _RawPublisher:
-    """librdkafka's C API, for the rows the Python client cannot publish (a header key that is not
-    UTF-8); made when the first such row comes."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._config = config
-        self._producer: RawProducer | None = None
-
-    def publish(
-        self, dlq_id: int, topic: str, value: bytes | None, key: bytes | None, headers: Headers
-    ) -> str | None:
-        if self._producer is None:
-            self._producer = RawProducer(self._config)
-        raw = [(raw_header_key(name), header) for name, header in headers]
-        return self._producer.produce(dlq_id, topic, value, key, raw)
-
-    def settle(self, timeout: float, delivered: set[int], failed: dict[int, str]) -> None:
-        if self._producer is None:
-            return
-        self._producer.flush(timeout)
-        for dlq_id, why in self._producer.outcomes.items():
-            if why is None:
-                delivered.add(dlq_id)
-            else:
-                failed[dlq_id] = why
-        self._producer.outcomes.clear()
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close()
-
-
 class RateLimiter:
     """Spaces sends evenly at `rate` per second (None: as fast as possible)."""
 
@@ -152,15 +124,40 @@ class _Chunk:
     """Rows taken for the lease and handed to the producer, waiting for their delivery reports."""
 
     rows: list[OutgoingRow]
-    taken_at: Any
+    claim: int | None  # None: no row was free
     size: int  # the ids it stood for (a row another replayer took is counted as done)
     topics: dict[int, str] = field(default_factory=dict)  # dlq_id → where it went
     delivered: set[int] = field(default_factory=set)
     failed: dict[int, str] = field(default_factory=dict)
+    deadline: float = 0.0  # monotonic time after which an unconfirmed row counts as failed
 
     @property
     def settled(self) -> bool:
-        return len(self.delivered) + len(self.failed) >= len(self.rows)
+        return len(self.delivered) + len(self.failed) >= len(self.rows) or time.monotonic() >= self.deadline
+
+    def outcome(self) -> _Outcome:
+        """What the broker made of the rows, fixed when the chunk is handed over to be marked (a late
+        delivery report changes nothing after that)."""
+        published: dict[str, list[int]] = {}
+        for row in self.rows:
+            if row.dlq_id in self.delivered:
+                published.setdefault(self.topics[row.dlq_id], []).append(row.dlq_id)
+        failed = {
+            row.dlq_id: self.failed.get(
+                row.dlq_id, "delivery not confirmed before the timeout (outcome unknown)"
+            )
+            for row in self.rows
+            if row.dlq_id not in self.delivered
+        }
+        done = [row.dlq_id for row in self.rows if row.dlq_id in self.delivered]
+        return _Outcome(published, done, failed)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    published: dict[str, list[int]]  # topic → ids the broker confirmed
+    done: list[int]  # the same ids, in the chunk's order (oldest first)
+    failed: dict[int, str]  # dlq_id → why it was not confirmed
 
 
 class Replayer:
@@ -208,9 +205,10 @@ class Replayer:
         progress: Callable[[int], None] | None = None,
     ) -> ReplayReport:
         """Publish the matching rows, oldest first. Chunks are pipelined: while the broker confirms
-        one chunk, the next is taken and sent (at most `WINDOW` in flight); a chunk is marked once
-        all its delivery reports are in, in order, so a row is `replayed` only after the broker took
-        it, and no transaction is open while the broker or the rate limiter is waited on."""
+        one chunk and PostgreSQL marks another, the next is taken and sent (at most `WINDOW` taken and
+        not yet marked); a chunk is marked once all its delivery reports are in, in order, so a row is
+        `replayed` only after the broker took it, and no transaction is open while the broker or the
+        rate limiter is waited on."""
         report = ReplayReport()
         # The ids are read once, oldest first; each chunk is then taken by id (an index lookup,
         # whatever the table's statistics say) with the filter applied again, so a row another
@@ -220,51 +218,86 @@ class Replayer:
         if not ids:
             return report
         producer = self.connect()
-        raw = _RawPublisher(
-            self._producer_config | {"message.timeout.ms": int(self._delivery_timeout * 1000)}
-        )
+        raw = RawPublisher(self._producer_config | {"message.timeout.ms": int(self._delivery_timeout * 1000)})
         limiter = RateLimiter(rate)
         # With a rate, a chunk is about a second of sending: leases stay short and rows are marked
         # (and the progress moves) as they go.
         size = CHUNK if not rate else max(1, min(CHUNK, int(rate)))
         lease_seconds = self._delivery_timeout + (size * WINDOW / rate if rate else 0) + 60
-        flying: deque[_Chunk] = deque()
+        flying: deque[_Chunk] = deque()  # sent, waiting for their delivery reports
+        marking: deque[tuple[_Chunk, _Outcome, Future[None]]] = deque()  # handed over to be marked
+        stop = False
 
-        def settle(wait_for_all: bool) -> bool:
-            """Mark the settled chunks at the head; wait while the window is full (or for all).
-            False once a chunk came back with nothing delivered: the rest would fare the same."""
-            deadline = time.monotonic() + self._delivery_timeout + 5
-            while flying:
+        def settle(wait_for_all: bool) -> None:
+            """Hand the chunks whose reports are all in over to be marked, and account for the marked
+            ones in order; wait while the window is full (or for all). Once a chunk came back with
+            nothing delivered, `stop`: the rest would fare the same."""
+            nonlocal stop
+            while flying or marking:
                 producer.poll(0)
-                head = flying[0]
-                if not head.settled:
-                    if not wait_for_all and len(flying) < WINDOW:
-                        return True
-                    if time.monotonic() < deadline:
-                        producer.poll(0.05)
-                        continue
-                    head.failed |= {
-                        row.dlq_id: "delivery not confirmed before the timeout (outcome unknown)"
-                        for row in head.rows
-                        if row.dlq_id not in head.delivered and row.dlq_id not in head.failed
-                    }
-                flying.popleft()
-                self._finish(head, lease, actor, to_topic, report)
-                if progress is not None:
-                    progress(head.size)
-                if head.failed and not head.delivered:
-                    return False
-            return True
+                while flying and flying[0].settled:
+                    head = flying.popleft()
+                    outcome = head.outcome()
+                    marked = marker.submit(in_context(), self._mark, head, outcome, lease, actor, to_topic)
+                    marking.append((head, outcome, marked))
+                    stop = stop or (bool(outcome.failed) and not outcome.done)
+                while marking and marking[0][2].done():
+                    chunk, outcome, marked = marking.popleft()
+                    marked.result()  # the marking thread's error, if it had one
+                    self._account(outcome, report)
+                    if progress is not None:
+                        progress(chunk.size)
+                if not wait_for_all and len(flying) + len(marking) < WINDOW:
+                    return
+                if flying:
+                    producer.poll(0.01)  # delivery reports
+                elif marking:
+                    wait([marking[0][2]], timeout=0.05)
 
+        def take(chunk_ids: list[int]) -> _Chunk:
+            """On the taking thread: the chunk's rows, claimed for the lease (a short transaction)."""
+            if not self._rows.lease_held(lease):
+                raise DatabaseUnavailable(
+                    "the replay lost its lease (its PostgreSQL connection dropped); the rows it did not "
+                    "publish are still pending: run it again"
+                )
+            rows, claim = self._rows.take(
+                flt.model_copy(update={"ids": tuple(chunk_ids)}),
+                limit=len(chunk_ids),
+                lease=lease,
+                lease_seconds=lease_seconds,
+            )
+            return _Chunk(rows, claim, len(chunk_ids))
+
+        # Takes and marks run on threads of their own, so that PostgreSQL claims the next chunks and
+        # marks the last ones while this thread sends (benchmarks/README.md). Takes go in order;
+        # marks may finish out of order, and are accounted for in order. The window counts a chunk
+        # from its take until it is marked. (On an error, the takes and marks handed over still
+        # finish before the lease is let go; a claim not sent dies with the lease.) Each runs in a
+        # copy of this thread's context: the audit rows name the request or CLI run (`logs`).
+        def in_context() -> Callable[..., Any]:
+            return contextvars.copy_context().run
+
+        taking: deque[Future[_Chunk]] = deque()
+        starts = iter(range(0, len(ids), size))
         try:
-            with self._rows.lease() as lease:
-                for start in range(0, len(ids), size):
-                    chunk = self._send(
-                        producer, raw, flt, ids[start : start + size], lease, lease_seconds, to_topic, limiter
-                    )
-                    flying.append(chunk)
-                    if not settle(wait_for_all=False):
+            with (
+                self._rows.lease() as lease,
+                ThreadPoolExecutor(1, "replay-take") as taker,
+                ThreadPoolExecutor(MARKERS, "replay-mark") as marker,
+            ):
+                while not stop:
+                    while len(taking) + len(flying) + len(marking) < WINDOW:
+                        start = next(starts, None)
+                        if start is None:
+                            break
+                        taking.append(taker.submit(in_context(), take, ids[start : start + size]))
+                    if not taking:
                         break
+                    chunk = taking.popleft().result()
+                    self._send(producer, raw, chunk, to_topic, limiter)
+                    flying.append(chunk)
+                    settle(wait_for_all=False)
                 settle(wait_for_all=True)
         finally:
             producer.flush(5)
@@ -274,30 +307,15 @@ class Replayer:
     def _send(
         self,
         producer: Producer,
-        raw: _RawPublisher,
-        flt: DLQFilter,
-        ids: list[int],
-        lease: int,
-        lease_seconds: float,
+        raw: RawPublisher,
+        chunk: _Chunk,
         to_topic: str | None,
         limiter: RateLimiter,
-    ) -> _Chunk:
-        """Take the chunk's rows (a short transaction) and hand them to the producer."""
-        if not self._rows.lease_held(lease):
-            raise DatabaseUnavailable(
-                "the replay lost its lease (its PostgreSQL connection dropped); the rows it did not "
-                "publish are still pending: run it again"
-            )
-        rows, taken_at = self._rows.take(
-            flt.model_copy(update={"ids": tuple(ids)}),
-            limit=len(ids),
-            lease=lease,
-            lease_seconds=lease_seconds,
-        )
-        chunk = _Chunk(rows, taken_at, len(ids))
+    ) -> None:
+        """Hand the chunk's rows to the producer."""
         delivered, failed = chunk.delivered, chunk.failed
 
-        for row in rows:
+        for row in chunk.rows:
             limiter.wait()
             topic = to_topic or row.source_topic
             chunk.topics[row.dlq_id] = topic
@@ -325,34 +343,29 @@ class Replayer:
                     break
             producer.poll(0)
         raw.settle(self._delivery_timeout, delivered, failed)
-        return chunk
+        chunk.deadline = time.monotonic() + self._delivery_timeout + 5
 
-    def _finish(
-        self, chunk: _Chunk, lease: int, actor: str, to_topic: str | None, report: ReplayReport
-    ) -> None:
-        """Mark the rows the broker confirmed (by topic) and free the others, with the audit row."""
-        if not chunk.rows:
+    def _mark(self, chunk: _Chunk, outcome: _Outcome, lease: int, actor: str, to_topic: str | None) -> None:
+        """On a marking thread: mark the rows the broker confirmed and end the chunk's claim (which
+        frees the others), with the audit row."""
+        if chunk.claim is None:
             return
-        published: dict[str, list[int]] = {}
-        done = [row.dlq_id for row in chunk.rows if row.dlq_id in chunk.delivered]
-        for dlq_id in done:
-            published.setdefault(chunk.topics[dlq_id], []).append(dlq_id)
-        failed = {i: why for i, why in chunk.failed.items() if i not in chunk.delivered}
         self._rows.finish(
             lease=lease,
-            taken_at=chunk.taken_at,
-            published=published,
-            unpublished=[row.dlq_id for row in chunk.rows if row.dlq_id not in chunk.delivered],
+            claim=chunk.claim,
+            published=outcome.published,
             actor=actor,
-            detail={"to_topic": to_topic, "failed": len(failed)},
+            detail={"to_topic": to_topic, "failed": len(outcome.failed)},
         )
-        report.published_ids += done
-        report.published += len(done)
-        report.failed += len(failed)
-        report.failures.update(failed)
+
+    def _account(self, outcome: _Outcome, report: ReplayReport) -> None:
+        report.published_ids += outcome.done
+        report.published += len(outcome.done)
+        report.failed += len(outcome.failed)
+        report.failures.update(outcome.failed)
         if self._metrics is not None:
-            self._metrics.replay_published.inc(len(done))
-            self._metrics.replay_failed.inc(len(failed))
+            self._metrics.replay_published.inc(len(outcome.done))
+            self._metrics.replay_failed.inc(len(outcome.failed))
 
 
 def _reporter(dlq_id: int, delivered: set[int], failed: dict[int, str]) -> Callable[[Any, Any], None]:

@@ -4,7 +4,7 @@
   and the consumed position commit together (`DeadLetterWriter`; `writer.PostgresDLQWriter`);
 - operators read rows and change them, each change audited (`OperatorStore`;
   `operators.PostgresOperatorStore`);
-- a replay takes rows under a lease, publishes them and marks them (`ReplayRows`;
+- a replay claims rows under a lease, publishes them and marks them (`ReplayRows`;
   `replays.PostgresReplayRows`).
 
 Every statement is in `eventhandler/queries/dlq_*.sql`. Driver errors leave as `TransientError` or
@@ -87,14 +87,13 @@ class ReplayRows(Protocol):
     def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]: ...
     def take(
         self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float
-    ) -> tuple[list[OutgoingRow], Any]: ...
+    ) -> tuple[list[OutgoingRow], int | None]: ...
     def finish(
         self,
         *,
         lease: int,
-        taken_at: Any,
+        claim: int,
         published: dict[str, list[int]],
-        unpublished: Sequence[int],
         actor: str,
         detail: dict[str, Any],
     ) -> None: ...

@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 
 from eventhandler.db import deadline, translate_db_errors
 from eventhandler.dlq import rows
-from eventhandler.dlq.rows import CHANGE, ENTRY_COLUMNS, LEASE_CLASS, READ, SUMMARY_COLUMNS
+from eventhandler.dlq.rows import CHANGE, ENTRY_COLUMNS, LEASE_CLASS, READ, REPLAY, SUMMARY_COLUMNS
 from eventhandler.errors import InvalidOperation, NotFound
 from eventhandler.models import (
     AuditEntry,
@@ -193,6 +193,7 @@ class PostgresOperatorStore:
         """Keep `payload` beside the row's original bytes (None: drop the edit), with the audit row;
         False when the row is not pending (any more)."""
         with rows.transaction(self._pool) as conn:
+            conn.execute(REPLAY["lock_claims"], {"lease_class": LEASE_CLASS})  # no replay claims it meanwhile
             changed = conn.execute(
                 CHANGE["edit_payload"],
                 {"id": dlq_id, "payload": payload, "actor": actor, "lease_class": LEASE_CLASS},

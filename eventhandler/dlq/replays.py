@@ -1,9 +1,10 @@
 """A replay's hold on the rows it publishes.
 
-A replay run holds a lease (a session advisory lock on a connection of its own); it takes a chunk of
-rows for that lease in one short transaction, publishes them with no transaction open, then, in
-another short one, marks the rows the broker confirmed and frees the rest, with the audit row. Two
-replays never take the same row, and a replay that dies frees its rows with its session.
+A replay run holds a lease (a session advisory lock on a connection of its own); it claims a chunk of
+rows for that lease in one short transaction (a row of `dlq_replay_claim` naming them: the DLQ rows
+themselves are only read), publishes them with no transaction open, then, in another short one, marks
+the rows the broker confirmed and ends the claim, which frees the rest, with the audit row. Two replays
+never take the same row, and a replay that dies frees its rows with its session.
 
 The statements are in `queries/dlq_replay.sql`.
 """
@@ -11,7 +12,7 @@ The statements are in `queries/dlq_replay.sql`.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -66,41 +67,40 @@ class PostgresReplayRows:
 
     def take(
         self, flt: DLQFilter, *, limit: int, lease: int, lease_seconds: float
-    ) -> tuple[list[OutgoingRow], Any]:
-        """Take up to `limit` matching rows no other lease holds, for `lease`, in one short
-        transaction. Returns the rows and the time they were taken, which `finish` needs."""
-        where, params = rows.where(flt, lease_free=True)
-        query = sql.SQL(REPLAY["free_rows"]).format(where=where)
+    ) -> tuple[list[OutgoingRow], int | None]:
+        """Claim up to `limit` matching rows no live claim names, for `lease`, in one short
+        transaction. Returns the rows and their claim (None: no row was free), which `finish` ends."""
+        where, params = rows.where(flt, claim_free=True)
+        query = sql.SQL(REPLAY["claim_rows"]).format(where=where)
+        params |= {"limit": limit, "lease": lease, "lease_seconds": lease_seconds}
+        lock = {"lease_class": LEASE_CLASS}
         with rows.transaction(self._pool) as conn:
-            free = conn.execute(query, params | {"limit": limit}).fetchall()
-            if not free:
-                return [], None
-            taken = {"ids": [r[0] for r in free], "lease": lease, "lease_seconds": lease_seconds}
-            taken_at = conn.execute(REPLAY["take_rows"], taken).fetchone()
-        return [_outgoing(*r) for r in free], taken_at[0] if taken_at else None
+            conn.execute(REPLAY["lock_claims"], lock)
+            conn.execute(REPLAY["drop_dead_claims"], lock)
+            claimed = conn.execute(query, params).fetchall()
+        if not claimed:
+            return [], None
+        return [_outgoing(*r[1:]) for r in claimed], claimed[0][0]
 
     def finish(
         self,
         *,
         lease: int,
-        taken_at: Any,
+        claim: int,
         published: dict[str, list[int]],
-        unpublished: Sequence[int],
         actor: str,
         detail: dict[str, Any],
     ) -> None:
-        """After the publish: mark the rows the broker confirmed (by topic) and free the others, with
-        the audit row, in one short transaction."""
+        """After the publish: mark the rows the broker confirmed (`published`, by topic) and end the
+        claim, which frees the others, with the audit row, in one short transaction."""
+        ids = [dlq_id for topic_ids in published.values() for dlq_id in topic_ids]
+        topics = [topic for topic, topic_ids in published.items() for _ in topic_ids]
+        marks = {"claim": claim, "lease": lease, "ids": ids, "topics": topics}
         with rows.transaction(self._pool) as conn:
-            for topic, ids in published.items():
-                conn.execute(
-                    REPLAY["mark_replayed"],
-                    {"ids": ids, "topic": topic, "lease": lease, "taken_at": taken_at},
-                )
-            if unpublished:
-                conn.execute(REPLAY["release_rows"], {"ids": list(unpublished), "lease": lease})
-            done = [dlq_id for ids in published.values() for dlq_id in ids]
-            rows.audit(conn, actor, "replay", done, detail)
+            # Planned for its arrays each time: a prepared statement's generic plan guesses ten
+            # elements each and joins them row by row (120 ms a chunk of 1,000 instead of 20).
+            conn.execute(REPLAY["mark_replayed"], marks, prepare=False)
+            rows.audit(conn, actor, "replay", ids, detail)
 
 
 def _outgoing(

@@ -30,10 +30,10 @@ LEASE_CLASS = 0x45484C31
 
 
 def where(
-    flt: DLQFilter, after_id: int | None = None, *, lease_free: bool = False
+    flt: DLQFilter, after_id: int | None = None, *, claim_free: bool = False
 ) -> tuple[sql.Composable, dict[str, Any]]:
-    """The WHERE clause of a filter, from fixed fragments with bound parameters only (`lease_free`:
-    only rows no replay lease holds)."""
+    """The WHERE clause of a filter, from fixed fragments with bound parameters only (`claim_free`:
+    only rows no replay claim names; see `queries/dlq_replay.sql`)."""
     clauses: list[sql.Composable] = []
     params: dict[str, Any] = {}
 
@@ -70,8 +70,8 @@ def where(
         add("source_topic = %(f_topic)s", f_topic=flt.topic)
     if after_id is not None:
         add("dlq_id > %(f_after)s", f_after=after_id)
-    if lease_free:
-        add(REPLAY["lease_free"], lease_class=LEASE_CLASS)
+    if claim_free:
+        add(REPLAY["claim_free"])
     if not clauses:
         return sql.SQL(""), params
     return sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses), params

@@ -26,11 +26,14 @@ RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition
 -- Only a pending row is edited: a replayed one is on its way through the worker, a parked one waits
 -- for its key's turn, a closed one is done. The original bytes are never touched.
 UPDATE dlq SET edited_payload = %(payload)s, edited_at = now(), edited_by = %(actor)s, updated_at = now()
--- Nor a row a live replay has taken: it may be publishing the bytes it read a moment ago.
+-- Nor a row a live replay claim names (dlq_replay.sql; the edit holds `lock_claims`, so none can
+-- appear meanwhile): that replay may be publishing the bytes it read a moment ago.
 WHERE dlq_id = %(id)s AND status = 'pending'
-  AND (replay_lease IS NULL OR replay_lease_until < now() OR NOT EXISTS (
-      SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
-        AND classid = %(lease_class)s::oid AND objid = dlq.replay_lease::oid))
+  AND NOT EXISTS (
+      SELECT 1 FROM dlq_replay_claim c
+      WHERE %(id)s = ANY(c.dlq_ids) AND c.until >= now() AND EXISTS (
+          SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+            AND classid = %(lease_class)s::oid AND objid = c.lease::oid))
 RETURNING dlq_id;
 
 -- name: record_audit

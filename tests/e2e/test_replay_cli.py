@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
 from eventhandler import replay as replay_module
 from eventhandler.app import build_service
@@ -407,3 +408,50 @@ def test_the_cli_keeps_the_same_replay_rule(
     report = cli_json(env, "replay", "--status", "resolved", "--force", "--yes")
     assert report["published"] == 2
     assert statuses(db) == {"replayed": 2}
+
+
+@pytest.mark.apache_kafka  # a topic's max.message.bytes, which the broker enforces
+def test_rows_the_broker_refused_stay_pending_and_free_and_the_replay_stops(
+    make_settings: Callable[..., Settings],
+    producer: k.TestProducer,
+    topic: str,
+    kafka_bootstrap: str,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row is marked only after the broker confirmed it: refused rows stay `pending` and free (a
+    later replay takes them at once: the claims of chunks sent end with their marks, those taken but
+    not sent with the lease), and once a chunk came back with nothing delivered no further chunk is
+    taken beyond those already in the window."""
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 40)
+    monkeypatch.setattr(replay_module, "CHUNK", 2)
+    tiny = f"{topic}-tiny"
+    k.create_topic(kafka_bootstrap, tiny, partitions=1, config={"max.message.bytes": "64"})
+    service, pool = build_service(settings)
+    try:
+        refused = service.replay(DLQFilter(), actor="test", to_topic=tiny)
+        assert refused.published == 0
+        assert 2 <= refused.failed <= 2 * replay_module.WINDOW < 40  # it stopped
+        assert statuses(db) == {"pending": 40}
+        assert service.replay(DLQFilter(), actor="test").published == 40  # every row free again
+    finally:
+        pool.close()
+    assert statuses(db) == {"replayed": 40}
+
+
+def test_the_audit_rows_of_a_replay_name_the_request_that_started_it(
+    make_settings: Callable[..., Settings], producer: k.TestProducer, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """The marks, and their audit rows, are written on threads of their own: the request's context
+    (its id and client, bound in the log context) goes with them."""
+    settings = make_settings()
+    seed_unregistered_readings(producer, topic, settings, 3)
+    service, pool = build_service(settings)
+    try:
+        with structlog.contextvars.bound_contextvars(request_id="req-7", client="10.0.0.7"):
+            assert service.replay(DLQFilter(), actor="test").published == 3
+    finally:
+        pool.close()
+    audit = db.execute("SELECT action, request_id, client FROM dlq_audit").fetchall()
+    assert audit == [("replay", "req-7", "10.0.0.7")]

@@ -525,14 +525,13 @@ def test_a_row_a_replay_has_taken_is_not_repaired_until_the_replay_lets_go(
     change = {"patch": [{"op": "replace", "path": "/data/value", "value": 2}]}
     replays = DLQStore.on(api.pool).replays
     with replays.lease() as lease:
-        taken, taken_at = replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+        taken, claim = replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
         assert [row.dlq_id for row in taken] == [dlq_id]
+        assert claim is not None
         refused = api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=ADMIN)
         assert refused.status_code == 409, refused.text
         assert "being replayed" in refused.json()["detail"]
-        replays.finish(
-            lease=lease, taken_at=taken_at, published={}, unpublished=[dlq_id], actor="t", detail={}
-        )
+        replays.finish(lease=lease, claim=claim, published={}, actor="t", detail={})
     assert scalar(db, "SELECT edited_payload FROM dlq") is None
     assert api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=ADMIN).status_code == 200
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -352,38 +354,57 @@ def test_depth_and_oldest_pending_age(repo: DLQ, pool: Any, db: psycopg.Connecti
 def replay_all(repo: DLQ, flt: DLQFilter, *, limit: int, expect: list[int]) -> None:
     """Take rows under a lease and mark every one taken replayed, as a replayer does."""
     with repo.replays.lease() as lease:
-        rows, taken_at = repo.replays.take(flt, limit=limit, lease=lease, lease_seconds=60)
+        rows, claim = repo.replays.take(flt, limit=limit, lease=lease, lease_seconds=60)
         assert [r.dlq_id for r in rows] == expect
+        assert claim is not None
         published = {"device-events": [r.dlq_id for r in rows]}
-        repo.replays.finish(
-            lease=lease, taken_at=taken_at, published=published, unpublished=[], actor="t", detail={}
-        )
+        repo.replays.finish(lease=lease, claim=claim, published=published, actor="t", detail={})
 
 
 def test_two_replayers_never_claim_the_same_row(repo: DLQ, pool: Any) -> None:
     ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 41)])
     pending = DLQFilter(statuses=("pending",))
     with repo.replays.lease() as one, repo.replays.lease() as two:
-        first, first_at = repo.replays.take(pending, limit=25, lease=one, lease_seconds=60)
-        second, second_at = repo.replays.take(
+        first, first_claim = repo.replays.take(pending, limit=25, lease=one, lease_seconds=60)
+        second, second_claim = repo.replays.take(
             pending, limit=25, lease=two, lease_seconds=60
         )  # while one holds
         assert [r.dlq_id for r in first] == ids[:25]
         assert [r.dlq_id for r in second] == ids[25:]
         assert repo.replays.take(pending, limit=25, lease=two, lease_seconds=60)[0] == []
-        for lease, rows, at in ((one, first, first_at), (two, second, second_at)):
-            published = {"device-events": [r.dlq_id for r in rows[:-1]]}
-            repo.replays.finish(
-                lease=lease,
-                taken_at=at,
-                published=published,
-                unpublished=[rows[-1].dlq_id],
-                actor="t",
-                detail={},
-            )
+        for lease, rows, claim in ((one, first, first_claim), (two, second, second_claim)):
+            assert claim is not None
+            published = {"device-events": [r.dlq_id for r in rows[:-1]]}  # the last one: not confirmed
+            repo.replays.finish(lease=lease, claim=claim, published=published, actor="t", detail={})
     assert repo.operators.count(DLQFilter(statuses=("replayed",))) == 38
     # the two rows whose publish failed were freed: a later replay takes them
     replay_all(repo, pending, limit=10, expect=[ids[24], ids[39]])
+
+
+def test_takers_racing_for_the_same_rows_never_claim_one_twice(repo: DLQ, pool: Any) -> None:
+    """A take only reads the rows and claims them in a table of its own: without its lock, two takers
+    could both read a row as free before either's claim commits. Four threads, small chunks, the same
+    rows: every row claimed exactly once."""
+    ids = record(repo, pool, *[failed_message(offset=i) for i in range(1, 201)])
+    pending = DLQFilter(statuses=("pending",))
+    claimed: list[list[int]] = [[] for _ in range(4)]
+    start, end = threading.Barrier(4), threading.Barrier(4)
+
+    def take_all(me: int) -> None:
+        with repo.replays.lease() as lease:
+            start.wait(10)
+            while True:
+                rows, claim = repo.replays.take(pending, limit=7, lease=lease, lease_seconds=60)
+                if claim is None:
+                    break
+                claimed[me] += [r.dlq_id for r in rows]
+            end.wait(10)  # a lease let go frees its claims (as a replayer that dies does)
+
+    with ThreadPoolExecutor(4) as pool_of_takers:
+        list(pool_of_takers.map(take_all, range(4)))
+    every = [dlq_id for mine in claimed for dlq_id in mine]
+    assert sorted(every) == ids  # each once, none left out
+    assert all(claimed), "each taker got a share"
 
 
 def test_a_lease_whose_replayer_died_frees_its_rows_at_once(repo: DLQ, pool: Any, db_url: str) -> None:
@@ -408,19 +429,15 @@ def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(re
     """The replayed copy can be processed before the replayer marks the row: its outcome stands."""
     (dlq_id,) = record(repo, pool, failed_message(offset=5))
     with repo.replays.lease() as lease:
-        _, taken_at = repo.replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+        _, claim = repo.replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+        assert claim is not None
         with pool.connection() as conn, conn.transaction():
             replayed = [(origin(dlq_id, 5), "/tests", "evt-1")]
             assert repo.writer.resolve_replayed(conn, "group-a", replayed) == [
                 dlq_id
             ]  # the worker, meanwhile
         repo.replays.finish(
-            lease=lease,
-            taken_at=taken_at,
-            published={"device-events": [dlq_id]},
-            unpublished=[],
-            actor="t",
-            detail={},
+            lease=lease, claim=claim, published={"device-events": [dlq_id]}, actor="t", detail={}
         )
     entry = repo.operators.get(dlq_id)
     assert (entry.status, entry.replay_count) == ("resolved", 1)

@@ -189,17 +189,17 @@ def test_dlq_depth_and_age_follow_inserts_replays_and_resolutions(
             send(producer, topic, [k.structured(k.registered("ghost-1"))])
             wait_for(lambda: scalar(db, "SELECT count(*) FROM devices") == 1, message="device registered")
             with repository.replays.lease() as lease:
-                [row], taken_at = repository.replays.take(
+                [row], claim = repository.replays.take(
                     DLQFilter(event_type="device.reading", statuses=("pending",)),
                     limit=10,
                     lease=lease,
                     lease_seconds=60,
                 )
+                assert claim is not None
                 repository.replays.finish(
                     lease=lease,
-                    taken_at=taken_at,
+                    claim=claim,
                     published={topic: [row.dlq_id]},
-                    unpublished=[],
                     actor="test",
                     detail={},
                 )
