@@ -98,10 +98,15 @@ class FailedMessage:
     event_source: str | None = None
     replay_of: ReplayOrigin | None = None  # the origin headers of a replayed message
     event_key: bytes | None = None  # the ledger key (`ledger.digest`), when the worker computed it already
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.stage, self.error_type, self.error_message)
+        """Computed once: the flood guard, the DLQ row and the batch's log line each ask for it (a
+        failure's stage, type and message are not changed after it is built)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.stage, self.error_type, self.error_message)
+        return self._fingerprint
 
 
 @dataclass(slots=True)

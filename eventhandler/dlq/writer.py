@@ -29,6 +29,14 @@ _HEADER_TYPES = ["text[]", "bytea[]", "bytea[]"]
 _TAIL_TYPES = ["text", "int4", "int8", "timestamptz", "text", "text", "text", "text", "text", "text", "uuid"]
 COPY_TYPES = _HEAD_TYPES + _HEADER_TYPES + _TAIL_TYPES
 HEADERLESS_TYPES = _HEAD_TYPES + _TAIL_TYPES
+
+
+def _wire(types: list[str]) -> list[str]:
+    """How the COPY sends each column: event_key, the uuid, as the ledger key's 16 bytes, which are a
+    uuid's binary form (no UUID object per row: benchmarks/README.md)."""
+    return ["bytea" if t == "uuid" else t for t in types]
+
+
 # The parameter names of `insert_replay_failure`, in the same order.
 _PARAM_KEYS = [
     "consumer",
@@ -61,13 +69,11 @@ def _identity(failure: FailedMessage) -> Identity:
     return (failure.consumer, failure.topic, failure.partition, failure.offset)
 
 
-def _event_key(failure: FailedMessage) -> uuid.UUID | None:
-    """The ledger key of the failed event, as the `uuid` the column stores."""
-    if failure.event_key is not None:
-        return uuid.UUID(bytes=failure.event_key)
-    if failure.event_id is None or failure.event_source is None:
-        return None
-    return uuid.UUID(bytes=digest(failure.consumer, (failure.event_source, failure.event_id)))
+def _event_key(failure: FailedMessage) -> bytes | None:
+    """The ledger key of the failed event (the 16 bytes the `uuid` column stores)."""
+    if failure.event_key is not None or failure.event_id is None or failure.event_source is None:
+        return failure.event_key
+    return digest(failure.consumer, (failure.event_source, failure.event_id))
 
 
 def copy_row(failure: FailedMessage, headers: bool = True) -> list[Any]:
@@ -109,6 +115,8 @@ def _header_columns(headers: Headers) -> list[Any]:
 def _failure_params(failure: FailedMessage) -> dict[str, Any]:
     """A failure's values by the names the statements use."""
     params = dict(zip(_PARAM_KEYS, copy_row(failure), strict=True))
+    if params["event_key"] is not None:  # a parameter, unlike a COPY field, is typed by its value
+        params["event_key"] = uuid.UUID(bytes=params["event_key"])
     origin = failure.replay_of
     if origin is not None:
         params |= {
@@ -162,7 +170,7 @@ class PostgresDLQWriter:
                 cur.connection.transaction(),
                 cur.copy(WRITE["copy_rows" if headers else "copy_headerless_rows"]) as copy,
             ):
-                copy.set_types(["int8", *(COPY_TYPES if headers else HEADERLESS_TYPES)])
+                copy.set_types(["int8", *_wire(COPY_TYPES if headers else HEADERLESS_TYPES)])
                 for dlq_id, failure in zip(ids, failures, strict=True):
                     copy.write_row([dlq_id, *copy_row(failure, headers)])
             return ids
@@ -172,7 +180,7 @@ class PostgresDLQWriter:
             cur.execute(WRITE["create_staging"])
             cur.execute(WRITE["clear_staging"])
             with cur.copy(WRITE["copy_staging"]) as copy:
-                copy.set_types(COPY_TYPES)
+                copy.set_types(_wire(COPY_TYPES))
                 for failure in failures:
                     copy.write_row(copy_row(failure))
             rows = cur.execute(WRITE["upsert_staged"]).fetchall()
