@@ -4,9 +4,12 @@ child runs but never says it is ready; and the metrics of exited children folded
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eventhandler.config import Settings
 from eventhandler.metrics import SupervisorMetrics
-from eventhandler.processes import Supervisor
+from eventhandler.processes import STATE_PREFIX, Supervisor
 from tests.support.waiting import wait_for
 
 SETTINGS = Settings(metrics_port=0)
@@ -145,3 +148,45 @@ def samples(metrics: SupervisorMetrics) -> dict[tuple[str, tuple[tuple[str, str]
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def test_each_child_is_its_own_member_with_the_shared_metrics_directory(tmp_path: Path) -> None:
+    """Static membership: two members with one group.instance.id fence each other."""
+    settings = Settings(
+        metrics_port=0,
+        worker_id="pod-7",
+        kafka_options={"group.instance.id": "pod-7"},  # set for every client: moved to the consumer's
+    )
+    tell = (
+        "import json, os, pathlib, sys, time; slot = sys.argv[sys.argv.index('--process-slot') + 1]; "
+        f"pathlib.Path({str(tmp_path)!r}, slot).write_text(json.dumps(dict(os.environ))); time.sleep(60)"
+    )
+    running = Running(Supervisor(settings, 2, child=(sys.executable, "-c", tell)))
+    try:
+        wait_for(lambda: (tmp_path / "0").exists() and (tmp_path / "1").exists(), timeout=10)
+        envs = [json.loads((tmp_path / str(slot)).read_text()) for slot in (0, 1)]
+    finally:
+        running.supervisor.request_stop()
+        running.join(20)
+    assert [env["EVENTHANDLER_WORKER_ID"] for env in envs] == ["pod-7-0", "pod-7-1"]
+    options = [json.loads(env["EVENTHANDLER_KAFKA_CONSUMER_OPTIONS"]) for env in envs]
+    assert [o["group.instance.id"] for o in options] == ["pod-7-0", "pod-7-1"]
+    assert {env["EVENTHANDLER_METRICS_PORT"] for env in envs} == {"0"}  # the supervisor serves the port
+    assert len({env["PROMETHEUS_MULTIPROC_DIR"] for env in envs}) == 1
+
+
+def test_the_state_a_killed_supervisor_left_is_removed_by_the_next(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    pid = int(dead.stdout)  # a process that has exited
+    left = Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{pid}-test"
+    left.mkdir()
+    (left / "metrics").mkdir()
+    try:
+        supervisor = Supervisor(SETTINGS, 1, child=SLEEPER)
+        supervisor.request_stop()
+        assert supervisor.run() == 0
+        assert not left.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
