@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from eventhandler.metrics import Metrics
+from eventhandler.metrics import Metrics, SupervisorMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -37,6 +37,7 @@ COUNTERS = {
     "eventhandler_replay_failed_total",
     "eventhandler_transient_retries_total",
     "eventhandler_rebalances_total",
+    "eventhandler_worker_process_restarts_total",  # the supervisor's (`--processes N`)
 }
 GAUGES = {
     "eventhandler_dlq_depth",
@@ -49,6 +50,7 @@ GAUGES = {
     "eventhandler_circuit_open",
     "eventhandler_ready",
     "eventhandler_build_info",
+    "eventhandler_worker_processes",  # the supervisor's (`--processes N`)
 }
 HISTOGRAMS = {
     "eventhandler_batch_size_messages",
@@ -479,10 +481,13 @@ def test_dashboard_is_importable(dashboard: dict[str, Any]) -> None:
 
 
 def test_every_name_used_by_the_deploy_files_is_registered(
-    alert_rules: list[dict[str, Any]], dashboard: dict[str, Any]
+    alert_rules: list[dict[str, Any]], dashboard: dict[str, Any], tmp_path: Path
 ) -> None:
+    """The worker's metrics, and the supervisor's own under `--processes N`."""
     exposed: set[str] = set()
-    for family in Metrics().registry.collect():
+    supervisor = SupervisorMetrics(tmp_path, lambda: (True, {}), lambda: 1)
+    families = [*Metrics().registry.collect(), *supervisor.registry.collect()]
+    for family in families:
         if family.type == "counter":
             exposed.add(f"{family.name}_total")
         elif family.type == "histogram":
