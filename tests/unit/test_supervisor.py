@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from eventhandler.config import Settings
 from eventhandler.metrics import SupervisorMetrics
 from eventhandler.processes import STATE_PREFIX, Supervisor
+from eventhandler.supervised import report_path
 from tests.support.waiting import wait_for
 
 SETTINGS = Settings(metrics_port=0)
@@ -115,6 +116,33 @@ def test_a_child_that_never_reports_is_killed_and_restarted() -> None:
         assert detail["processes"][0]["state"] == "starting"
 
 
+REPORTS_THEN_DIES = """
+import os, sys, time
+from pathlib import Path
+from eventhandler.supervised import Report, report_path
+state, slot = Path(sys.argv[sys.argv.index("--state-dir") + 1]), int(sys.argv[sys.argv.index("--process-slot") + 1])
+path = report_path(state, slot)
+path.parent.mkdir(parents=True, exist_ok=True)
+Report(os.getpid(), True, {}, time.monotonic()).write(path)
+time.sleep(float(sys.argv[1]))
+sys.exit(1)
+"""
+
+
+def test_a_dead_childs_report_goes_with_it() -> None:
+    # A later child that happened to get the same pid must not pass for ready with the dead one's
+    # report; and until the replacement reports, the container is not ready.
+    child = (sys.executable, "-c", REPORTS_THEN_DIES, "0.5")
+    with supervising(processes=1, child=child) as running:
+        supervisor = running.supervisor
+        wait_for(lambda: supervisor.ready()[0], timeout=10, message="the child's report")
+        first = running.pids()[0]
+        wait_for(lambda: gone(first), timeout=10, message="the child's death")
+        wait_for(lambda: not running.pids(), timeout=10, message="the slot emptied")
+        assert not report_path(supervisor._state, 0).exists()
+        assert not supervisor.ready()[0]
+
+
 CHILD_COUNTS = """
 import sys
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -139,6 +167,26 @@ def test_the_counts_of_exited_children_are_kept_in_one_archive(tmp_path: Path) -
     after = samples(metrics)
     assert after == before  # nothing lost, nothing counted twice
     assert after["eventhandler_batch_size_messages_count", ()] == 5
+
+
+CHILD_LAG = """
+import sys
+from eventhandler.metrics import Metrics
+metrics = Metrics(multiprocess=True)
+metrics.consumer_lag.read = lambda: {("t", 0): int(sys.argv[1])}
+metrics.publish_lag()
+"""
+
+
+def test_a_partition_handed_over_between_children_is_counted_once(tmp_path: Path) -> None:
+    # For the second around a handover both the old owner and the new one report the partition;
+    # the old one's last reading may still be there. The container's lag is the larger, not the sum.
+    metrics = SupervisorMetrics(tmp_path, lambda: (True, {}), lambda: 0)
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for lag in ("40", "25"):
+        subprocess.run([sys.executable, "-c", CHILD_LAG, lag], env=env, check=True)
+    lag = ("eventhandler_consumer_lag_messages", (("partition", "0"), ("topic", "t")))
+    assert samples(metrics)[lag] == 40
 
 
 def samples(metrics: SupervisorMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
