@@ -143,43 +143,65 @@ class _Watchdog:
     IDLE_SECONDS = 1.0  # how long the thread sleeps when no deadline is nearer
 
     def __init__(self) -> None:
+        self._tokens = itertools.count()
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        """Forget every deadline and the thread: in a forked child, the parent's deadlines are not its
+        own, its thread does not exist, and its lock may have been held at the fork."""
         self._lock = threading.Condition()
         self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
-        self._tokens = itertools.count()
-        self._wake_at = 0.0  # monotonic time the thread will look again (0: not running)
-        self._pid = 0  # the process the thread runs in (a forked child has none)
+        self._fired: set[int] = set()  # tokens whose action ran, until their `disarm`
+        self._thread: threading.Thread | None = None
+        self._wake_at = 0.0  # monotonic time the thread looks again
 
     def arm(self, seconds: float, action: Callable[[], None]) -> int:
         when = time.monotonic() + seconds
         with self._lock:
             token = next(self._tokens)
             self._armed[token] = (when, action)
-            if self._pid != os.getpid():
-                self._pid, self._wake_at = os.getpid(), when
-                threading.Thread(target=self._run, name="db-deadlines", daemon=True).start()
+            if self._thread is None or not self._thread.is_alive():
+                try:
+                    thread = threading.Thread(target=self._run, name="db-deadlines", daemon=True)
+                    thread.start()
+                except BaseException:
+                    del self._armed[token]
+                    raise
+                self._thread, self._wake_at = thread, when
             elif when < self._wake_at:
                 self._wake_at = when
                 self._lock.notify()
         return token
 
-    def disarm(self, token: int) -> None:
+    def disarm(self, token: int) -> bool:
+        """Whether the deadline had passed (its action ran). Once this returns, it never will."""
         with self._lock:
             self._armed.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+            return False
 
     def _run(self) -> None:
-        # Actions run under the lock (they are short): once `disarm` returns, its action has either
-        # run or never will, so a connection back in the pool is never broken late.
-        with self._lock:
-            while True:
+        # Actions run under the lock (they are short and never block): once `disarm` returns, its
+        # action has either run or never will, so a connection back in the pool is never broken late.
+        while True:
+            failures: list[BaseException] = []
+            with self._lock:
                 now = time.monotonic()
                 for token in [token for token, (when, _) in self._armed.items() if when <= now]:
+                    self._fired.add(token)
                     try:
                         self._armed.pop(token)[1]()
-                    except Exception:  # the thread serves every deadline of the process: keep it
-                        logging.getLogger(__name__).exception("deadline action failed")
-                nearest = min((when for when, _ in self._armed.values()), default=now + self.IDLE_SECONDS)
-                self._wake_at = min(nearest, now + self.IDLE_SECONDS)
-                self._lock.wait(self._wake_at - now)
+                    except BaseException as exc:  # the thread serves every deadline of the process
+                        failures.append(exc)
+                if not failures:
+                    nearest = min((when for when, _ in self._armed.values()), default=now + self.IDLE_SECONDS)
+                    self._wake_at = min(nearest, now + self.IDLE_SECONDS)
+                    self._lock.wait(self._wake_at - now)
+            for failure in failures:  # logged outside the lock: a slow log handler holds up no deadline
+                logging.getLogger(__name__).error("deadline action failed", exc_info=failure)
 
 
 _WATCHDOG = _Watchdog()
@@ -206,4 +228,7 @@ def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
     try:
         yield
     finally:
-        _WATCHDOG.disarm(token)
+        if _WATCHDOG.disarm(token):
+            # It fired as the block ended: libpq may still call the connection good, and the pool
+            # would hand its dead socket to the next caller.
+            conn.close()
