@@ -49,7 +49,7 @@ class Clock:
         return (self.total - self.first_count) / self.seconds
 
 
-TRANSACTION = "PostgreSQL transaction (incl. pool, deadline timer)"  # the committer thread's step
+TRANSACTION = "PostgreSQL transaction (incl. pool, deadline)"  # the committer thread's step
 # (owner, method name, label, nested inside another timed step): public methods of one app's objects
 _STEPS: tuple[tuple[str, str, str, bool], ...] = (
     ("source", "consume", "consume (librdkafka → Record)", False),

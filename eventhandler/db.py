@@ -178,10 +178,9 @@ class _Watchdog:
         """Whether the deadline had passed (its action ran). Once this returns, it never will."""
         with self._lock:
             self._armed.pop(token, None)
-            if token in self._fired:
-                self._fired.discard(token)
-                return True
-            return False
+            fired = token in self._fired
+            self._fired.discard(token)
+            return fired
 
     def _run(self) -> None:
         # Actions run under the lock (they are short and never block): once `disarm` returns, its
