@@ -45,6 +45,12 @@ OUTCOMES: tuple[Outcome, ...] = ("apply", "fail", "duplicate", "skip")
 CHUNK = 500  # rows read and run at a time, all in the one transaction
 MAX_ROWS = 100_000  # one simulation holds its locks until it ends: a bound on how long that is
 LOCK_TIMEOUT = "5s"
+# Lowered to LOCK_TIMEOUT, never raised: the connection's own is below its statement timeout, so that a
+# lock wait ends as a lock timeout (Busy) rather than as a statement timeout.
+LOWER_LOCK_TIMEOUT = """
+SELECT set_config('lock_timeout', %(lock_timeout)s, true)
+WHERE current_setting('lock_timeout')::interval NOT BETWEEN '1ms' AND %(lock_timeout)s::interval
+"""
 
 
 @dataclass
@@ -198,15 +204,13 @@ class Simulator:
                 own_connection(self._pool) as conn,
                 conn.transaction(force_rollback=True),
             ):
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", [LOCK_TIMEOUT])
+                conn.execute(LOWER_LOCK_TIMEOUT, {"lock_timeout": LOCK_TIMEOUT})
                 for start in range(0, len(ids), CHUNK):
                     chunk = rows.entries(conn, ids[start : start + CHUNK])
                     # a row gone since the ids were read (deleted, purged) is not simulated
                     entries = [chunk[i] for i in ids[start : start + CHUNK] if i in chunk]
                     report.rows += self._run(conn, entries)
-        except _WAITED as exc:
-            raise Busy(_BUSY) from exc
-        except TransientError as exc:
+        except TransientError as exc:  # translate_db_errors wraps PostgreSQL's errors
             if isinstance(exc.__cause__, _WAITED):
                 raise Busy(_BUSY) from exc
             raise
@@ -274,7 +278,10 @@ class Simulator:
 
 
 _WAITED = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
-_BUSY = f"a worker holds rows the simulation needs (it waited {LOCK_TIMEOUT}); nothing changed: run it again"
+_BUSY = (
+    f"a worker holds rows the simulation needs (it waited up to {LOCK_TIMEOUT}); "
+    "nothing changed: run it again"
+)
 
 
 def _as_replayed(entry: DLQEntry) -> Record:

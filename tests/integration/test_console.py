@@ -1,11 +1,14 @@
 """The console's server side in-process (FastAPI's test client) against a real PostgreSQL: sessions
-and their roles, the cookie, sign-in from another site, and what a read-only session is shown. The
-browser-level journeys are in tests/browser."""
+and their roles, the cookie, the sign-in form and sign-in from another site, what a read-only session
+is shown, and a replay held to the count the operator confirmed. The browser-level journeys are in
+tests/browser."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
 from typing import Any
 
 import psycopg
@@ -16,9 +19,14 @@ from eventhandler.api import create_app
 from eventhandler.app import build_service
 from eventhandler.config import Settings
 from eventhandler.console.sessions import SessionStore
+from eventhandler.dlq import ReplayRows
+from eventhandler.dlq.replays import PostgresReplayRows
 from eventhandler.metrics import Metrics
+from eventhandler.models import DLQFilter
+from eventhandler.replay import Replayer
 from tests.support.dlq import DLQ as DLQStore
 from tests.support.factories import failed_message
+from tests.support.waiting import wait_for
 
 with warnings.catch_warnings():
     from starlette.exceptions import StarletteDeprecationWarning
@@ -35,10 +43,15 @@ OTHER = "other-token-0123456789abcdef"
 def make_console(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., tuple[TestClient, Any]]]:
     made: list[tuple[TestClient, psycopg_pool.ConnectionPool]] = []
 
-    def make(**overrides: Any) -> tuple[TestClient, Any]:
+    def make(
+        *, replay_rows: Callable[[psycopg_pool.ConnectionPool], ReplayRows] | None = None, **overrides: Any
+    ) -> tuple[TestClient, Any]:
+        """`replay_rows`: the rows replays take, on the console's pool (the real ones by default)."""
         settings = make_settings(**({"admin_token": ADMIN, "admin_read_token": READER} | overrides))
         metrics = Metrics()
         service, pool = build_service(settings, metrics=metrics)
+        if replay_rows is not None:
+            service.replayer = Replayer(replay_rows(pool), settings.producer_config(), metrics=metrics)
         client = TestClient(
             create_app(service, settings, metrics, SessionStore(pool)), follow_redirects=False
         )
@@ -63,9 +76,9 @@ def csrf_of(client: TestClient, path: str) -> str:
     return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 
 
-def a_row(pool: Any, settings_group: str = "group") -> int:
+def a_row(pool: Any, **fields: Any) -> int:
     with pool.connection() as conn, conn.transaction():
-        (dlq_id,) = DLQStore.on(pool).writer.record_failures(conn, [failed_message()])
+        (dlq_id,) = DLQStore.on(pool).writer.record_failures(conn, [failed_message(**fields)])
     return dlq_id
 
 
@@ -149,3 +162,93 @@ def test_a_read_only_session_sees_the_history_without_the_clients(
     assert "resolve by console:admin" in reader_view
     assert "testclient" not in reader_view
     assert "fixed by hand" in reader_view
+
+
+class _Inputs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: dict[str, dict[str, str | None]] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "input":
+            fields = dict(attrs)
+            self.by_name[fields.get("name") or ""] = fields
+
+
+def inputs(page: str) -> dict[str, dict[str, str | None]]:
+    """A page's input elements by name, each as its attributes."""
+    parser = _Inputs()
+    parser.feed(page)
+    return parser.by_name
+
+
+def test_the_sign_in_form_asks_browsers_not_to_keep_the_token(
+    make_console: Callable[..., tuple[TestClient, Any]],
+) -> None:
+    client, _ = make_console()
+    page = client.get("/ui/signin")
+    assert page.status_code == 200
+    token = inputs(page.text)["token"]
+    assert token.get("type") == "password"
+    assert token.get("autocomplete") == "off"
+
+
+def matched_of(page: str) -> int:
+    """The count a replay's preview asks the operator to confirm."""
+    found = re.search(r'<strong id="matched">(\d+)</strong>', page)
+    assert found is not None, page
+    return int(found[1])
+
+
+class ARowFailsMeanwhile(PostgresReplayRows):
+    """The replay's rows, read just after one more row failed: between the count the console checked
+    against the operator's confirmation and the replay taking its rows."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, topic: str) -> None:
+        super().__init__(pool)
+        self.failing: Callable[[], int] | None = lambda: a_row(pool, topic=topic)
+
+    def matching_ids(self, flt: DLQFilter, *, limit: int | None = None) -> list[int]:
+        if self.failing is not None:
+            self.failing()
+            self.failing = None
+        return super().matching_ids(flt, limit=limit)
+
+
+def ended(client: TestClient, job: str) -> str:
+    """The progress of a console replay once it ended, or "" while it runs."""
+    progress = client.get(job, params={"fragment": "true"}).text
+    return "" if "replaying…" in progress else progress
+
+
+def test_a_console_replay_takes_no_more_rows_than_the_operator_confirmed(
+    make_console: Callable[..., tuple[TestClient, Any]], topic: str, db: psycopg.Connection[Any]
+) -> None:
+    client, pool = make_console(replay_rows=lambda pool: ARowFailsMeanwhile(pool, topic))
+    confirmed = [a_row(pool, topic=topic) for _ in range(2)]
+    sign_in(client, ADMIN)
+    assert matched_of(client.get("/ui/replay").text) == 2
+    started = client.post("/ui/replay", data={"csrf": csrf_of(client, "/ui/replay"), "confirm": "2"})
+    assert started.status_code == 303, started.text
+    progress = wait_for(lambda: ended(client, started.headers["location"]), message="the replay to end")
+    assert 'Published <strong id="published">2</strong> of 2' in progress
+    statuses = dict(db.execute("SELECT dlq_id, status FROM dlq").fetchall())
+    (late,) = set(statuses) - set(confirmed)
+    assert statuses == {confirmed[0]: "replayed", confirmed[1]: "replayed", late: "pending"}
+
+
+def test_a_console_replay_is_refused_when_more_rows_match_than_were_confirmed(
+    make_console: Callable[..., tuple[TestClient, Any]], topic: str, db: psycopg.Connection[Any]
+) -> None:
+    client, pool = make_console()
+    for _ in range(2):
+        a_row(pool, topic=topic)
+    sign_in(client, ADMIN)
+    assert matched_of(client.get("/ui/replay").text) == 2
+    csrf = csrf_of(client, "/ui/replay")
+    a_row(pool, topic=topic)  # a row failed after the operator read the count
+    refused = client.post("/ui/replay", data={"csrf": csrf, "confirm": "2"})
+    assert refused.status_code == 200
+    assert "3 rows match now, not the 2 confirmed" in refused.text
+    assert matched_of(refused.text) == 3  # the preview again, to confirm the new count
+    assert db.execute("SELECT status, count(*) FROM dlq GROUP BY status").fetchall() == [("pending", 3)]

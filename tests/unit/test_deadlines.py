@@ -7,7 +7,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import pytest
 
 from eventhandler.db import _Watchdog, deadline
 from tests.support.waiting import wait_for
@@ -105,6 +109,32 @@ def test_a_forked_child_runs_only_its_own_deadlines_even_if_forked_while_one_ran
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status), f"the child did not exit by itself: {status}"
     assert os.WEXITSTATUS(status) == 0
+
+
+@contextmanager
+def no_thread_can_start() -> Iterator[None]:
+    """As in a process out of threads or memory: every new thread asks for a stack no machine has."""
+    previous = threading.stack_size(1 << 46)
+    try:
+        yield
+    finally:
+        threading.stack_size(previous)
+
+
+def test_an_arm_whose_thread_cannot_start_fails_and_leaves_nothing_armed() -> None:
+    # The caller is told (its block never runs); the deadline must not fire later, once a thread
+    # runs, on a connection given back to the pool since. And the next arm starts the thread.
+    watchdog = _Watchdog()
+    fired: list[str] = []
+    with no_thread_can_start(), pytest.raises(RuntimeError):
+        watchdog.arm(0.0, lambda: fired.append("the failed arm's"))
+    later = threading.Event()
+    retry = threading.Thread(target=watchdog.arm, args=(0.05, later.set), daemon=True)
+    retry.start()
+    retry.join(5)
+    assert not retry.is_alive()  # the failed arm let go of the lock
+    assert later.wait(5)
+    assert fired == []  # due at once: it would have run before the later deadline
 
 
 class _Conn:

@@ -1,6 +1,7 @@
 """The supervisor's loop with stand-in children (plain Python processes, no broker or database):
 what it does when a signal comes while it starts them, when a child dies of any signal, and when a
-child runs but never says it is ready; and the metrics of exited children folded into one archive."""
+child runs but never says it is ready; what its HTTP thread answers while the loop empties a slot;
+and the metrics of exited children folded into one archive."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -22,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eventhandler.config import Settings
 from eventhandler.metrics import SupervisorMetrics
-from eventhandler.processes import STATE_PREFIX, Supervisor
+from eventhandler.processes import STATE_PREFIX, Slot, Supervisor
 from eventhandler.supervised import report_path
 from tests.support.waiting import wait_for
 
@@ -114,6 +116,42 @@ def test_a_child_that_never_reports_is_killed_and_restarted() -> None:
         ready, detail = running.supervisor.ready()
         assert not ready
         assert detail["processes"][0]["state"] == "starting"
+
+
+class ReapedAfterOneLook(Slot):
+    """A slot whose child the supervisor's loop reaps (sets `process` to None) the moment after
+    another thread has read it: the race of `/metrics` and `/readyz` with the loop, made certain."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name == "process" and value is not None:
+            self.process = None
+        return value
+
+
+class RunningChild:
+    """What the health answers use of a `Popen`: a child that still runs."""
+
+    pid = 4242
+
+    def poll(self) -> int | None:
+        return None
+
+
+def test_health_asked_as_the_loop_reaps_a_child_answers_from_one_look_at_the_slot() -> None:
+    # Asked from the HTTP thread, a check `slot.process is not None` and a second read of
+    # `slot.process` may see two different values: the answer must come from one look, not crash.
+    supervisor = Supervisor(SETTINGS, 1, child=SLEEPER)
+    try:
+        supervisor._slots = [ReapedAfterOneLook(0, process=RunningChild())]  # type: ignore[arg-type]
+        assert supervisor.running() == 1  # what /metrics reports as eventhandler_worker_processes
+        supervisor._slots = [ReapedAfterOneLook(0, process=RunningChild())]  # type: ignore[arg-type]
+        ready, detail = supervisor.ready()
+        assert not ready
+        assert detail["processes"] == [{"slot": 0, "pid": 4242, "state": "starting"}]
+    finally:
+        supervisor.request_stop()
+        assert supervisor.run() == 0  # every slot is empty now: it only removes its state
 
 
 REPORTS_THEN_DIES = """
