@@ -16,7 +16,8 @@ RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition
 
 -- name: purge
 DELETE FROM dlq
-WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)s::interval
+WHERE open_state = 0 AND status IN ('resolved', 'discarded')
+  AND updated_at < now() - %(older_than)s::interval
   AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
 RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
           event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,

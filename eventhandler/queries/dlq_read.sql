@@ -7,7 +7,7 @@ dlq_id, consumer, event_id, event_type, source_topic, source_partition, source_o
 error_type, error_message, fingerprint, status, retry_count, failure_count, replay_count,
 failed_at, last_failed_at, last_replayed_at, resolved_at, resolved_by, octet_length(event_payload) AS payload_size,
 blocked_by,
-(SELECT count(*) FROM dlq parked WHERE parked.blocked_by = dlq.dlq_id AND parked.status = 'parked')
+(SELECT count(*) FROM dlq parked WHERE parked.blocked_by = dlq.dlq_id AND parked.open_state = 2)
     AS parked_behind
 
 -- name: detail_columns
@@ -58,21 +58,23 @@ SELECT consumer, status, count(*) AS count FROM dlq GROUP BY consumer, status;
 -- The lowest pending dlq_id of a consumer is its oldest first failure (ids and failed_at both come at
 -- insert time; concurrent transactions blur that by one batch at most): one index probe per consumer.
 SELECT consumer, extract(epoch FROM now() - (
-    SELECT failed_at FROM dlq WHERE dlq.consumer = c.consumer AND status = 'pending' ORDER BY dlq_id LIMIT 1
+    SELECT failed_at FROM dlq
+    WHERE dlq.consumer = c.consumer AND open_state = 1 AND status = 'pending' ORDER BY dlq_id LIMIT 1
 ))::float8 AS age
 FROM unnest(%(consumers)s::text[]) AS c(consumer);
 
 -- name: oldest_replayed
 -- Rows stay `replayed` until a worker processes their copy; one that never comes back (replayed to a
--- topic no worker reads) is reported by its age. Replayed rows are few: the status index finds them.
+-- topic no worker reads) is reported by its age. They are found among their consumer's open rows
+-- (migration 0016: the status itself is not indexed, so that marking a row is a HOT update).
 SELECT consumer, extract(epoch FROM now() - min(last_replayed_at))::float8 AS age
-FROM dlq WHERE status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
+FROM dlq WHERE open_state = 1 AND status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer;
 
 -- name: oldest_parked
--- How long the oldest parked row of each consumer has waited (parked rows are few: the status index).
+-- How long the oldest parked row of each consumer has waited (parked rows: open_state 2).
 SELECT consumer, extract(epoch FROM now() - min(failed_at))::float8 AS age
-FROM dlq WHERE status = 'parked' AND consumer = ANY(%(consumers)s::text[])
+FROM dlq WHERE open_state = 2 AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer;
 
 -- name: circuits
@@ -106,4 +108,4 @@ FROM (
 GROUP BY 1;
 
 -- name: open_now
-SELECT count(*) FROM dlq WHERE status IN ('pending', 'parked', 'replayed');
+SELECT count(*) FROM dlq WHERE open_state IN (1, 2);  -- pending, replayed, parked
