@@ -25,9 +25,9 @@ REPLAY = queries.load("dlq_replay.sql")
 
 SUMMARY_COLUMNS = sql.SQL(READ["summary_columns"])
 ENTRY_COLUMNS = sql.SQL(", ").join([SUMMARY_COLUMNS, sql.SQL(READ["detail_columns"])])
-# The indexed form of each status (migration 0016): a query that wants an index on the status names
-# `open_state` beside it.
-OPEN_STATE = {"pending": 1, "replayed": 1, "parked": 2, "resolved": 0, "discarded": 0}
+# The status as dlq's indexes hold it (migration 0016: pending and replayed alike, so that marking a
+# row replayed is a HOT update); a query that wants an index on the status names `indexed_status` too.
+INDEXED_STATUS = {"pending": 1, "replayed": 1, "parked": 2, "resolved": 3, "discarded": 4}
 # The first key of a replay lease's advisory lock (dlq_replay.sql); the second is the lease itself.
 LEASE_CLASS = 0x45484C31
 
@@ -54,8 +54,8 @@ def where(
         add("stage = %(f_stage)s", f_stage=flt.stage)
     if flt.statuses:
         add(
-            "open_state = ANY(%(f_open)s) AND status = ANY(%(f_statuses)s)",
-            f_open=sorted({OPEN_STATE[status] for status in flt.statuses}),
+            "indexed_status = ANY(%(f_indexed)s) AND status = ANY(%(f_statuses)s)",
+            f_indexed=sorted({INDEXED_STATUS[status] for status in flt.statuses}),
             f_statuses=list(flt.statuses),
         )
     if flt.since is not None:

@@ -16,7 +16,7 @@ RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition
 
 -- name: purge
 DELETE FROM dlq
-WHERE open_state = 0 AND status IN ('resolved', 'discarded')
+WHERE indexed_status IN (3, 4)  -- resolved, discarded
   AND updated_at < now() - %(older_than)s::interval
   AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
 RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
