@@ -59,7 +59,7 @@ DELETE FROM applied_events WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM applied_events a
     WHERE consumer = %s AND applied_at < now() - make_interval(secs => %s)
       AND NOT EXISTS (
-          SELECT 1 FROM dlq WHERE dlq.event_key = a.event_key AND dlq.indexed_status = 1  -- pending, replayed
+          SELECT 1 FROM dlq WHERE dlq.event_key = a.event_key AND dlq.status IN ('pending', 'replayed')
       )
     LIMIT %s
 ))

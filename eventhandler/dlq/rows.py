@@ -25,9 +25,6 @@ REPLAY = queries.load("dlq_replay.sql")
 
 SUMMARY_COLUMNS = sql.SQL(READ["summary_columns"])
 ENTRY_COLUMNS = sql.SQL(", ").join([SUMMARY_COLUMNS, sql.SQL(READ["detail_columns"])])
-# The status as dlq's indexes hold it (migration 0016: pending and replayed alike, so that marking a
-# row replayed is a HOT update); a query that wants an index on the status names `indexed_status` too.
-INDEXED_STATUS = {"pending": 1, "replayed": 1, "parked": 2, "resolved": 3, "discarded": 4}
 # The first key of a replay lease's advisory lock (dlq_replay.sql); the second is the lease itself.
 LEASE_CLASS = 0x45484C31
 
@@ -53,11 +50,7 @@ def where(
     if flt.stage is not None:
         add("stage = %(f_stage)s", f_stage=flt.stage)
     if flt.statuses:
-        add(
-            "indexed_status = ANY(%(f_indexed)s) AND status = ANY(%(f_statuses)s)",
-            f_indexed=sorted({INDEXED_STATUS[status] for status in flt.statuses}),
-            f_statuses=list(flt.statuses),
-        )
+        add("status = ANY(%(f_statuses)s)", f_statuses=list(flt.statuses))
     if flt.since is not None:
         add("last_failed_at >= %(f_since)s", f_since=flt.since)
     if flt.until is not None:

@@ -16,8 +16,7 @@ RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition
 
 -- name: purge
 DELETE FROM dlq
-WHERE indexed_status IN (3, 4)  -- resolved, discarded
-  AND updated_at < now() - %(older_than)s::interval
+WHERE status IN ('resolved', 'discarded') AND updated_at < now() - %(older_than)s::interval
   AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s)
 RETURNING dlq_id, consumer, source_topic AS topic, source_partition AS partition, source_offset AS offset,
           event_id, status, encode(sha256(coalesce(event_payload, '')), 'hex') AS payload_sha256,

@@ -1,24 +1,24 @@
 -- Per-key parking (see `eventhandler.parking` and `eventhandler.dlq.parking`), inside the worker's
--- batch transaction. Open rows are found by `indexed_status` (migration 0016): 1 for pending and
--- replayed rows (the blockers), 2 for parked ones.
+-- batch transaction.
 
 -- name: anything_open
 -- Whether the consumer has any open row on a parking topic at all: when not, a batch parks nothing
 -- and releases nothing (the partial index answers it without a scan).
 SELECT EXISTS (
     SELECT 1 FROM dlq
-    WHERE consumer = %(consumer)s AND park_key IS NOT NULL AND indexed_status IN (1, 2)
+    WHERE consumer = %(consumer)s AND park_key IS NOT NULL AND status IN ('pending', 'replayed', 'parked')
 );
 
 -- name: open_keys
 -- For a batch's keys, those with open rows: the ids of their blockers (pending or replayed rows), and
 -- the row new parked rows link to (the oldest blocker, else what the parked rows already link to).
 SELECT park_key,
-       array_remove(array_agg(dlq_id) FILTER (WHERE indexed_status = 1), NULL) AS blockers,
-       coalesce(min(dlq_id) FILTER (WHERE indexed_status = 1),
-                max(blocked_by) FILTER (WHERE indexed_status = 2)) AS blocked_by
+       array_remove(array_agg(dlq_id) FILTER (WHERE status IN ('pending', 'replayed')), NULL) AS blockers,
+       coalesce(min(dlq_id) FILTER (WHERE status IN ('pending', 'replayed')),
+                max(blocked_by) FILTER (WHERE status = 'parked')) AS blocked_by
 FROM dlq
-WHERE consumer = %(consumer)s AND park_key = ANY(%(keys)s::uuid[]) AND indexed_status IN (1, 2)
+WHERE consumer = %(consumer)s AND park_key = ANY(%(keys)s::uuid[])
+  AND status IN ('pending', 'replayed', 'parked')
 GROUP BY park_key;
 
 -- name: set_park_state
@@ -39,16 +39,16 @@ SELECT pg_try_advisory_xact_lock(%(lock_class)s, hashtext(%(consumer)s));
 -- Keys with parked rows and nothing left that blocks them.
 SELECT DISTINCT p.park_key
 FROM dlq p
-WHERE p.consumer = %(consumer)s AND p.indexed_status = 2 AND p.park_key IS NOT NULL
+WHERE p.consumer = %(consumer)s AND p.status = 'parked' AND p.park_key IS NOT NULL
   AND NOT EXISTS (
       SELECT 1 FROM dlq b
-      WHERE b.consumer = p.consumer AND b.park_key = p.park_key AND b.indexed_status = 1)
+      WHERE b.consumer = p.consumer AND b.park_key = p.park_key AND b.status IN ('pending', 'replayed'))
 LIMIT %(limit)s;
 
 -- name: parked_rows
 -- The parked rows of freed keys, oldest first (their partition order), locked for the release.
 SELECT {columns}, park_key FROM dlq
-WHERE consumer = %(consumer)s AND park_key = ANY(%(keys)s::uuid[]) AND indexed_status = 2
+WHERE consumer = %(consumer)s AND park_key = ANY(%(keys)s::uuid[]) AND status = 'parked'
 ORDER BY dlq_id LIMIT %(limit)s
 FOR UPDATE;
 
@@ -62,5 +62,5 @@ RETURNING dlq_id;
 -- A released row failed and blocks its key now: the rows still parked behind the old blocker wait for it.
 UPDATE dlq SET blocked_by = r.blocker, updated_at = now()
 FROM unnest(%(keys)s::uuid[], %(blockers)s::bigint[]) AS r(park_key, blocker)
-WHERE dlq.consumer = %(consumer)s AND dlq.park_key = r.park_key AND dlq.indexed_status = 2
+WHERE dlq.consumer = %(consumer)s AND dlq.park_key = r.park_key AND dlq.status = 'parked'
   AND dlq.dlq_id > r.blocker;

@@ -7,7 +7,7 @@ dlq_id, consumer, event_id, event_type, source_topic, source_partition, source_o
 error_type, error_message, fingerprint, status, retry_count, failure_count, replay_count,
 failed_at, last_failed_at, last_replayed_at, resolved_at, resolved_by, octet_length(event_payload) AS payload_size,
 blocked_by,
-(SELECT count(*) FROM dlq parked WHERE parked.blocked_by = dlq.dlq_id AND parked.indexed_status = 2)
+(SELECT count(*) FROM dlq parked WHERE parked.blocked_by = dlq.dlq_id AND parked.status = 'parked')
     AS parked_behind
 
 -- name: detail_columns
@@ -52,36 +52,27 @@ JOIN dlq sample ON sample.dlq_id = g.sample_id
 ORDER BY g.count DESC, g.fingerprint;
 
 -- name: depth
--- Pending and replayed rows share their index entries (migration 0016): they are told apart on the
--- heap; the other statuses are counted from the index alone.
-SELECT consumer, status, count(*) AS count FROM dlq WHERE indexed_status = 1 GROUP BY consumer, status
-UNION ALL
-SELECT consumer, CASE indexed_status WHEN 2 THEN 'parked' WHEN 3 THEN 'resolved' ELSE 'discarded' END,
-       count(*)
-FROM dlq WHERE indexed_status > 1 GROUP BY consumer, indexed_status;
+SELECT consumer, status, count(*) AS count FROM dlq GROUP BY consumer, status;
 
 -- name: oldest_pending
 -- The lowest pending dlq_id of a consumer is its oldest first failure (ids and failed_at both come at
--- insert time; concurrent transactions blur that by one batch at most): one index probe per consumer
--- (which steps over replayed rows: they share the index entries of pending ones).
+-- insert time; concurrent transactions blur that by one batch at most): one index probe per consumer.
 SELECT consumer, extract(epoch FROM now() - (
-    SELECT failed_at FROM dlq
-    WHERE dlq.consumer = c.consumer AND indexed_status = 1 AND status = 'pending' ORDER BY dlq_id LIMIT 1
+    SELECT failed_at FROM dlq WHERE dlq.consumer = c.consumer AND status = 'pending' ORDER BY dlq_id LIMIT 1
 ))::float8 AS age
 FROM unnest(%(consumers)s::text[]) AS c(consumer);
 
 -- name: oldest_replayed
 -- Rows stay `replayed` until a worker processes their copy; one that never comes back (replayed to a
--- topic no worker reads) is reported by its age. They are found among their consumer's open rows
--- (migration 0016: pending and replayed rows share their index entries).
+-- topic no worker reads) is reported by its age. Replayed rows are few: the status index finds them.
 SELECT consumer, extract(epoch FROM now() - min(last_replayed_at))::float8 AS age
-FROM dlq WHERE indexed_status = 1 AND status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
+FROM dlq WHERE status = 'replayed' AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer;
 
 -- name: oldest_parked
--- How long the oldest parked row of each consumer has waited (parked rows: indexed_status 2).
+-- How long the oldest parked row of each consumer has waited (parked rows are few: the status index).
 SELECT consumer, extract(epoch FROM now() - min(failed_at))::float8 AS age
-FROM dlq WHERE indexed_status = 2 AND consumer = ANY(%(consumers)s::text[])
+FROM dlq WHERE status = 'parked' AND consumer = ANY(%(consumers)s::text[])
 GROUP BY consumer;
 
 -- name: circuits
@@ -115,4 +106,4 @@ FROM (
 GROUP BY 1;
 
 -- name: open_now
-SELECT count(*) FROM dlq WHERE indexed_status IN (1, 2);  -- pending, replayed, parked
+SELECT count(*) FROM dlq WHERE status IN ('pending', 'parked', 'replayed');

@@ -443,36 +443,6 @@ def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(re
     assert (entry.status, entry.replay_count) == ("resolved", 1)
 
 
-def test_marking_rows_replayed_writes_no_index_entry(db_url: str, db: psycopg.Connection[Any]) -> None:
-    """Migration 0016: no index names the status itself and pages keep room, so the mark is a HOT
-    update — the new version of each row on its page, no entry in any index (with the status indexed,
-    every mark wrote one in each of dlq's B-trees). PostgreSQL counts HOT updates per table; a session's
-    counts are flushed when it ends, so the marks run on a pool of their own, closed before looking."""
-
-    def updates() -> tuple[int, int]:
-        row = db.execute(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'dlq'"
-        ).fetchone()
-        assert row is not None
-        return row[0], row[1]
-
-    with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=2) as marking:
-        repo = DLQ.on(marking)
-        ids = record(repo, marking, *[failed_message(offset=i) for i in range(1, 101)])
-        before = updates()
-        with repo.replays.lease() as lease:
-            rows, claim = repo.replays.take(
-                DLQFilter(statuses=("pending",)), limit=100, lease=lease, lease_seconds=60
-            )
-            assert claim is not None
-            assert [r.dlq_id for r in rows] == ids
-            repo.replays.finish(lease=lease, claim=claim, published={"t": ids}, actor="t", detail={})
-    wait_for(lambda: updates()[0] >= before[0] + 100, timeout=10)
-    updated, hot = updates()
-    assert (updated - before[0], hot - before[1]) == (100, 100)
-    assert scalar(db, "SELECT count(*) FROM dlq WHERE status = 'replayed'") == 100
-
-
 def test_fingerprint_groups_and_counts(repo: DLQ, pool: Any) -> None:
     record(
         repo,
