@@ -45,11 +45,14 @@ OUTCOMES: tuple[Outcome, ...] = ("apply", "fail", "duplicate", "skip")
 CHUNK = 500  # rows read and run at a time, all in the one transaction
 MAX_ROWS = 100_000  # one simulation holds its locks until it ends: a bound on how long that is
 LOCK_TIMEOUT = "5s"
-# Lowered to LOCK_TIMEOUT, never raised: the connection's own is below its statement timeout, so that a
-# lock wait ends as a lock timeout (Busy) rather than as a statement timeout.
+# The least of LOCK_TIMEOUT, the connection's own lock timeout and half its statement timeout (each when
+# set; in ms, at least 1: 0 would mean none): a lock wait must end as a lock timeout (Busy), not as a
+# statement timeout, also where a pooler dropped the connection's options.
 LOWER_LOCK_TIMEOUT = """
-SELECT set_config('lock_timeout', %(lock_timeout)s, true)
-WHERE current_setting('lock_timeout')::interval NOT BETWEEN '1ms' AND %(lock_timeout)s::interval
+SELECT set_config('lock_timeout', greatest(1, round(1000 * extract(epoch FROM least(
+    %(lock_timeout)s::interval,
+    nullif(current_setting('lock_timeout')::interval, '0'),
+    nullif(current_setting('statement_timeout')::interval, '0') / 2))))::bigint::text, true)
 """
 
 

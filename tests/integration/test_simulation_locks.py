@@ -16,10 +16,12 @@ from eventhandler.config import Settings
 from eventhandler.errors import Busy
 from eventhandler.models import DLQFilter
 from eventhandler.service import DLQService
+from eventhandler.simulate import LOCK_TIMEOUT, LOWER_LOCK_TIMEOUT
 from tests.support import kafka as k
 from tests.support.dlq import DLQ as DLQStore
 from tests.support.factories import failed_message
 from tests.support.waiting import wait_for
+from tests.support.worker import scalar
 
 # Another session of this database waiting for a lock (the simulation, once it meets the held row).
 WAITING_FOR_A_LOCK = """
@@ -108,3 +110,18 @@ def test_a_simulation_waiting_for_a_lock_leaves_the_pool_to_other_requests(
         assert service.count(DLQFilter()) == 1  # the pool's one connection was free
         holder.rollback()
         assert simulation.result(timeout=10).outcomes["apply"] == 1
+
+
+@pytest.mark.parametrize(
+    ("lock_timeout", "statement_timeout", "expected"),
+    [("0", "0", "5s"), ("0", "2s", "1s"), ("300ms", "0", "300ms"), ("1min", "1h", "5s"), ("0", "1ms", "1ms")],
+)
+def test_a_simulation_waits_for_a_lock_less_than_its_statement_may_run(
+    db: psycopg.Connection[Any], lock_timeout: str, statement_timeout: str, expected: str
+) -> None:
+    # Whatever the connection came with (a pooler may drop its options: no lock timeout at all).
+    with db.transaction():
+        db.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
+        db.execute(f"SET LOCAL statement_timeout = '{statement_timeout}'")
+        db.execute(LOWER_LOCK_TIMEOUT, {"lock_timeout": LOCK_TIMEOUT})
+        assert scalar(db, "SELECT current_setting('lock_timeout')") == expected
