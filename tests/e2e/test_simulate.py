@@ -23,7 +23,7 @@ from tests.conftest import settings_env
 from tests.support import kafka as k
 from tests.support.cli import cli_json, run_cli
 from tests.support.dlq import DLQ as DLQStore
-from tests.support.factories import failed_message
+from tests.support.factories import failed_event, failed_message
 from tests.support.worker import run_until_idle, scalar
 
 WOULD_FAIL = 3
@@ -163,15 +163,12 @@ def test_simulate_keeps_each_rows_effects_for_the_rows_after_it(
         DLQStore.on(pool).writer.record_failures(
             conn,
             [
-                failed_message(
+                failed_event(
+                    registration,
                     consumer=settings.consumer_group,
                     topic=topic,
                     offset=1_000_000,
-                    value=k.structured(registration),
                     headers=[],
-                    event_id=registration["id"],
-                    event_source=registration["source"],
-                    event_type="device.registered",
                     stage="projection",
                     error_type="ProjectionFailure",
                     error_message="canceling statement due to lock timeout",

@@ -19,7 +19,7 @@ from eventhandler.service import DLQService
 from eventhandler.simulate import LOCK_TIMEOUT, LOWER_LOCK_TIMEOUT
 from tests.support import kafka as k
 from tests.support.dlq import DLQ as DLQStore
-from tests.support.factories import failed_message
+from tests.support.factories import failed_event
 from tests.support.waiting import wait_for
 from tests.support.worker import scalar
 
@@ -46,16 +46,7 @@ def a_reading(
         reading = k.reading("dev-1")
         with pool.connection() as conn, conn.transaction():
             DLQStore.on(pool).writer.record_failures(
-                conn,
-                [
-                    failed_message(
-                        consumer=settings.consumer_group,
-                        topic=topic,
-                        value=k.structured(reading),
-                        event_id=reading["id"],
-                        event_source=reading["source"],
-                    )
-                ],
+                conn, [failed_event(reading, consumer=settings.consumer_group, topic=topic)]
             )
         return service, pool
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from eventhandler.models import FailedMessage
+from tests.support.kafka import structured
 
 _offsets = itertools.count(1)
 
@@ -32,3 +33,16 @@ def failed_message(**overrides: Any) -> FailedMessage:
     }
     values.update(overrides)
     return FailedMessage(**values)
+
+
+def failed_event(event: dict[str, Any], **overrides: Any) -> FailedMessage:
+    """The failure of a CloudEvent sent in structured mode (`tests.support.kafka`), with its identity."""
+    return failed_message(
+        **{
+            "value": structured(event),
+            "event_id": event["id"],
+            "event_source": event["source"],
+            "event_type": event["type"],
+        }
+        | overrides
+    )
