@@ -99,7 +99,9 @@ def build_worker(
     )
     registry = registry or load_registry(settings.handlers)
     worker_id = settings.worker_id or default_worker_id()
-    pool = create_pool(settings, min_size=1)
+    # Opened once the metrics port is bound: a port in use is a bad setting told in one line, before
+    # the pool starts connecting (and, with PostgreSQL down too, logging about it).
+    pool = create_pool(settings, min_size=1, open_now=False)
     ledger = Ledger(settings.consumer_group)
     parking = None
     if settings.parking:
@@ -176,11 +178,11 @@ def build_worker(
         try:
             health = HealthServer("0.0.0.0", settings.metrics_port, metrics.registry, worker.is_ready)  # noqa: S104 - scraped from outside the container
         except OSError as exc:
-            pool.close()
             raise ConfigError(
                 "EVENTHANDLER_METRICS_PORT",
                 f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}",
             ) from None
+    pool.open(wait=False)
     pruner = LedgerPruner(pool, ledger, settings.ledger_retention_hours * 3600)
     return App(
         worker=worker,

@@ -117,9 +117,10 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def create_pool(
-    settings: Settings, *, min_size: int = 1, name: str = "eventhandler"
+    settings: Settings, *, min_size: int = 1, name: str = "eventhandler", open_now: bool = True
 ) -> psycopg_pool.ConnectionPool:
-    """A pool that opens lazily: a worker starts (and reports not-ready) while PostgreSQL is down."""
+    """A pool that connects in the background: a worker starts (and reports not-ready) while
+    PostgreSQL is down. `open_now=False`: the caller opens it (`pool.open(wait=False)`)."""
     pool = psycopg_pool.ConnectionPool(
         settings.dsn,
         min_size=min(min_size, settings.db_pool_size),
@@ -129,7 +130,8 @@ def create_pool(
         name=name,
         open=False,
     )
-    pool.open(wait=False)
+    if open_now:
+        pool.open(wait=False)
     return pool
 
 

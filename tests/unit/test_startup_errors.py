@@ -12,7 +12,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg_pool
 import pytest
+
+from eventhandler.app import build_worker
+from eventhandler.config import Settings
+from eventhandler.errors import ConfigError
 
 ENV = {"PATH": "/usr/bin:/bin", "EVENTHANDLER_METRICS_PORT": "0"}
 # The CLI with Python's temporary directory set to its first argument: TMPDIR itself cannot make the
@@ -23,12 +28,11 @@ WITH_TEMPDIR = (
 
 
 def run(env: dict[str, str], *args: str) -> tuple[int, list[str]]:
-    """The exit code, and what stderr says besides log records (JSON lines: the worker's pool may
-    log its first attempt to reach PostgreSQL before the port fails)."""
+    """The exit code, and the lines of stderr (nothing else: no log record comes before the error)."""
     result = subprocess.run(
         [sys.executable, *args], env=env, capture_output=True, text=True, timeout=60, check=False
     )
-    return result.returncode, [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    return result.returncode, result.stderr.splitlines()
 
 
 @pytest.fixture
@@ -50,6 +54,18 @@ def test_a_metrics_port_in_use_is_one_line_naming_the_setting_and_exit_2(
         "Address already in use"
     ]
     assert code == 2
+
+
+def test_a_metrics_port_in_use_fails_before_the_pool_tries_postgresql(
+    taken_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its background connection attempt would log a warning (a JSON line) before the one-line error.
+    opened: list[psycopg_pool.ConnectionPool] = []
+    monkeypatch.setattr(psycopg_pool.ConnectionPool, "open", lambda pool, *a, **k: opened.append(pool))
+    settings = Settings(metrics_port=taken_port, database_url="postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(ConfigError, match="EVENTHANDLER_METRICS_PORT"):
+        build_worker(settings)
+    assert opened == []
 
 
 def test_a_supervisor_that_cannot_make_its_state_says_so_not_a_port_problem(tmp_path: Path) -> None:
