@@ -7,7 +7,7 @@ several megabytes; nesting thousands deep — must end in exactly one outcome: a
 skipped by policy, or one DLQ row holding its exact bytes. A batch never raises, never stalls on a
 transient error it caused, and its time stays bounded by its size.
 
-CI runs a fast slice; `EVENTHANDLER_TEST_FUZZ_EXAMPLES=5000 .venv/bin/pytest tests/integration/test_fuzz_batch.py
+CI runs a fast slice; `EVENTHANDLER_TEST_FUZZ_EXAMPLES=3000 .venv/bin/pytest tests/integration/test_fuzz_batch.py
 --hypothesis-show-statistics` is the long run.
 """
 

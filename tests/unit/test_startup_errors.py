@@ -60,6 +60,8 @@ def test_a_metrics_port_in_use_fails_before_the_pool_tries_postgresql(
     taken_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Its background connection attempt would log a warning (a JSON line) before the one-line error.
+    for name in [n for n in os.environ if n.upper().startswith("EVENTHANDLER_")]:
+        monkeypatch.delenv(name)  # the developer's own settings must not change what is built
     opened: list[psycopg_pool.ConnectionPool] = []
     monkeypatch.setattr(psycopg_pool.ConnectionPool, "open", lambda pool, *a, **k: opened.append(pool))
     settings = Settings(metrics_port=taken_port, database_url="postgresql://nobody@127.0.0.1:1/none")
