@@ -8,9 +8,10 @@ This module assembles the app, with the operator's console (`eventhandler.consol
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 
 import anyio
 import anyio.to_thread
@@ -87,28 +88,44 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None
     Logging is the caller's to configure (`eventhandler api` does, from the settings)."""
     if settings.admin_token is None and settings.admin_read_token is None:
         raise ConfigError("EVENTHANDLER_ADMIN_TOKEN", "the admin API needs a token (or a read-only one)")
-    metrics = Metrics()
-    service, pool = build_service(settings, metrics=metrics)
+    # Bound before the pool opens: a port in use is one line, not the pool's warnings and uvicorn's exit.
+    with closing(_listen(host, port)) as listening:
+        metrics = Metrics()
+        service, pool = build_service(settings, metrics=metrics)
+        try:
+            app = create_app(service, settings, metrics, SessionStore(pool))
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_config=None,  # keep the structlog configuration
+                access_log=False,  # one line per request comes from the app, with its request id
+                server_header=False,
+                # X-Forwarded-For is believed only from the proxies named in the settings (none by default)
+                proxy_headers=bool(settings.api_trusted_proxies),
+                forwarded_allow_ips=",".join(settings.api_trusted_proxies) or None,
+                lifespan="on",
+                timeout_graceful_shutdown=30,
+            )
+            log.info("api_starting", host=host, port=port)
+            with _exit_cleanly_after_uvicorn():
+                uvicorn.Server(config).run(sockets=[listening])
+        finally:
+            pool.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's socket, bound as uvicorn binds it (which on failure logs and exits 1)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        app = create_app(service, settings, metrics, SessionStore(pool))
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_config=None,  # keep the structlog configuration
-            access_log=False,  # one line per request comes from the app, with its request id
-            server_header=False,
-            # X-Forwarded-For is believed only from the proxies named in the settings (none by default)
-            proxy_headers=bool(settings.api_trusted_proxies),
-            forwarded_allow_ips=",".join(settings.api_trusted_proxies) or None,
-            lifespan="on",
-            timeout_graceful_shutdown=30,
-        )
-        log.info("api_starting", host=host, port=port)
-        with _exit_cleanly_after_uvicorn():
-            uvicorn.Server(config).run()
-    finally:
-        pool.close()
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("--host/--port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @contextmanager

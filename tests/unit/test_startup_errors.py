@@ -70,6 +70,15 @@ def test_a_metrics_port_in_use_fails_before_the_pool_tries_postgresql(
     assert opened == []
 
 
+def test_an_admin_api_port_in_use_is_one_line_and_exit_2(taken_port: int) -> None:
+    env = ENV | {"EVENTHANDLER_ADMIN_TOKEN": "a-token-of-twenty-chars"}
+    code, said = run(env, "-m", "eventhandler", "api", "--port", str(taken_port))
+    assert said == [
+        f"error: invalid setting --host/--port: cannot listen on 127.0.0.1:{taken_port}: Address already in use"
+    ]
+    assert code == 2
+
+
 def test_a_supervisor_that_cannot_make_its_state_says_so_not_a_port_problem(tmp_path: Path) -> None:
     missing = tmp_path / "gone"
     code, said = run(ENV, "-c", WITH_TEMPDIR, str(missing), "run", "--processes", "2")
