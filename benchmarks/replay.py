@@ -105,8 +105,11 @@ def _unmarked(url: str, report: ReplayReport, rows: int) -> list[str]:
         audited = conn.execute(
             "SELECT coalesce(sum(cardinality(dlq_ids)), 0) FROM dlq_audit WHERE action = 'replay'"
         ).fetchone()
-    found = {"published": report.published, "marked": marked[0] if marked else 0}
-    found["audited"] = audited[0] if audited else 0
+    found = {
+        "published": report.published,
+        "marked": marked[0] if marked else 0,
+        "audited": audited[0] if audited else 0,
+    }
     return [f"{what} {count:,} of {rows:,}" for what, count in found.items() if count != rows]
 
 
