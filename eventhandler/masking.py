@@ -80,10 +80,8 @@ def lenient_json(raw: bytes | str) -> Any:
 
 
 def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a `\ud800` escape cannot be sent back
-        raise NotJson("surrogate") from None
+    if not _encodable(text):  # a lone surrogate from a `\ud800` escape cannot be sent back
+        raise NotJson("surrogate")
 
 
 class Scrubber:
@@ -107,11 +105,16 @@ class Scrubber:
             quoted |= {urllib.parse.quote(value), urllib.parse.quote_plus(value)}
             if len(value) > 2 * _PYDANTIC_CUT:
                 quoted |= {value[:_PYDANTIC_CUT], value[-_PYDANTIC_CUT:]}
-            forms |= {form.lower() for form in quoted}
-        self._forms = sorted((f for f in forms if len(f) >= MIN_SEARCHED), key=len, reverse=True)
-        self._raw = [form.encode("utf-8", "surrogatepass") for form in self._forms]
+            forms |= {_fold(form) for form in quoted}
+        self._set(forms)
         # Searching for each of very many values would make a view slow: then no other text is shown.
         self._everything = len(self._forms) > MAX_SEARCHED
+
+    def _set(self, forms: set[str]) -> None:
+        self._forms = sorted((f for f in forms if len(f) >= MIN_SEARCHED), key=len, reverse=True)
+        # Bytes are searched as text (see `bytes`), except for forms holding a lone surrogate (a JSON
+        # `\ud800` escape), which only the bytes they stand for can match.
+        self._raw = [form.encode("utf-8", "surrogatepass") for form in self._forms if not _encodable(form)]
 
     def __bool__(self) -> bool:
         return bool(self._forms)
@@ -119,8 +122,7 @@ class Scrubber:
     def __or__(self, other: Scrubber) -> Scrubber:
         """One that masks what either masks (a row's original payload and its repair)."""
         union = Scrubber()
-        union._forms = sorted(set(self._forms) | set(other._forms), key=len, reverse=True)
-        union._raw = [form.encode("utf-8", "surrogatepass") for form in union._forms]
+        union._set(set(self._forms) | set(other._forms))
         union._everything = self._everything or other._everything or len(union._forms) > MAX_SEARCHED
         return union
 
@@ -129,18 +131,21 @@ class Scrubber:
             return text
         if self._everything:
             return MASK
-        lowered = text.lower()
+        folded = _fold(text)
         for form in self._forms:
-            if form in lowered or len(lowered) != len(text):
-                text = _mask_all(text, lowered, form, MASK)
-                lowered = text.lower()
+            if form in folded:
+                text = _mask_all(text, folded, form, MASK)
+                folded = _fold(text)
         return text
 
     def bytes(self, raw: bytes | None) -> bytes | None:
+        """`raw` with the values masked where its UTF-8 text holds them (the bytes that are not UTF-8
+        kept as they are)."""
         if raw is None or not self._forms:
             return raw
         if self._everything:
             return MASK.encode()
+        raw = (self.text(raw.decode("utf-8", "surrogateescape")) or "").encode("utf-8", "surrogateescape")
         lowered = raw.lower()  # ASCII only: the same length
         for form in self._raw:
             if form in lowered:
@@ -149,14 +154,29 @@ class Scrubber:
         return raw
 
 
-def _mask_all(text: AnyStr, lowered: AnyStr, form: AnyStr, mask: AnyStr) -> AnyStr:
-    """`text` with every case-insensitive occurrence of `form` (lower case) replaced by `mask`.
-    `str.find` is linear; where lowering changes a text's length (a few Unicode letters), the
-    search is exact instead."""
-    if len(lowered) != len(text):
-        return text.replace(form, mask)
+def _fold(text: str) -> str:
+    """`text` in lower case, character for character, so that a position in it is the same position in
+    `text`: a letter whose lower case is longer (the Turkish capital I with a dot) stays as it is, and a
+    final sigma is an ordinary one (`str.lower` picks between the two by the letters around it)."""
+    folded = text.lower()
+    if len(folded) != len(text):
+        folded = "".join(low if len(low := char.lower()) == 1 else char for char in text)
+    return folded.replace("\N{GREEK SMALL LETTER FINAL SIGMA}", "\N{GREEK SMALL LETTER SIGMA}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _mask_all(text: AnyStr, folded: AnyStr, form: AnyStr, mask: AnyStr) -> AnyStr:
+    """`text` with every occurrence of `form` in `folded` (`text` in lower case, the same length)
+    replaced by `mask`. `find` is linear."""
     pieces, start = [], 0
-    while (found := lowered.find(form, start)) != -1:
+    while (found := folded.find(form, start)) != -1:
         pieces += [text[start:found], mask]
         start = found + len(form)
     pieces.append(text[start:])

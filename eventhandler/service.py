@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from eventhandler import repair
 from eventhandler.canary import Canary, Outcomes, canary_replay
@@ -38,11 +38,12 @@ log = get_logger("eventhandler.audit")
 
 MAX_CONCURRENT_REPLAYS = 4
 MAX_CIRCUIT_CLOSE_SECONDS = 30 * 86_400  # an operator lets a systemic failure through for a month at most
-NO_GROUP = "-"
+NO_GROUP = "-"  # a fingerprint no row has (stored ones are 16 hex digits)
 PARKED_NOT_REPLAYED = (
     "parked rows are not replayed: the worker releases them in order once the failure that blocks "
     "their key is closed (replay or resolve that row)"
-)  # a fingerprint no row has (stored ones are 16 hex digits)
+)
+Closed = Literal["resolved", "discarded"]  # what an operator closes a row as
 
 
 class DLQService:
@@ -86,8 +87,7 @@ class DLQService:
 
     def list_rows(self, flt: DLQFilter, *, limit: int = 50, after_id: int | None = None) -> list[DLQSummary]:
         rows = self.repository.list_rows(flt, limit=limit, after_id=after_id)
-        full = self.repository.entries([row.dlq_id for row in rows]) if self.redactor.active else {}
-        return [self.redactor.summary(row, full.get(row.dlq_id)) for row in rows]
+        return self.redactor.summaries(rows, self.repository.entries)
 
     def count(self, flt: DLQFilter) -> int:
         return self.repository.count(flt)
@@ -197,27 +197,31 @@ class DLQService:
             raise NotFound(f"no DLQ row with id {', '.join(map(str, missing))}")
 
     def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
-        self.require_ids(ids)
-        changed = self.repository.resolve(ids, actor=actor, note=note)
-        log.info("dlq_resolved", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
-        return changed
-
-    def resolve_row(self, dlq_id: int, *, actor: str, note: str | None = None) -> bool:
-        """Resolve one row: True when it changed, False when it was resolved already. A discarded
-        row cannot be resolved (an operator gave up on it; resolving it would say its cause was dealt
-        with)."""
-        if self.resolve([dlq_id], actor=actor, note=note):
-            return True
-        status = self.status(dlq_id)
-        if status == "resolved":
-            return False
-        raise InvalidOperation(f"DLQ row {dlq_id} is {status}; only pending or replayed rows can be resolved")
+        return self._close(ids, "resolved", actor, note)
 
     def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
+        return self._close(ids, "discarded", actor, note)
+
+    def _close(self, ids: Sequence[int], status: Closed, actor: str, note: str | None) -> list[int]:
+        """The ids changed: not those closed already, nor those a replay is publishing."""
         self.require_ids(ids)
-        changed = self.repository.discard(ids, actor=actor, note=note)
-        log.info("dlq_discarded", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
+        close = self.repository.resolve if status == "resolved" else self.repository.discard
+        changed = close(ids, actor=actor, note=note)
+        log.info(f"dlq_{status}", actor=actor, dlq_ids=changed, requested=list(ids), note=note)
         return changed
+
+    def close_row(self, dlq_id: int, status: Closed, *, actor: str, note: str | None = None) -> bool:
+        """Resolve or discard one row: True when it changed, False when it had that status already.
+        Only a pending or replayed row can be closed (a discarded row resolved would say its cause was
+        dealt with), and not while a replay is publishing it."""
+        if self._close([dlq_id], status, actor, note):
+            return True
+        now = self.status(dlq_id)
+        if now == status:
+            return False
+        if now in ("pending", "replayed"):  # what a close takes: a replay's claim held it back
+            raise InvalidOperation(f"DLQ row {dlq_id} is being replayed; look at it again once it is marked")
+        raise InvalidOperation(f"DLQ row {dlq_id} is {now}; only pending or replayed rows can be {status}")
 
     def edit(
         self,

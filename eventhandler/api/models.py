@@ -37,7 +37,7 @@ MAX_IDS = 1_000
 MAX_SIMULATE = 100_000
 
 
-def _storable(text: str) -> str:
+def storable(text: str) -> str:
     """Text PostgreSQL can take as a parameter: no NUL character, no lone surrogate."""
     if "\x00" in text:
         raise ValueError("must not contain a NUL character")
@@ -81,8 +81,8 @@ def _cursor(cursor: str) -> str:
     return cursor
 
 
-Text = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_storable)]
-LongText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]
+LongText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(storable)]
 DlqId = Annotated[int, Field(ge=1, le=MAX_ID)]
 # In a JSON body a flag is a boolean and a count a number: "false" must not start a replay.
 BodyId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]

@@ -31,6 +31,7 @@ from eventhandler.api.models import (
     SimulationResponse,
     StatsQuery,
     StatsResponse,
+    Text,
     ValidationErrorResponse,
     encode_cursor,
 )
@@ -265,8 +266,10 @@ def resolve(
     request: Annotated[ResolveRequest | None, Body()] = None,
 ) -> ResolveResponse:
     """Pending and replayed rows become resolved; resolving a resolved row changes nothing (200);
-    a discarded row cannot be resolved (409)."""
-    changed = service.resolve_row(dlq_id, actor=principal.actor, note=request.note if request else None)
+    a discarded row, or one a replay is publishing, cannot be resolved (409)."""
+    changed = service.close_row(
+        dlq_id, "resolved", actor=principal.actor, note=request.note if request else None
+    )
     return ResolveResponse(dlq_id=dlq_id, status="resolved", changed=changed)
 
 
@@ -310,7 +313,7 @@ FingerprintPath = Annotated[
 def list_circuits(
     principal: Reader,
     service: Service,
-    consumer: Annotated[str | None, Query(max_length=255, description="Consumer group.")] = None,
+    consumer: Annotated[Text | None, Query(description="Consumer group.")] = None,
 ) -> list[CircuitState]:
     """Open circuits first (since when, what judged them), then the latest closed ones. While
     redacting, fingerprints are keyed and the error text is null."""
@@ -322,7 +325,14 @@ def list_circuits(
     response_model=CircuitState,
     summary="Close a circuit: dead-letter its failure for a while",
     operation_id="close_circuit",
-    responses=_errors(403) | {404: {"model": ErrorResponse, "description": "No circuit with it."}},
+    responses=_errors(403)
+    | {
+        404: {"model": ErrorResponse, "description": "No circuit with it."},
+        409: {
+            "model": ErrorResponse,
+            "description": "Circuits of several consumers have it: name the consumer.",
+        },
+    },
 )
 def close_circuit(
     fingerprint: FingerprintPath,

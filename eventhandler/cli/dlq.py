@@ -33,6 +33,7 @@ from eventhandler.cli.shared import (
 )
 from eventhandler.detail import row_detail
 from eventhandler.filters import parse_duration
+from eventhandler.models import DLQFilter
 
 dlq_app = typer.Typer(help="Inspect and change the dead letter queue.", no_args_is_help=True)
 
@@ -139,13 +140,21 @@ def _change(
             changed = svc.discard(ids, actor=actor_name(actor), note=note)
         else:
             changed = svc.delete(ids, actor=actor_name(actor))
-    skipped = sorted(set(ids) - set(changed))
+        skipped = sorted(set(ids) - set(changed))
+        left = svc.list_rows(DLQFilter(ids=tuple(skipped)), limit=len(skipped)) if skipped else []
+    # what a resolve or discard takes: a row still pending or replayed was held back by a replay's claim
+    replaying = [row.dlq_id for row in left if row.status in ("pending", "replayed")]
+    closed = [row.dlq_id for row in left if row.dlq_id not in replaying]
     if as_json:
-        print_json({"action": action, "changed": changed, "unchanged": skipped})
+        print_json({"action": action, "changed": changed, "unchanged": skipped, "being_replayed": replaying})
         return
     typer.echo(f"{action}: {len(changed)} row(s)" + (f": {', '.join(map(str, changed))}" if changed else ""))
-    if skipped:
-        typer.echo(f"unchanged (already resolved or discarded): {', '.join(map(str, skipped))}")
+    if closed:
+        typer.echo(f"unchanged (already resolved or discarded): {', '.join(map(str, closed))}")
+    if replaying:
+        typer.echo(
+            f"unchanged (being replayed; try again once it is marked): {', '.join(map(str, replaying))}"
+        )
 
 
 @dlq_app.command()

@@ -9,20 +9,25 @@ from typing import Annotated, Any
 
 import jinja2
 from fastapi import Depends, Form, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import ValidationError
-from starlette.datastructures import QueryParams
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import eventhandler.console.render as render
 from eventhandler import __version__
 from eventhandler.api.auth import TokenChecker
 from eventhandler.api.http import error_status
+from eventhandler.api.models import storable
 from eventhandler.console.sessions import Session, SessionStore
-from eventhandler.errors import EventHandlerError
+from eventhandler.errors import EventHandlerError, InvalidOperation
 
 HERE = Path(__file__).parent
 COOKIE = "eventhandler_console"
 PAGE = 50
+# The largest form the console sends is a replay's filters (at most 4,000 characters) or a note (2,000),
+# URL-encoded: up to about 72 kB of non-ASCII text.
+MAX_FORM_BYTES = 131_072
 STATIC = {"htmx.min.js": "text/javascript", "console.css": "text/css"}
 # The console's pages load only their own script and style; nothing frames them.
 HEADERS = {
@@ -88,7 +93,57 @@ def changing(
 
 Reader = Annotated[Session, Depends(current)]
 Admin = Annotated[Session, Depends(changing)]
-Note = Annotated[str, Form(max_length=2000)]
+Note = Annotated[str, Form()]  # checked by `note_text`, so that a wrong one is said on the row's page
+MAX_NOTE = 2000  # the API's limit
+
+
+def note_text(note: str) -> str | None:
+    """An operator's note as the service takes it (None: no note), or why not."""
+    if len(note) > MAX_NOTE:
+        raise InvalidOperation(f"a note is at most {MAX_NOTE:,} characters")
+    try:
+        storable(note)
+    except ValueError as exc:
+        raise InvalidOperation(f"a note {exc}") from None
+    return note or None
+
+
+class FormLimit:
+    """Answers 413 to a console request whose body is larger than any form the console sends, before
+    anything reads it: a form is parsed before the session is looked at, so anyone could otherwise make
+    the server hold a large body (the API's gate refuses before the body is read)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/ui") or scope["method"] == "GET":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "0")
+        body = bytearray()
+        more = declared.isdigit() and int(declared) <= MAX_FORM_BYTES
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the browser went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False) and len(body) <= MAX_FORM_BYTES
+        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES or len(body) > MAX_FORM_BYTES:
+            too_large = PlainTextResponse("request body too large", status_code=413, headers=HEADERS)
+            await too_large(scope, receive, send)
+            return
+        whole = {"type": "http.request", "body": bytes(body), "more_body": False}
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return whole
+
+        await self.app(scope, replay, send)
 
 
 class Pages:

@@ -22,12 +22,14 @@ from eventhandler.console.common import (
     STATIC,
     Admin,
     Forbidden,
+    FormLimit,
     Gate,
     Note,
     Pages,
     Reader,
     SignIn,
     given,
+    note_text,
     pairs,
     problem,
 )
@@ -166,14 +168,14 @@ def console_router(service: DLQService, gate: Gate) -> APIRouter:
     @router.post("/rows/{dlq_id}/resolve")
     def resolve(request: Request, dlq_id: int, session: Admin, note: Note = "") -> Response:
         def resolve_it() -> object:
-            return service.resolve_row(dlq_id, actor=session.actor, note=note or None)
+            return service.close_row(dlq_id, "resolved", actor=session.actor, note=note_text(note))
 
         return change(request, session, dlq_id, "resolved", resolve_it)
 
     @router.post("/rows/{dlq_id}/discard")
     def discard(request: Request, dlq_id: int, session: Admin, note: Note = "") -> Response:
         def discard_it() -> object:
-            return service.discard([dlq_id], actor=session.actor, note=note or None)
+            return service.close_row(dlq_id, "discarded", actor=session.actor, note=note_text(note))
 
         return change(request, session, dlq_id, "discarded", discard_it)
 
@@ -196,6 +198,7 @@ def install(app: Any, service: DLQService, gate: Gate) -> None:
         )
 
     app.include_router(router)
+    app.add_middleware(FormLimit)
     app.add_exception_handler(SignIn, to_signin)
     app.add_exception_handler(Forbidden, forbidden)
 

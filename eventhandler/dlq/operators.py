@@ -165,6 +165,9 @@ class PostgresOperatorStore:
         note: str | None,
     ) -> list[int]:
         with rows.transaction(self._pool) as conn:
+            conn.execute(
+                REPLAY["lock_claims"], {"lease_class": LEASE_CLASS}
+            )  # no replay claims them meanwhile
             found = conn.execute(
                 CHANGE["set_status"],
                 {
@@ -173,6 +176,7 @@ class PostgresOperatorStore:
                     "from_statuses": list(from_statuses),
                     "actor": actor,
                     "note": note,
+                    "lease_class": LEASE_CLASS,
                 },
             ).fetchall()
             changed = sorted(r[0] for r in found)
@@ -182,11 +186,13 @@ class PostgresOperatorStore:
             return changed
 
     def resolve(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
-        """Mark rows resolved (the cause is fixed some other way); returns the ids changed."""
+        """Mark rows resolved (the cause is fixed some other way); returns the ids changed: not those
+        closed already, nor those a replay is publishing."""
         return self._set_status(ids, "resolved", ("pending", "replayed"), actor, note)
 
     def discard(self, ids: Sequence[int], *, actor: str, note: str | None = None) -> list[int]:
-        """Give up on rows: they stay for the record but are never replayed by default."""
+        """Give up on rows: they stay for the record but are never replayed by default. Returns the ids
+        changed, as `resolve`."""
         return self._set_status(ids, "discarded", ("pending", "replayed"), actor, note)
 
     def edit(self, dlq_id: int, payload: bytes | None, *, actor: str, detail: dict[str, Any]) -> bool:

@@ -2,9 +2,17 @@
 -- (see `eventhandler.dlq.operators`), and the audit row itself.
 
 -- name: set_status
+-- Not a row a live replay claim names (the change holds `lock_claims`, so none can appear meanwhile):
+-- that replay is publishing it, and its mark keeps a status an operator gave meanwhile, so a discarded
+-- row's copy would be applied by the worker with the row still saying discarded.
 UPDATE dlq SET status = %(status)s, resolved_at = now(), resolved_by = %(actor)s,
        resolution_note = %(note)s, updated_at = now()
 WHERE dlq_id = ANY(%(ids)s) AND status = ANY(%(from_statuses)s)
+  AND dlq_id NOT IN (
+      SELECT unnest(c.dlq_ids) FROM dlq_replay_claim c
+      WHERE c.until >= now() AND EXISTS (
+          SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+            AND classid = %(lease_class)s::oid AND objid = c.lease::oid))
 RETURNING dlq_id;
 
 -- name: delete_rows

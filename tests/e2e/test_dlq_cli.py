@@ -11,6 +11,7 @@ import psycopg_pool
 import pytest
 
 from eventhandler.config import Settings
+from eventhandler.models import DLQFilter
 from tests.conftest import settings_env
 from tests.support.cli import cli_json, run_cli
 from tests.support.dlq import DLQ
@@ -107,7 +108,7 @@ def test_resolve_discard_delete_and_purge_are_audited(
     assert cli_json(env, "dlq", "discard", str(seeded[1]), "--actor", "bob")["changed"] == [seeded[1]]
     assert cli_json(env, "dlq", "delete", str(seeded[2]), "--actor", "carol")["changed"] == [seeded[2]]
     again = cli_json(env, "dlq", "resolve", str(seeded[1]))
-    assert again == {"action": "resolve", "changed": [], "unchanged": [seeded[1]]}
+    assert again == {"action": "resolve", "changed": [], "unchanged": [seeded[1]], "being_replayed": []}
     db.execute("UPDATE dlq SET updated_at = now() - interval '40 days'")
     purged = cli_json(env, "dlq", "purge", "--older-than", "30d", "--yes")
     assert sorted(purged["ids"]) == seeded[:2]
@@ -121,6 +122,33 @@ def test_resolve_discard_delete_and_purge_are_audited(
     assert len(contexts) == 4
     assert len({request_id for request_id, _ in contexts}) == 4
     assert all(client.startswith("cli:") and "@" in client for _, client in contexts)
+
+
+def test_a_row_a_replay_is_publishing_is_left_alone_and_said_so(
+    env: dict[str, str], seeded: list[int], db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """The replay's mark would keep the operator's status on a row whose copy the worker then applies."""
+    with psycopg_pool.ConnectionPool(db_url, min_size=1, max_size=2) as pool:
+        replays = DLQ.on(pool).replays
+        with replays.lease() as lease:
+            _, claim = replays.take(DLQFilter(ids=(seeded[0],)), limit=1, lease=lease, lease_seconds=60)
+            assert claim is not None
+            held = cli_json(env, "dlq", "discard", str(seeded[0]), str(seeded[1]))
+            said = run_cli(env, "dlq", "resolve", str(seeded[0]), str(seeded[1]))
+            replays.finish(lease=lease, claim=claim, published={}, actor="t", detail={})
+    assert held == {
+        "action": "discard",
+        "changed": [seeded[1]],
+        "unchanged": [seeded[0]],
+        "being_replayed": [seeded[0]],
+    }
+    assert said.returncode == 0, said.stderr
+    assert f"unchanged (being replayed; try again once it is marked): {seeded[0]}" in said.stdout
+    assert f"unchanged (already resolved or discarded): {seeded[1]}" in said.stdout
+    statuses = dict(
+        db.execute("SELECT dlq_id, status FROM dlq WHERE dlq_id = ANY(%s)", [seeded[:2]]).fetchall()
+    )
+    assert statuses == {seeded[0]: "pending", seeded[1]: "discarded"}
 
 
 def test_acting_on_many_rows_asks_first(

@@ -29,12 +29,13 @@ from eventhandler.api.models import encode_cursor
 from eventhandler.app import build_service
 from eventhandler.circuits import PostgresCircuitStore
 from eventhandler.config import Settings
-from eventhandler.errors import ConfigError
+from eventhandler.errors import ConfigError, InvalidOperation
 from eventhandler.flood import Circuit
 from eventhandler.librdkafka import header_key
 from eventhandler.logs import configure_logging
 from eventhandler.metrics import Metrics
 from eventhandler.models import DLQFilter, FailedMessage
+from eventhandler.redaction import LISTED_SEARCH_BYTES
 from eventhandler.service import DLQService
 from tests.conftest import settings_env
 from tests.support import kafka as k
@@ -292,6 +293,24 @@ def test_a_hostile_megabyte_of_error_text_is_listed_and_shown_without_stalling(a
     assert detail.json()["error_message"].endswith("postgresql://app:**********@db/app")
 
 
+def test_a_list_while_redacting_searches_no_large_payload(api: Api) -> None:
+    """A page of rows with megabyte payloads took minutes to search for the values they mask: a listed
+    row over `LISTED_SEARCH_BYTES` shows no error text (its own page does)."""
+    ids = [
+        api.record(
+            failure(
+                api,
+                value=k.structured(k.cloud_event("user.created", {"password": "hunter2", "pad": pad})),
+                error_message="refused hunter2 for ann",
+            )
+        )[0]
+        for pad in ("", "x" * LISTED_SEARCH_BYTES)
+    ]
+    listed = api.client.get(DLQ, headers=READER).json()["items"]
+    assert [row["error_message"] for row in listed] == ["refused *** for ann", "***"]
+    assert api.client.get(f"{DLQ}/{ids[1]}", headers=READER).json()["error_message"] == "refused *** for ann"
+
+
 def test_redaction_applies_to_the_binary_binding_and_withholds_what_is_not_json(api: Api) -> None:
     binary, not_json, tombstone = api.record(
         failure(
@@ -534,6 +553,34 @@ def test_a_row_a_replay_has_taken_is_not_repaired_until_the_replay_lets_go(
         replays.finish(lease=lease, claim=claim, published={}, actor="t", detail={})
     assert scalar(db, "SELECT edited_payload FROM dlq") is None
     assert api.client.put(f"{DLQ}/{dlq_id}/payload", json=change, headers=ADMIN).status_code == 200
+
+
+def test_a_row_a_replay_has_taken_is_not_resolved_or_discarded_until_the_replay_marks_it(
+    api: Api, db: psycopg.Connection[Any]
+) -> None:
+    """The replay's mark keeps a status given meanwhile: a row discarded while its copy was on the way
+    said discarded for good while the worker applied the copy."""
+    ids = api.record(failure(api), failure(api))
+    replays = DLQStore.on(api.pool).replays
+    with replays.lease() as lease:
+        taken, claim = replays.take(DLQFilter(ids=tuple(ids)), limit=2, lease=lease, lease_seconds=60)
+        assert claim is not None
+        assert [row.dlq_id for row in taken] == ids
+        refused = api.client.put(f"{DLQ}/{ids[0]}/resolve", json={"note": "fixed"}, headers=ADMIN)
+        assert refused.status_code == 409, refused.text
+        assert "being replayed" in refused.json()["detail"]
+        with pytest.raises(InvalidOperation, match="being replayed"):
+            api.service.close_row(ids[1], "discarded", actor="ops", note="bogus")
+        assert api.service.discard(ids, actor="ops") == []
+        replays.finish(
+            lease=lease, claim=claim, published={api.settings.topics[0]: ids}, actor="t", detail={}
+        )
+    assert [status_of(db, i) for i in ids] == ["replayed", "replayed"]
+    assert [a for _, a, _ in audit(db)] == ["replay"]
+    assert api.client.put(f"{DLQ}/{ids[0]}/resolve", headers=ADMIN).json()["changed"] is True
+    assert api.service.close_row(ids[1], "discarded", actor="ops") is True
+    assert [status_of(db, i) for i in ids] == ["resolved", "discarded"]
+    assert api.service.discard(ids, actor="ops") == []
 
 
 def test_retry_to_another_topic(api: Api, kafka_bootstrap: str, db: psycopg.Connection[Any]) -> None:
@@ -867,6 +914,7 @@ INVALID: list[tuple[str, str, dict[str, Any] | None, Any, str]] = [
     ("GET", DLQ, {"fingerprint": "xyz"}, None, "fingerprint"),
     ("GET", DLQ, {"topic": "bad/topic"}, None, "topic"),
     ("GET", DLQ, {"consumer": "nul\x00byte"}, None, "consumer"),
+    ("GET", CIRCUITS, {"consumer": "nul\x00byte"}, None, "consumer"),
     ("GET", DLQ, {"consumer": ""}, None, "consumer"),
     ("GET", DLQ, {"error_contains": "x" * 300}, None, "error_contains"),
     ("GET", DLQ, {"id": "0"}, None, "id"),
@@ -1096,6 +1144,8 @@ def test_the_openapi_document_names_the_endpoints_and_the_bearer_scheme(api: Api
     assert set(paths[f"{DLQ}/{{dlq_id}}/retry"]) == {"post"}
     assert set(paths[f"{DLQ}/retry-all"]) == {"post"}
     assert set(paths[f"{DLQ}/{{dlq_id}}/resolve"]) == {"put"}
+    # a fingerprint several consumers' circuits share is a 409 (`DLQService.close_circuit`)
+    assert "409" in paths[f"{CIRCUITS}/{{fingerprint}}/close"]["put"]["responses"]
     for path, operations in paths.items():
         if path.startswith("/api/"):
             for operation in operations.values():

@@ -18,6 +18,7 @@ import pytest
 from eventhandler.api import create_app
 from eventhandler.app import build_service
 from eventhandler.config import Settings
+from eventhandler.console.common import MAX_FORM_BYTES
 from eventhandler.console.sessions import SessionStore
 from eventhandler.dlq import ReplayRows
 from eventhandler.dlq.replays import PostgresReplayRows
@@ -141,6 +142,71 @@ def test_odd_input_is_a_clear_answer_not_a_500(make_console: Callable[..., tuple
         response = client.post("/ui/signin", data={"token": ADMIN, "next": target})
         assert response.status_code == 303
         assert response.headers["location"] == "/ui", target
+
+
+def test_a_body_larger_than_any_form_is_refused_before_it_is_read(
+    make_console: Callable[..., tuple[TestClient, Any]],
+) -> None:
+    """A form is parsed before the session is looked at: without a limit, anyone could make the server
+    hold a body of any size (Starlette's own limits allow about a gigabyte)."""
+    client, pool = make_console()
+    dlq_id = a_row(pool)
+    big = {"token": "x" * (MAX_FORM_BYTES + 1)}
+    assert client.post("/ui/signin", data=big).status_code == 413
+    assert client.post(f"/ui/rows/{dlq_id}/resolve", data={"note": "x" * 2_000_000}).status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the body is counted as it comes
+        for _ in range(100):
+            yield b"note=" + b"x" * 65_536
+
+    streamed = client.post(
+        f"/ui/rows/{dlq_id}/resolve",
+        content=chunks(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert streamed.status_code == 413
+    sign_in(client, ADMIN)
+    csrf = csrf_of(client, f"/ui/rows/{dlq_id}")
+    note = "ünïcödé " * 250  # 2,000 characters, URL-encoded far larger than their count
+    assert client.post(f"/ui/rows/{dlq_id}/resolve", data={"csrf": csrf, "note": note}).status_code == 303
+
+
+def test_a_note_the_service_cannot_take_is_said_on_the_rows_page(
+    make_console: Callable[..., tuple[TestClient, Any]], db: psycopg.Connection[Any]
+) -> None:
+    client, pool = make_console()
+    dlq_id = a_row(pool)
+    sign_in(client, ADMIN)
+    csrf = csrf_of(client, f"/ui/rows/{dlq_id}")
+    for note, problem in (("fixed\x00", "NUL"), ("x" * 2001, "at most 2,000 characters")):
+        for action in ("resolve", "discard"):
+            refused = client.post(f"/ui/rows/{dlq_id}/{action}", data={"csrf": csrf, "note": note})
+            assert refused.status_code == 409, refused.text
+            assert refused.headers["content-type"].startswith("text/html")
+            assert problem in refused.text
+    assert db.execute("SELECT status FROM dlq").fetchone() == ("pending",)
+
+
+def test_a_discard_is_refused_while_a_replay_has_the_row_and_when_it_is_closed(
+    make_console: Callable[..., tuple[TestClient, Any]],
+) -> None:
+    """It was answered `Discarded.` either way, and the replay's mark then kept the discard."""
+    client, pool = make_console()
+    dlq_id = a_row(pool)
+    sign_in(client, ADMIN)
+    csrf = csrf_of(client, f"/ui/rows/{dlq_id}")
+    replays = DLQStore.on(pool).replays
+    with replays.lease() as lease:
+        _, claim = replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
+        assert claim is not None
+        refused = client.post(f"/ui/rows/{dlq_id}/discard", data={"csrf": csrf, "note": "bogus"})
+        assert refused.status_code == 409
+        assert "being replayed" in refused.text
+        replays.finish(lease=lease, claim=claim, published={}, actor="t", detail={})
+    assert client.post(f"/ui/rows/{dlq_id}/resolve", data={"csrf": csrf}).status_code == 303
+    closed = client.post(f"/ui/rows/{dlq_id}/discard", data={"csrf": csrf})
+    assert closed.status_code == 409
+    assert "is resolved; only pending or replayed rows can be discarded" in closed.text
 
 
 def test_a_read_only_session_sees_the_history_without_the_clients(

@@ -150,6 +150,37 @@ def test_what_an_attacker_review_found_stays_masked() -> None:
     assert encoded.entry.error_message == f"GET /login?pw={MASK} failed"
 
 
+def test_values_with_letters_whose_case_changes_their_length_stay_masked() -> None:
+    """The Turkish capital I with a dot lowers to two characters: a text holding one was searched
+    exactly, so a value with any capital letter showed in it; bytes were lowered as ASCII only, so a
+    value with a non-ASCII capital showed in the key and the headers; `str.lower` picks a final sigma
+    by the letters around it."""
+    redactor = Redactor(["data.device_id", "data.site"])
+
+    def view(device: str, site: str = "plant", **fields: Any) -> DLQEntry:
+        payload = json.dumps({"data": {"device_id": device, "site": site}}).encode()
+        return redactor.view(entry(payload, **fields)).entry
+
+    turkish = view(
+        "İzmir-Pump-7",
+        message_key="İzmir-Pump-7".encode(),
+        error_message="device 'İzmir-Pump-7' is not registered",
+    )
+    assert turkish.error_message == f"device '{MASK}' is not registered"
+    assert turkish.message_key == MASK.encode()
+    beside = view("Pump-7-Secret", "İstanbul", error_message="device 'Pump-7-Secret' at site 'İstanbul'")
+    assert beside.error_message == f"device '{MASK}' at site '{MASK}'"
+    umlaut = view(
+        "ÖBB-Pump-7",
+        message_key="ÖBB-Pump-7".encode(),
+        headers=[("device", "ÖBB-Pump-7".encode()), ("raw", b"\xff" + "öbb-pump-7".encode())],
+    )
+    assert umlaut.message_key == MASK.encode()
+    assert umlaut.headers == [("device", MASK.encode()), ("raw", b"\xff" + MASK.encode())]
+    sigma = view("ΔΣ", error_message="ΔΣX failed, then δσ")
+    assert sigma.error_message == f"{MASK}X failed, then {MASK}"
+
+
 def test_a_one_character_envelope_attribute_is_masked_and_the_fingerprint_is_keyed() -> None:
     redactor = Redactor(["subject"], secret="postgresql://db/x")
     view = redactor.view(
