@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,7 @@ DLQ_ID_HEADER = "eventhandler-dlq-id"
 ORIGIN_HEADER = "eventhandler-origin"
 REPLAY_COUNT_HEADER = "eventhandler-replay-count"
 _MAX_ERROR_DETAILS = 3
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka allows in a topic's name
 
 
 class Envelope(BaseModel):
@@ -95,7 +97,8 @@ def replay_origin(headers: Headers | None) -> ReplayOrigin | None:
         dlq_id = raw_id.decode("ascii")
     except (UnicodeDecodeError, ValueError):
         return None
-    if not (dlq_id.isdigit() and partition.isdigit() and offset.isdigit() and topic):
+    # A topic Kafka could not have (a NUL would also fail the batch's own statements, every time).
+    if not (dlq_id.isdigit() and partition.isdigit() and offset.isdigit() and _TOPIC.fullmatch(topic)):
         return None
     origin = ReplayOrigin(int(dlq_id), topic, int(partition), int(offset))
     # Beyond the columns' types they match no row, and would fail the statements that look for one.

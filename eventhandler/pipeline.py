@@ -127,7 +127,7 @@ class BatchProcessor:
                 took_effect = {d.key for d in (*applied, *known)}
                 echoes = [d for d in repeats if d.key in took_effect]
                 replayed = [
-                    (d.replay_of, d.event.source, d.event.id)
+                    (d.replay_of, d.event.source, d.event.id, d.record.value)
                     for d in (*applied, *known, *echoes)
                     if d.replay_of is not None
                 ]

@@ -100,7 +100,7 @@ class FakeDeadLetterWriter(DeadLetterWriter):
         return list(range(start, start + len(failures)))
 
     def resolve_replayed(self, conn: Any, consumer: str, replays: Sequence[Replay]) -> list[int]:
-        ids = [origin.dlq_id for origin, _, _ in replays]
+        ids = [origin.dlq_id for origin, *_ in replays]
         self.resolved.extend(ids)
         return ids
 

@@ -31,7 +31,8 @@ from eventhandler.models import (
     ReplayOrigin,
 )
 
-Replay = tuple[ReplayOrigin, str, str]  # a replayed message that succeeded: origin, event source and id
+# a replayed message that succeeded: its origin, its event's source and id, and its value
+Replay = tuple[ReplayOrigin, str, str, bytes | None]
 
 
 class DeadLetterWriter(Protocol):

@@ -194,12 +194,13 @@ class PostgresDLQWriter:
             return []
         params = {
             "consumer": consumer,
-            "ids": [origin.dlq_id for origin, _, _ in replays],
-            "topics": [origin.topic for origin, _, _ in replays],
-            "partitions": [origin.partition for origin, _, _ in replays],
-            "offsets": [origin.offset for origin, _, _ in replays],
-            "sources": [clean_text(source) for _, source, _ in replays],
-            "event_ids": [clean_text(event_id) for _, _, event_id in replays],
+            "ids": [origin.dlq_id for origin, _, _, _ in replays],
+            "topics": [origin.topic for origin, _, _, _ in replays],
+            "partitions": [origin.partition for origin, _, _, _ in replays],
+            "offsets": [origin.offset for origin, _, _, _ in replays],
+            "sources": [clean_text(source) for _, source, _, _ in replays],
+            "event_ids": [clean_text(event_id) for _, _, event_id, _ in replays],
+            "values": [value for _, _, _, value in replays],
         }
         with translate_db_errors():
             rows = conn.execute(WRITE["resolve_replayed"], params).fetchall()

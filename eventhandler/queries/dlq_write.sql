@@ -74,8 +74,10 @@ RETURNING dlq_id, consumer, source_topic, source_partition, source_offset;
 
 -- name: insert_replay_failure
 -- A replayed message that fails again updates the row it came from, if that row belongs to this
--- consumer, is still open and matches the message's origin (and event, when the row knows it);
--- otherwise the message gets a row of its own.
+-- consumer, is still open and matches the message's origin and event; when the row or the message
+-- knows no event, the message must be the very bytes a replay of the row publishes (else a message with
+-- forged headers would take the row over, and its own bytes be kept nowhere). Otherwise the message
+-- gets a row of its own.
 WITH replayed AS (
     UPDATE dlq SET
         status = 'pending',
@@ -92,8 +94,9 @@ WITH replayed AS (
     WHERE dlq_id = %(replay_of)s AND consumer = %(consumer)s AND status IN ('pending', 'replayed')
       AND source_topic = %(origin_topic)s AND source_partition = %(origin_partition)s
       AND source_offset = %(origin_offset)s
-      AND (event_id IS NULL OR %(event_id)s::text IS NULL
-           OR (event_id = %(event_id)s::text AND event_source = %(event_source)s::text))
+      AND ((event_id = %(event_id)s::text AND event_source = %(event_source)s::text)
+           OR ((event_id IS NULL OR %(event_id)s::text IS NULL)
+               AND coalesce(edited_payload, event_payload) IS NOT DISTINCT FROM %(value)s::bytea))
     RETURNING dlq_id
 ), inserted AS (
     INSERT INTO dlq (consumer, event_id, event_type, event_source, event_payload, message_key,
@@ -121,14 +124,17 @@ WITH replayed AS (
 SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted;
 
 -- name: resolve_replayed
--- Only rows the replayed message matches: its origin (the original coordinates) and, when the row
--- knows its event, the same event. A forged or stale `eventhandler-dlq-id` (after a restore, or
+-- Only rows the replayed message matches: its origin (the original coordinates) and the same event;
+-- a row that knows no event (its message did not deserialize; an operator repaired it) only by the
+-- very bytes its replay publishes. A forged or stale `eventhandler-dlq-id` (after a restore, or
 -- TRUNCATE … RESTART IDENTITY) matches nothing.
 UPDATE dlq SET status = 'resolved', resolved_at = now(), resolved_by = 'replay',
        resolution_note = 'processed successfully after replay', updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[],
-            %(sources)s::text[], %(event_ids)s::text[]) AS r(dlq_id, topic, part, off, source, event_id)
+            %(sources)s::text[], %(event_ids)s::text[], %(values)s::bytea[])
+     AS r(dlq_id, topic, part, off, source, event_id, value)
 WHERE dlq.dlq_id = r.dlq_id AND dlq.consumer = %(consumer)s AND dlq.status IN ('pending', 'replayed')
   AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off
-  AND (dlq.event_id IS NULL OR (dlq.event_id = r.event_id AND dlq.event_source = r.source))
+  AND ((dlq.event_id = r.event_id AND dlq.event_source = r.source)
+       OR (dlq.event_id IS NULL AND coalesce(dlq.edited_payload, dlq.event_payload) IS NOT DISTINCT FROM r.value))
 RETURNING dlq.dlq_id;

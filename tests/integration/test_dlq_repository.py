@@ -37,6 +37,8 @@ def record(repo: DLQ, pool: psycopg_pool.ConnectionPool, *failures: FailedMessag
         return repo.writer.record_failures(conn, list(failures))
 
 
+DEFAULT_VALUE = failed_message().value  # what a replay of a row `failed_message` made publishes
+
 HOSTILE_PAYLOADS = {
     "not_utf8": b"\xff\xfe\xfa invalid \xc3\x28",
     "nul_bytes": b'{"a":"\x00"}\x00\x00end',
@@ -173,7 +175,10 @@ def test_resolve_replayed_rows_inside_the_worker_transaction(repo: DLQ, pool: An
         failed_message(offset=2),
         failed_message(offset=3, consumer="other"),
     )
-    replays = [(origin(dlq_id, n), "/tests", "evt-1") for dlq_id, n in zip(ids, (1, 2, 3), strict=True)]
+    replays = [
+        (origin(dlq_id, n), "/tests", "evt-1", DEFAULT_VALUE)
+        for dlq_id, n in zip(ids, (1, 2, 3), strict=True)
+    ]
     with pool.connection() as conn, conn.transaction():
         resolved = repo.writer.resolve_replayed(conn, "group-a", replays)
     assert sorted(resolved) == ids[:2]
@@ -189,6 +194,47 @@ def test_a_late_failing_copy_does_not_reopen_a_row_an_operator_closed(repo: DLQ,
     )
     assert other != dlq_id  # the late copy's failure is a row of its own
     assert (repo.operators.get(dlq_id).status, repo.operators.get(dlq_id).retry_count) == ("discarded", 0)
+
+
+def test_a_row_that_knows_no_event_is_matched_only_by_the_bytes_its_replay_publishes(
+    repo: DLQ, pool: Any
+) -> None:
+    """Coordinates and an id are easy to guess: a message with forged replay headers took over a row of
+    a message that did not deserialize (its own bytes kept nowhere), or resolved it; and a garbage
+    message naming a row that knows its event overwrote that row's error."""
+    poison = failed_message(
+        offset=0, stage="deserialize", value=b"\xff poison", event_id=None, event_source=None
+    )
+    (no_event,) = record(repo, pool, poison)
+    (knows_event,) = record(repo, pool, failed_message(offset=1))
+    forged = [
+        failed_message(offset=41, replay_of=origin(no_event, 0), value=b"other bytes", error_message="x"),
+        failed_message(
+            offset=42, replay_of=origin(knows_event, 1), value=b"garbage", event_id=None, event_source=None
+        ),
+    ]
+    own = record(repo, pool, *forged)
+    assert no_event not in own
+    assert knows_event not in own
+    with pool.connection() as conn, conn.transaction():
+        applied = [(origin(no_event, 0), "/tests", "evt-9", b"a valid event, not the row's")]
+        assert repo.writer.resolve_replayed(conn, "group-a", applied) == []
+    assert [repo.operators.get(i).status for i in (no_event, knows_event)] == ["pending", "pending"]
+    assert repo.operators.get(no_event).error_message == poison.error_message
+    assert {repo.operators.get(i).source_offset for i in own} == {41, 42}
+
+    # The row's own bytes (its repair, when an operator made one) are its replay: that copy matches.
+    with pool.connection() as conn:
+        conn.execute("UPDATE dlq SET edited_payload = 'fixed' WHERE dlq_id = %s", (no_event,))
+        conn.execute("UPDATE dlq SET edited_payload = 'still bad' WHERE dlq_id = %s", (knows_event,))
+    again = failed_message(
+        offset=43, replay_of=origin(knows_event, 1), value=b"still bad", event_id=None, event_source=None
+    )
+    assert record(repo, pool, again) == [knows_event]
+    assert repo.operators.get(knows_event).retry_count == 1
+    with pool.connection() as conn, conn.transaction():
+        repaired = [(origin(no_event, 0), "/tests", "evt-9", b"fixed")]
+        assert repo.writer.resolve_replayed(conn, "group-a", repaired) == [no_event]
 
 
 def origin(dlq_id: int, offset: int, topic: str = "device-events", partition: int = 0) -> ReplayOrigin:
@@ -214,7 +260,9 @@ def test_a_replay_header_that_does_not_match_its_row_touches_nothing(
     (dlq_id,) = record(repo, pool, failed_message(offset=5))
     forged = ReplayOrigin(dlq_id, claimed.topic, claimed.partition, claimed.offset)
     with pool.connection() as conn, conn.transaction():
-        assert repo.writer.resolve_replayed(conn, "group-a", [(forged, source, event_id)]) == []
+        assert (
+            repo.writer.resolve_replayed(conn, "group-a", [(forged, source, event_id, DEFAULT_VALUE)]) == []
+        )
     assert repo.operators.get(dlq_id).status == "pending"
     failure = failed_message(offset=600, replay_of=forged, event_id=event_id, event_source=source)
     (other,) = record(repo, pool, failure)
@@ -432,7 +480,7 @@ def test_a_row_the_worker_settled_during_the_publish_keeps_the_workers_status(re
         _, claim = repo.replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
         assert claim is not None
         with pool.connection() as conn, conn.transaction():
-            replayed = [(origin(dlq_id, 5), "/tests", "evt-1")]
+            replayed = [(origin(dlq_id, 5), "/tests", "evt-1", DEFAULT_VALUE)]
             assert repo.writer.resolve_replayed(conn, "group-a", replayed) == [
                 dlq_id
             ]  # the worker, meanwhile

@@ -156,7 +156,9 @@ def _header_value(value: Any) -> bytes:
 header_keys = st.binary(max_size=30).filter(lambda raw: b"\x00" not in raw) | st.sampled_from(
     [b"ce_specversion", b"ce_id", b"eventhandler-dlq-id", b"eventhandler-origin", b"\xff\xfe", b"\xc3("]
 )
-header_values = st.none() | st.binary(max_size=80) | st.sampled_from([b"1", b"topic:0:0", b"-1", b"9" * 30])
+header_values = (
+    st.none() | st.binary(max_size=80) | st.sampled_from([b"1", b"topic:0:0", b"t\x00:0:0", b"-1", b"9" * 30])
+)
 
 
 Message = tuple[int, bytes | None, bytes | None, list[tuple[bytes, bytes | None]]]

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from eventhandler.config import Settings
-from eventhandler.events import DLQ_ID_HEADER, origin_header
+from eventhandler.events import DLQ_ID_HEADER, ORIGIN_HEADER, origin_header
 from eventhandler.logs import configure_logging
 from eventhandler.observer import LOGGED_DLQ_IDS
 from tests.conftest import unique
@@ -390,7 +390,9 @@ def test_a_value_postgresql_cannot_index_is_a_projection_failure_not_a_stall(
     assert stats.retries == 0  # deterministic: dead-lettered at once, not retried
 
 
-@pytest.mark.parametrize("forgery", ["id only", "other coordinates", "beyond the column types"])
+@pytest.mark.parametrize(
+    "forgery", ["id only", "other coordinates", "beyond the column types", "a NUL in the topic"]
+)
 def test_a_forged_replay_header_neither_resolves_nor_overwrites_the_row_it_names(
     forgery: str,
     make_settings: Callable[..., Settings],
@@ -406,6 +408,8 @@ def test_a_forged_replay_header_neither_resolves_nor_overwrites_the_row_it_names
         forged = [(DLQ_ID_HEADER, str(dlq_id).encode())]
     elif forgery == "beyond the column types":  # once stalled every partition: the SQL cast failed
         forged = origin_header(99999999999999999999, topic, 0, offset)
+    elif forgery == "a NUL in the topic":  # once stalled every partition: PostgreSQL text holds no NUL
+        forged = [(DLQ_ID_HEADER, str(dlq_id).encode()), (ORIGIN_HEADER, f"{topic}\x00:0:{offset}".encode())]
     else:
         forged = origin_header(dlq_id, topic, 0, offset + 1000)
     # a good event and a bad one, both naming the row: each is an ordinary message

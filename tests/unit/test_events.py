@@ -458,6 +458,11 @@ ORIGIN = (ORIGIN_HEADER, b"device-events:3:1041")
         pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"topic:1")], None, id="origin-short"),
         pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b":1:2")], None, id="origin-no-topic"),
         pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:x:2")], None, id="origin-bad-partition"),
+        pytest.param([(DLQ_ID_HEADER, b"7"), (ORIGIN_HEADER, b"t\x00:0:0")], None, id="origin-topic-nul"),
+        pytest.param([(DLQ_ID_HEADER, b"7"), (ORIGIN_HEADER, b"a b:0:0")], None, id="origin-topic-space"),
+        pytest.param(
+            [(DLQ_ID_HEADER, b"7"), (ORIGIN_HEADER, b"t" * 250 + b":0:0")], None, id="origin-topic-long"
+        ),
         pytest.param([(DLQ_ID_HEADER, b"1"), (ORIGIN_HEADER, b"t:1:" + b"9" * 400)], None, id="origin-huge"),
         pytest.param([(DLQ_ID_HEADER, b"1" * 50), ORIGIN], None, id="dlq-id-huge"),
         pytest.param([(DLQ_ID_HEADER, b"99999999999999999999"), ORIGIN], None, id="dlq-id-beyond-int8"),
