@@ -114,7 +114,13 @@ class BatchProcessor:
                 rejected = batch.rejected + rejected
                 if guard is not None:  # raises CircuitOpen when a failure is systemic: nothing is written
                     untried = len(parked) + len(late)
-                    verdict = guard.inspect(conn, batch, rejected, applied, untried=untried)
+                    origins = [r.failure.replay_of for r in rejected if r.failure.replay_of is not None]
+                    open_rows = (
+                        self.dlq.open_origins(conn, self.consumer_group, origins) if origins else set()
+                    )
+                    verdict = guard.inspect(
+                        conn, batch, rejected, applied, untried=untried, replayed=open_rows
+                    )
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed

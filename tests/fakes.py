@@ -15,7 +15,7 @@ from eventhandler.dlq import DeadLetterWriter, Replay
 from eventhandler.errors import DatabaseUnavailable, SuspectFailure
 from eventhandler.flood import Circuit, CircuitStore
 from eventhandler.inflight import BatchWrites
-from eventhandler.models import FailedMessage
+from eventhandler.models import FailedMessage, ReplayOrigin
 from eventhandler.worker import Decoder, Reader
 
 Rows = list[tuple[Any, ...]]
@@ -98,6 +98,10 @@ class FakeDeadLetterWriter(DeadLetterWriter):
         start = len(self.failures) + 1
         self.failures.extend(failures)
         return list(range(start, start + len(failures)))
+
+    def open_origins(self, conn: Any, consumer: str, origins: Sequence[ReplayOrigin]) -> set[int]:
+        """Every origin names a row this fake stored."""
+        return {origin.dlq_id for origin in origins if origin.dlq_id <= len(self.failures)}
 
     def resolve_replayed(self, conn: Any, consumer: str, replays: Sequence[Replay]) -> list[int]:
         ids = [origin.dlq_id for origin, *_ in replays]

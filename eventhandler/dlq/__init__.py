@@ -42,6 +42,12 @@ class DeadLetterWriter(Protocol):
         """Store failures inside the caller's transaction; returns their dlq_ids."""
         ...
 
+    def open_origins(
+        self, conn: psycopg.Connection[Any], consumer: str, origins: Sequence[ReplayOrigin]
+    ) -> set[int]:
+        """The ids of the open rows of `consumer` that these replay origins name, at their coordinates."""
+        ...
+
     def resolve_replayed(
         self, conn: psycopg.Connection[Any], consumer: str, replays: Sequence[Replay]
     ) -> list[int]:

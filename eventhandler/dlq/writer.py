@@ -18,7 +18,7 @@ from eventhandler.dlq import Replay
 from eventhandler.dlq.rows import clean_text
 from eventhandler.ledger import digest
 from eventhandler.librdkafka import raw_header_key
-from eventhandler.models import FailedMessage, Headers
+from eventhandler.models import FailedMessage, Headers, ReplayOrigin
 
 WRITE = queries.load("dlq_write.sql")
 
@@ -186,6 +186,21 @@ class PostgresDLQWriter:
             rows = cur.execute(WRITE["upsert_staged"]).fetchall()
         stored = {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in rows}
         return [stored[_identity(failure)] for failure in failures]
+
+    def open_origins(
+        self, conn: psycopg.Connection[Any], consumer: str, origins: Sequence[ReplayOrigin]
+    ) -> set[int]:
+        if not origins:
+            return set()
+        params = {
+            "consumer": consumer,
+            "ids": [origin.dlq_id for origin in origins],
+            "topics": [origin.topic for origin in origins],
+            "partitions": [origin.partition for origin in origins],
+            "offsets": [origin.offset for origin in origins],
+        }
+        with translate_db_errors():
+            return {r[0] for r in conn.execute(WRITE["open_origins"], params)}
 
     def resolve_replayed(
         self, conn: psycopg.Connection[Any], consumer: str, replays: Sequence[Replay]

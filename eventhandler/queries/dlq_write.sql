@@ -138,3 +138,13 @@ WHERE dlq.dlq_id = r.dlq_id AND dlq.consumer = %(consumer)s AND dlq.status IN ('
   AND ((dlq.event_id = r.event_id AND dlq.event_source = r.source)
        OR (dlq.event_id IS NULL AND coalesce(dlq.edited_payload, dlq.event_payload) IS NOT DISTINCT FROM r.value))
 RETURNING dlq.dlq_id;
+
+-- name: open_origins
+-- The rows replayed messages name that are this consumer's, still open and at the coordinates the
+-- messages name: the flood guard leaves a failed replay of one out (an operator replaying a group
+-- before its fix), and judges a message whose replay headers name no such row like any other.
+SELECT dlq.dlq_id
+FROM dlq JOIN unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[])
+         AS r(dlq_id, topic, part, off) ON dlq.dlq_id = r.dlq_id
+WHERE dlq.consumer = %(consumer)s AND dlq.status IN ('pending', 'replayed')
+  AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off;

@@ -12,11 +12,14 @@ import psycopg
 import pytest
 
 from eventhandler.config import Settings
+from eventhandler.events import origin_header
 from eventhandler.metrics import Metrics
 from tests.conftest import settings_env, unique
 from tests.support import kafka as k
 from tests.support.flood import (
+    DEVICES,
     MIN_FAILURES,
+    READINGS_EACH,
     TOTAL,
     register_the_devices,
     send_readings_for_unregistered_devices,
@@ -92,6 +95,23 @@ def test_a_systemic_failure_holds_the_line_after_a_few_rows_and_the_circuit_clos
     # each reading took effect once: applied, or one pending row from before the circuit opened
     assert dlq_rows(db) == held_rows
     assert scalar(db, "SELECT count(*) FROM dlq WHERE status = 'pending'") == held_rows
+
+
+def test_replay_headers_that_name_no_row_do_not_hide_a_flood(
+    make_settings: Callable[..., Settings], kafka_bootstrap: str, topic: str, db: psycopg.Connection[Any]
+) -> None:
+    """Failed replays are not judged; a message whose replay headers were copied (a bridge that keeps
+    headers) or forged was taken for one, so such a stream was dead-lettered whole."""
+    producer = k.TestProducer(kafka_bootstrap)
+    copied = origin_header(424_242, topic, 0, 7)
+    for n in range(READINGS_EACH):
+        for d in range(DEVICES):
+            event = k.reading(f"flood-{d}", value=n)
+            producer.send(topic, k.structured(event), key=f"flood-{d}", headers=copied)
+    producer.flush()
+    with threaded_worker(make_settings(batch_max_messages=20, flood_probe_seconds=1.0)):
+        wait_for(lambda: is_open(db), timeout=60, message="the circuit opens")
+    assert dlq_rows(db) < MIN_FAILURES
 
 
 @pytest.mark.parametrize("every", [100, 10], ids=["1%", "10%"])

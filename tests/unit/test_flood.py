@@ -83,10 +83,11 @@ def judge(
     ok: list[Decoded] | None = None,
     *,
     untried: int = 0,
+    replayed: frozenset[int] = frozenset(),
 ) -> Verdict:
     """A batch as the pipeline writes it: judged, then committed (the exception propagates)."""
     try:
-        verdict = guard.inspect(None, batch, rejected, ok or [], untried=untried)  # type: ignore[arg-type]
+        verdict = guard.inspect(None, batch, rejected, ok or [], untried=untried, replayed=replayed)  # type: ignore[arg-type]
     except CircuitOpen as held:
         guard.hold(None, held)  # type: ignore[arg-type]
         raise
@@ -314,8 +315,12 @@ def test_failed_replays_and_parked_events_are_not_judged_as_a_flood() -> None:
     replays = many_keys(200)
     for r in replays:
         r.failure.replay_of = ReplayOrigin(1, "orders", 0, 1)
-    run(guard, 200, replays)  # an operator replaying a group before its fix: no new rows
+    # an operator replaying a group before its fix: no new rows
+    judge(guard, batch_of(200, replays), replays, replayed=frozenset({1}))
     assert store.held == []
+    # replay headers that name no open row (copied by a bridge, forged) make ordinary failures
+    with pytest.raises(CircuitOpen):
+        run(guard, 200, replays)
     # every order's placement failed, and the rest of each order's events parked behind it: of the
     # messages tried, every one failed
     guard, store = make_guard()
