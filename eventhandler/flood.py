@@ -183,13 +183,13 @@ class FloodGuard:
         applied: Sequence[Decoded],
         *,
         untried: int = 0,
-        replayed: Collection[int] = (),
+        replays: Collection[int] = (),
     ) -> Verdict:
         """Judge `batch`, whose `rejected` would be dead-lettered and `untried` events parked (not
         tried: their key is blocked); raises `CircuitOpen` when a failure is systemic (the caller
-        rolls back and calls `hold`). A failed replay of an open row (its id in `replayed`) is not
-        judged: it adds no row, and an operator replaying a group before its fix must not stop the
-        line. A message whose replay headers name no such row is an ordinary failure here."""
+        rolls back and calls `hold`). A failed replay of an open row (its position in `rejected` in
+        `replays`) is not judged: it adds no row, and an operator replaying a group before its fix must
+        not stop the line. A message whose replay headers name no such row is an ordinary failure here."""
         now = self.clock()
         if self._synced_at is None or now - self._synced_at >= self.t.probe_seconds:
             self._sync(conn, now)
@@ -198,9 +198,7 @@ class FloodGuard:
         trial = self._held is not None and self._held.batch == _identity(batch)
         if self._held is not None and not trial:
             self._held = None  # its partitions were revoked, or it was given up: nobody here holds it
-        judged = (
-            r for r in rejected if r.failure.replay_of is None or r.failure.replay_of.dlq_id not in replayed
-        )
+        judged = (r for n, r in enumerate(rejected) if n not in replays)
         groups = _groups(judged, self.t.min_keys)
         systemic = [fp for fp, group in groups.items() if self._systemic(fp, group, messages, trial, now)]
         if systemic:  # an operator may have closed it meanwhile: the one read of the table a hold costs

@@ -105,7 +105,8 @@ class Scrubber:
             quoted |= {urllib.parse.quote(value), urllib.parse.quote_plus(value)}
             if len(value) > 2 * _PYDANTIC_CUT:
                 quoted |= {value[:_PYDANTIC_CUT], value[-_PYDANTIC_CUT:]}
-            forms |= {_fold(form) for form in quoted}
+            # as folded, and as lowered: `str.lower` spells a Turkish capital I with a dot as two letters
+            forms |= {_fold(form) for form in quoted} | {_fold(form.lower()) for form in quoted}
         self._set(forms)
         # Searching for each of very many values would make a view slow: then no other text is shown.
         self._everything = len(self._forms) > MAX_SEARCHED
@@ -133,9 +134,8 @@ class Scrubber:
             return MASK
         folded = _fold(text)
         for form in self._forms:
-            if form in folded:
-                text = _mask_all(text, folded, form, MASK)
-                folded = _fold(text)
+            if form in folded:  # `_fold` goes letter by letter and folds the mask to itself: no new fold
+                text, folded = _mask_all(text, folded, form, MASK), _mask_all(folded, folded, form, MASK)
         return text
 
     def bytes(self, raw: bytes | None) -> bytes | None:

@@ -114,13 +114,9 @@ class BatchProcessor:
                 rejected = batch.rejected + rejected
                 if guard is not None:  # raises CircuitOpen when a failure is systemic: nothing is written
                     untried = len(parked) + len(late)
-                    origins = [r.failure.replay_of for r in rejected if r.failure.replay_of is not None]
-                    open_rows = (
-                        self.dlq.open_origins(conn, self.consumer_group, origins) if origins else set()
-                    )
-                    verdict = guard.inspect(
-                        conn, batch, rejected, applied, untried=untried, replayed=open_rows
-                    )
+                    failures = [r.failure for r in rejected]
+                    replays = self.dlq.open_replays(conn, self.consumer_group, failures)
+                    verdict = guard.inspect(conn, batch, rejected, applied, untried=untried, replays=replays)
                 failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed

@@ -206,14 +206,15 @@ class Redactor:
         return repair.shown_diff(raw, shown, MASK, lambda path: scrubber.text(path) or "")
 
     def summaries(
-        self, rows: list[DLQSummary], entries: Callable[[list[int]], dict[int, DLQEntry]]
+        self, rows: list[DLQSummary], entries: Callable[[list[int], int], dict[int, DLQEntry]]
     ) -> list[DLQSummary]:
         """A page of list rows. While redacting, each row's text is searched for the values its payload
-        masks (the rows are read in full by `entries`); a row whose payload is over `LISTED_SEARCH_BYTES`
-        shows none of it (its own view does): reading and searching them made a page of 500 take minutes."""
+        and repair mask (the rows are read in full by `entries`, up to a size); a row whose payload or
+        repair is over `LISTED_SEARCH_BYTES` shows none of it (its own view does): reading and
+        searching them made a page of 500 take minutes."""
         if not self.active:
             return rows
-        full = entries([row.dlq_id for row in rows if (row.payload_size or 0) <= LISTED_SEARCH_BYTES])
+        full = entries([row.dlq_id for row in rows], LISTED_SEARCH_BYTES)
         return [self.summary(row, full.get(row.dlq_id)) for row in rows]
 
     def summary(self, row: DLQSummary, entry: DLQEntry | None) -> DLQSummary:

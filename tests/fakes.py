@@ -15,7 +15,7 @@ from eventhandler.dlq import DeadLetterWriter, Replay
 from eventhandler.errors import DatabaseUnavailable, SuspectFailure
 from eventhandler.flood import Circuit, CircuitStore
 from eventhandler.inflight import BatchWrites
-from eventhandler.models import FailedMessage, ReplayOrigin
+from eventhandler.models import FailedMessage
 from eventhandler.worker import Decoder, Reader
 
 Rows = list[tuple[Any, ...]]
@@ -99,9 +99,13 @@ class FakeDeadLetterWriter(DeadLetterWriter):
         self.failures.extend(failures)
         return list(range(start, start + len(failures)))
 
-    def open_origins(self, conn: Any, consumer: str, origins: Sequence[ReplayOrigin]) -> set[int]:
-        """Every origin names a row this fake stored."""
-        return {origin.dlq_id for origin in origins if origin.dlq_id <= len(self.failures)}
+    def open_replays(self, conn: Any, consumer: str, failures: Sequence[FailedMessage]) -> set[int]:
+        """A replay of a row this fake stored is one of an open row."""
+        return {
+            n
+            for n, f in enumerate(failures)
+            if f.replay_of is not None and f.replay_of.dlq_id <= len(self.failures)
+        }
 
     def resolve_replayed(self, conn: Any, consumer: str, replays: Sequence[Replay]) -> list[int]:
         ids = [origin.dlq_id for origin, *_ in replays]

@@ -144,7 +144,8 @@ def _change(
         left = svc.list_rows(DLQFilter(ids=tuple(skipped)), limit=len(skipped)) if skipped else []
     # what a resolve or discard takes: a row still pending or replayed was held back by a replay's claim
     replaying = [row.dlq_id for row in left if row.status in ("pending", "replayed")]
-    closed = [row.dlq_id for row in left if row.dlq_id not in replaying]
+    closed = [row.dlq_id for row in left if row.status in ("resolved", "discarded")]
+    parked = [row.dlq_id for row in left if row.status == "parked"]
     if as_json:
         print_json({"action": action, "changed": changed, "unchanged": skipped, "being_replayed": replaying})
         return
@@ -155,6 +156,8 @@ def _change(
         typer.echo(
             f"unchanged (being replayed; try again once it is marked): {', '.join(map(str, replaying))}"
         )
+    if parked:
+        typer.echo(f"unchanged (parked behind an open failure of its key): {', '.join(map(str, parked))}")
 
 
 @dlq_app.command()

@@ -73,12 +73,12 @@ class PostgresOperatorStore:
         with translate_db_errors(), self._pool.connection() as conn:
             return [r[0] for r in conn.execute(query, params).fetchall()]
 
-    def entries(self, ids: Sequence[int]) -> dict[int, DLQEntry]:
-        """Whole rows by id (the ones that exist)."""
+    def entries(self, ids: Sequence[int], max_bytes: int | None = None) -> dict[int, DLQEntry]:
+        """Whole rows by id (the ones that exist; see `rows.entries`)."""
         if not ids:
             return {}
         with translate_db_errors(), self._pool.connection() as conn:
-            return rows.entries(conn, ids)
+            return rows.entries(conn, ids, max_bytes)
 
     def depth(self) -> list[DepthRow]:
         return self.depth_snapshot().rows

@@ -119,11 +119,14 @@ def matching_ids(pool: psycopg_pool.ConnectionPool, flt: DLQFilter, limit: int |
         return [r[0] for r in conn.execute(query, params | {"limit": limit}).fetchall()]
 
 
-def entries(conn: psycopg.Connection[Any], ids: Sequence[int]) -> dict[int, DLQEntry]:
-    """Whole rows by id (the ones that exist), on the caller's connection."""
+def entries(
+    conn: psycopg.Connection[Any], ids: Sequence[int], max_bytes: int | None = None
+) -> dict[int, DLQEntry]:
+    """Whole rows by id (the ones that exist; with `max_bytes`, whose payload and repair are each at
+    most that long), on the caller's connection."""
     query = sql.SQL(READ["entries"]).format(columns=ENTRY_COLUMNS)
     with conn.cursor(row_factory=dict_row) as cur:
-        found = cur.execute(query, {"ids": list(ids)}).fetchall()
+        found = cur.execute(query, {"ids": list(ids), "max_bytes": max_bytes}).fetchall()
     return {e.dlq_id: e for e in map(entry, found)}
 
 

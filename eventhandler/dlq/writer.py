@@ -6,6 +6,7 @@ The statements are in `queries/dlq_write.sql`.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from eventhandler.dlq import Replay
 from eventhandler.dlq.rows import clean_text
 from eventhandler.ledger import digest
 from eventhandler.librdkafka import raw_header_key
-from eventhandler.models import FailedMessage, Headers, ReplayOrigin
+from eventhandler.models import FailedMessage, Headers
 
 WRITE = queries.load("dlq_write.sql")
 
@@ -128,6 +129,10 @@ def _failure_params(failure: FailedMessage) -> dict[str, Any]:
     return params
 
 
+def _sha256(value: bytes | None) -> bytes | None:
+    return None if value is None else hashlib.sha256(value).digest()
+
+
 class PostgresDLQWriter:
     """The worker's `DeadLetterWriter` on PostgreSQL (it keeps no connection: the batch's is passed in)."""
 
@@ -187,20 +192,24 @@ class PostgresDLQWriter:
         stored = {(c, t, p, o): dlq_id for dlq_id, c, t, p, o in rows}
         return [stored[_identity(failure)] for failure in failures]
 
-    def open_origins(
-        self, conn: psycopg.Connection[Any], consumer: str, origins: Sequence[ReplayOrigin]
+    def open_replays(
+        self, conn: psycopg.Connection[Any], consumer: str, failures: Sequence[FailedMessage]
     ) -> set[int]:
-        if not origins:
+        replays = [(n, f, f.replay_of) for n, f in enumerate(failures) if f.replay_of is not None]
+        if not replays:
             return set()
         params = {
             "consumer": consumer,
-            "ids": [origin.dlq_id for origin in origins],
-            "topics": [origin.topic for origin in origins],
-            "partitions": [origin.partition for origin in origins],
-            "offsets": [origin.offset for origin in origins],
+            "ids": [origin.dlq_id for _, _, origin in replays],
+            "topics": [origin.topic for _, _, origin in replays],
+            "partitions": [origin.partition for _, _, origin in replays],
+            "offsets": [origin.offset for _, _, origin in replays],
+            "sources": [clean_text(f.event_source) for _, f, _ in replays],
+            "event_ids": [clean_text(f.event_id) for _, f, _ in replays],
+            "digests": [_sha256(f.value) for _, f, _ in replays],
         }
         with translate_db_errors():
-            return {r[0] for r in conn.execute(WRITE["open_origins"], params)}
+            return {replays[r[0] - 1][0] for r in conn.execute(WRITE["open_replays"], params)}
 
     def resolve_replayed(
         self, conn: psycopg.Connection[Any], consumer: str, replays: Sequence[Replay]
@@ -215,7 +224,7 @@ class PostgresDLQWriter:
             "offsets": [origin.offset for origin, _, _, _ in replays],
             "sources": [clean_text(source) for _, source, _, _ in replays],
             "event_ids": [clean_text(event_id) for _, _, event_id, _ in replays],
-            "values": [value for _, _, _, value in replays],
+            "digests": [_sha256(value) for _, _, _, value in replays],
         }
         with translate_db_errors():
             rows = conn.execute(WRITE["resolve_replayed"], params).fetchall()

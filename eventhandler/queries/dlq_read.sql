@@ -29,7 +29,11 @@ SELECT count(*) FROM dlq {where};
 SELECT {columns} FROM dlq WHERE dlq_id = %(id)s;
 
 -- name: entries
-SELECT {columns} FROM dlq WHERE dlq_id = ANY(%(ids)s);
+-- With `max_bytes`, only rows whose payload and repair are each at most that long.
+SELECT {columns} FROM dlq
+WHERE dlq_id = ANY(%(ids)s)
+  AND (%(max_bytes)s::int IS NULL OR (coalesce(octet_length(event_payload), 0) <= %(max_bytes)s::int
+                                      AND coalesce(octet_length(edited_payload), 0) <= %(max_bytes)s::int));
 
 -- name: fingerprints
 SELECT DISTINCT fingerprint FROM dlq {where};

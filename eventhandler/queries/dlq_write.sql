@@ -126,25 +126,31 @@ SELECT dlq_id FROM replayed UNION ALL SELECT dlq_id FROM inserted;
 -- name: resolve_replayed
 -- Only rows the replayed message matches: its origin (the original coordinates) and the same event;
 -- a row that knows no event (its message did not deserialize; an operator repaired it) only by the
--- very bytes its replay publishes. A forged or stale `eventhandler-dlq-id` (after a restore, or
+-- very bytes its replay publishes (compared by digest: a batch's copies could be large). A forged or stale `eventhandler-dlq-id` (after a restore, or
 -- TRUNCATE … RESTART IDENTITY) matches nothing.
 UPDATE dlq SET status = 'resolved', resolved_at = now(), resolved_by = 'replay',
        resolution_note = 'processed successfully after replay', updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[],
-            %(sources)s::text[], %(event_ids)s::text[], %(values)s::bytea[])
-     AS r(dlq_id, topic, part, off, source, event_id, value)
+            %(sources)s::text[], %(event_ids)s::text[], %(digests)s::bytea[])
+     AS r(dlq_id, topic, part, off, source, event_id, digest)
 WHERE dlq.dlq_id = r.dlq_id AND dlq.consumer = %(consumer)s AND dlq.status IN ('pending', 'replayed')
   AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off
   AND ((dlq.event_id = r.event_id AND dlq.event_source = r.source)
-       OR (dlq.event_id IS NULL AND coalesce(dlq.edited_payload, dlq.event_payload) IS NOT DISTINCT FROM r.value))
+       OR (dlq.event_id IS NULL
+           AND sha256(coalesce(dlq.edited_payload, dlq.event_payload)) IS NOT DISTINCT FROM r.digest))
 RETURNING dlq.dlq_id;
 
--- name: open_origins
--- The rows replayed messages name that are this consumer's, still open and at the coordinates the
--- messages name: the flood guard leaves a failed replay of one out (an operator replaying a group
--- before its fix), and judges a message whose replay headers name no such row like any other.
-SELECT dlq.dlq_id
-FROM dlq JOIN unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[])
-         AS r(dlq_id, topic, part, off) ON dlq.dlq_id = r.dlq_id
+-- name: open_replays
+-- Which failed messages (their positions, from 1) are replays of an open row of this consumer, matched
+-- as `insert_replay_failure` matches them (origin, and event or bytes: a digest of them here): the
+-- flood guard leaves those out (an operator replaying a group before its fix), and judges a message
+-- whose replay headers were copied or forged like any other.
+SELECT r.n
+FROM dlq JOIN unnest(%(ids)s::bigint[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[],
+                     %(sources)s::text[], %(event_ids)s::text[], %(digests)s::bytea[]) WITH ORDINALITY
+         AS r(dlq_id, topic, part, off, source, event_id, digest, n) ON dlq.dlq_id = r.dlq_id
 WHERE dlq.consumer = %(consumer)s AND dlq.status IN ('pending', 'replayed')
-  AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off;
+  AND dlq.source_topic = r.topic AND dlq.source_partition = r.part AND dlq.source_offset = r.off
+  AND ((dlq.event_id = r.event_id AND dlq.event_source = r.source)
+       OR ((dlq.event_id IS NULL OR r.event_id IS NULL)
+           AND sha256(coalesce(dlq.edited_payload, dlq.event_payload)) IS NOT DISTINCT FROM r.digest));

@@ -149,6 +149,9 @@ def test_a_row_a_replay_is_publishing_is_left_alone_and_said_so(
         db.execute("SELECT dlq_id, status FROM dlq WHERE dlq_id = ANY(%s)", [seeded[:2]]).fetchall()
     )
     assert statuses == {seeded[0]: "pending", seeded[1]: "discarded"}
+    db.execute("UPDATE dlq SET status = 'parked', blocked_by = %s WHERE dlq_id = %s", (seeded[0], seeded[2]))
+    parked = run_cli(env, "dlq", "resolve", str(seeded[2]))
+    assert f"unchanged (parked behind an open failure of its key): {seeded[2]}" in parked.stdout
 
 
 def test_acting_on_many_rows_asks_first(

@@ -293,9 +293,10 @@ def test_a_hostile_megabyte_of_error_text_is_listed_and_shown_without_stalling(a
     assert detail.json()["error_message"].endswith("postgresql://app:**********@db/app")
 
 
-def test_a_list_while_redacting_searches_no_large_payload(api: Api) -> None:
-    """A page of rows with megabyte payloads took minutes to search for the values they mask: a listed
-    row over `LISTED_SEARCH_BYTES` shows no error text (its own page does)."""
+def test_a_list_while_redacting_searches_no_large_payload(api: Api, db: psycopg.Connection[Any]) -> None:
+    """A page of rows with megabyte payloads (or repairs) took minutes to search for the values they
+    mask: a listed row whose payload or repair is over `LISTED_SEARCH_BYTES` shows no error text (its
+    own page does)."""
     ids = [
         api.record(
             failure(
@@ -304,11 +305,18 @@ def test_a_list_while_redacting_searches_no_large_payload(api: Api) -> None:
                 error_message="refused hunter2 for ann",
             )
         )[0]
-        for pad in ("", "x" * LISTED_SEARCH_BYTES)
+        for pad in ("", "x" * LISTED_SEARCH_BYTES, "")
     ]
+    repair = k.structured(
+        k.cloud_event("user.created", {"password": "hunter2", "pad": "y" * LISTED_SEARCH_BYTES})
+    )
+    db.execute("UPDATE dlq SET edited_payload = %s WHERE dlq_id = %s", (repair, ids[2]))
     listed = api.client.get(DLQ, headers=READER).json()["items"]
-    assert [row["error_message"] for row in listed] == ["refused *** for ann", "***"]
-    assert api.client.get(f"{DLQ}/{ids[1]}", headers=READER).json()["error_message"] == "refused *** for ann"
+    assert [row["error_message"] for row in listed] == ["refused *** for ann", "***", "***"]
+    for dlq_id in ids[1:]:
+        assert (
+            api.client.get(f"{DLQ}/{dlq_id}", headers=READER).json()["error_message"] == "refused *** for ann"
+        )
 
 
 def test_redaction_applies_to_the_binary_binding_and_withholds_what_is_not_json(api: Api) -> None:

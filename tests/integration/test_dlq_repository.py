@@ -237,6 +237,38 @@ def test_a_row_that_knows_no_event_is_matched_only_by_the_bytes_its_replay_publi
         assert repo.writer.resolve_replayed(conn, "group-a", repaired) == [no_event]
 
 
+def test_the_flood_guard_is_told_which_failures_are_replays_of_open_rows(repo: DLQ, pool: Any) -> None:
+    """Matched as `record_failures` matches a replay to its row: a copy of another event, or other bytes
+    for a row that knows no event, is an ordinary failure; a closed row has no replays."""
+    event_row, no_event, tombstone, closed = record(
+        repo,
+        pool,
+        failed_message(offset=1),
+        failed_message(offset=2, value=b"\xff", event_id=None, event_source=None),
+        failed_message(offset=3, value=None, event_id=None, event_source=None),
+        failed_message(offset=4),
+    )
+    repo.operators.discard([closed], actor="t")
+    copies = [
+        failed_message(offset=10, replay_of=origin(event_row, 1)),  # the same event: a replay
+        failed_message(offset=11, replay_of=origin(event_row, 1), event_id="other"),
+        failed_message(
+            offset=12, replay_of=origin(no_event, 2), value=b"\xff", event_id=None, event_source=None
+        ),
+        failed_message(
+            offset=13, replay_of=origin(no_event, 2), value=b"\xfe", event_id=None, event_source=None
+        ),
+        failed_message(
+            offset=14, replay_of=origin(tombstone, 3), value=None, event_id=None, event_source=None
+        ),
+        failed_message(offset=15, replay_of=origin(closed, 4)),
+        failed_message(offset=16, replay_of=origin(event_row, 99)),  # other coordinates
+        failed_message(offset=17),  # no replay at all
+    ]
+    with pool.connection() as conn:
+        assert repo.writer.open_replays(conn, "group-a", copies) == {0, 2, 4}
+
+
 def origin(dlq_id: int, offset: int, topic: str = "device-events", partition: int = 0) -> ReplayOrigin:
     """The origin a replay of row `dlq_id` (of the message at `offset`) carries."""
     return ReplayOrigin(dlq_id, topic, partition, offset)

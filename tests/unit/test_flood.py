@@ -83,11 +83,11 @@ def judge(
     ok: list[Decoded] | None = None,
     *,
     untried: int = 0,
-    replayed: frozenset[int] = frozenset(),
+    replays: frozenset[int] = frozenset(),
 ) -> Verdict:
     """A batch as the pipeline writes it: judged, then committed (the exception propagates)."""
     try:
-        verdict = guard.inspect(None, batch, rejected, ok or [], untried=untried, replayed=replayed)  # type: ignore[arg-type]
+        verdict = guard.inspect(None, batch, rejected, ok or [], untried=untried, replays=replays)  # type: ignore[arg-type]
     except CircuitOpen as held:
         guard.hold(None, held)  # type: ignore[arg-type]
         raise
@@ -312,15 +312,15 @@ def test_circuits_closed_elsewhere_are_forgotten_at_the_next_sync() -> None:
 
 def test_failed_replays_and_parked_events_are_not_judged_as_a_flood() -> None:
     guard, store = make_guard()
-    replays = many_keys(200)
-    for r in replays:
+    copies = many_keys(200)
+    for r in copies:
         r.failure.replay_of = ReplayOrigin(1, "orders", 0, 1)
     # an operator replaying a group before its fix: no new rows
-    judge(guard, batch_of(200, replays), replays, replayed=frozenset({1}))
+    judge(guard, batch_of(200, copies), copies, replays=frozenset(range(200)))
     assert store.held == []
     # replay headers that name no open row (copied by a bridge, forged) make ordinary failures
     with pytest.raises(CircuitOpen):
-        run(guard, 200, replays)
+        run(guard, 200, copies)
     # every order's placement failed, and the rest of each order's events parked behind it: of the
     # messages tried, every one failed
     guard, store = make_guard()

@@ -179,6 +179,20 @@ def test_values_with_letters_whose_case_changes_their_length_stay_masked() -> No
     assert umlaut.headers == [("device", MASK.encode()), ("raw", b"\xff" + MASK.encode())]
     sigma = view("ΔΣ", error_message="ΔΣX failed, then δσ")
     assert sigma.error_message == f"{MASK}X failed, then {MASK}"
+    lowered = view("İstanbul-42", message_key="i̇stanbul-42".encode(), error_message="site i̇stanbul-42")
+    assert (lowered.error_message, lowered.message_key) == (f"site {MASK}", MASK.encode())
+
+
+def test_a_text_whose_case_changes_its_length_is_searched_in_linear_time() -> None:
+    """With a Turkish capital I in the text, the text was folded letter by letter in Python again after
+    every value found: 16 s for one view of a 900 kB payload with 290 masked values (0.4 s now)."""
+    values = [f"value-{i:04d}x" for i in range(290)]
+    note = "İ" + " ".join(values) * 250
+    payload = json.dumps({"data": {"password": values, "note": note}}).encode()
+    started = time.perf_counter()
+    view = Redactor(["data.password"]).view(entry(payload))
+    assert time.perf_counter() - started < 5
+    assert "value-0001x" not in json.dumps(view.payload.document)
 
 
 def test_a_one_character_envelope_attribute_is_masked_and_the_fingerprint_is_keyed() -> None:
