@@ -112,12 +112,11 @@ class BatchProcessor:
                     conn, events, isolate_suspects, failed_before=batch.rejected
                 )
                 rejected = batch.rejected + rejected
+                failed = [r.failure for r in rejected]
                 if guard is not None:  # raises CircuitOpen when a failure is systemic: nothing is written
                     untried = len(parked) + len(late)
-                    failures = [r.failure for r in rejected]
-                    replays = self.dlq.open_replays(conn, self.consumer_group, failures)
+                    replays = self.dlq.open_replays(conn, self.consumer_group, failed)
                     verdict = guard.inspect(conn, batch, rejected, applied, untried=untried, replays=replays)
-                failed = [r.failure for r in rejected]
                 result.dlq_ids = self.dlq.record_failures(conn, failed)
                 result.dead_letters = failed
                 if parking is not None:

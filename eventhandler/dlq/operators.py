@@ -165,9 +165,8 @@ class PostgresOperatorStore:
         note: str | None,
     ) -> list[int]:
         with rows.transaction(self._pool) as conn:
-            conn.execute(
-                REPLAY["lock_claims"], {"lease_class": LEASE_CLASS}
-            )  # no replay claims them meanwhile
+            # no replay claims them meanwhile
+            conn.execute(REPLAY["lock_claims"], {"lease_class": LEASE_CLASS})
             found = conn.execute(
                 CHANGE["set_status"],
                 {
