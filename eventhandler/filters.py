@@ -65,7 +65,7 @@ TimeBound = Annotated[
         {
             "anyOf": [
                 {"type": "string", "format": "date-time"},
-                {"type": "string", "pattern": r"^\d{1,5}[smhdw]$"},
+                {"type": "string", "pattern": _DURATION.pattern},  # what `parse_duration` takes
             ],
             "description": "An ISO 8601 time (UTC without an offset) or an age: 90s, 15m, 2h, 7d.",
         }

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -1139,6 +1140,16 @@ def test_health_readiness_and_metrics_need_no_token(api: Api) -> None:
     assert metrics.headers["content-type"].startswith("text/plain")
 
 
+def _patterns(schema: Any) -> list[dict[str, Any]]:
+    """The parts of a JSON schema that have a pattern."""
+    if isinstance(schema, dict):
+        own = [schema] if "pattern" in schema else []
+        return own + [p for value in schema.values() for p in _patterns(value)]
+    if isinstance(schema, list):
+        return [p for item in schema for p in _patterns(item)]
+    return []
+
+
 def test_the_openapi_document_names_the_endpoints_and_the_bearer_scheme(api: Api) -> None:
     document = api.client.get("/openapi.json").json()
     assert document["components"]["securitySchemes"]["BearerToken"] == {
@@ -1152,6 +1163,11 @@ def test_the_openapi_document_names_the_endpoints_and_the_bearer_scheme(api: Api
     assert set(paths[f"{DLQ}/{{dlq_id}}/retry"]) == {"post"}
     assert set(paths[f"{DLQ}/retry-all"]) == {"post"}
     assert set(paths[f"{DLQ}/{{dlq_id}}/resolve"]) == {"put"}
+    # an age as `parse_duration` takes it, decimals and spaces too
+    (since,) = [p for p in paths[DLQ]["get"]["parameters"] if p["name"] == "since"]
+    ages = [a["pattern"] for a in _patterns(since["schema"])]
+    assert ages
+    assert all(re.fullmatch(age, "1.5 h") and not re.fullmatch(age, "1.5 hours") for age in ages)
     # a fingerprint several consumers' circuits share is a 409 (`DLQService.close_circuit`)
     assert "409" in paths[f"{CIRCUITS}/{{fingerprint}}/close"]["put"]["responses"]
     for path, operations in paths.items():
