@@ -120,17 +120,19 @@ class FormLimit:
         if scope["type"] != "http" or not scope["path"].startswith("/ui") or scope["method"] == "GET":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "0")
-        body = bytearray()
-        more = declared.isdigit() and int(declared) <= MAX_FORM_BYTES
-        while more:
+        declared = Headers(scope=scope).get("content-length")
+        too_large = PlainTextResponse("request body too large", status_code=413, headers=HEADERS)
+        if declared is not None and not (declared.isdigit() and int(declared) <= MAX_FORM_BYTES):
+            await too_large(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more and len(body) <= MAX_FORM_BYTES:  # counted as it comes: a length may be left out
             message = await receive()
             if message["type"] != "http.request":
                 return  # the browser went away
             body += message.get("body", b"")
-            more = message.get("more_body", False) and len(body) <= MAX_FORM_BYTES
-        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES or len(body) > MAX_FORM_BYTES:
-            too_large = PlainTextResponse("request body too large", status_code=413, headers=HEADERS)
+            more = message.get("more_body", False)
+        if len(body) > MAX_FORM_BYTES:
             await too_large(scope, receive, send)
             return
         whole = {"type": "http.request", "body": bytes(body), "more_body": False}

@@ -83,6 +83,14 @@ def a_row(pool: Any, **fields: Any) -> int:
     return dlq_id
 
 
+def admin_on_a_row(make_console: Callable[..., tuple[TestClient, Any]]) -> tuple[TestClient, Any, int, str]:
+    """A console with one row and an admin session: the client, its pool, the row's id and the CSRF token."""
+    client, pool = make_console()
+    dlq_id = a_row(pool)
+    sign_in(client, ADMIN)
+    return client, pool, dlq_id, csrf_of(client, f"/ui/rows/{dlq_id}")
+
+
 def test_a_session_has_the_role_its_token_has_now(
     make_console: Callable[..., tuple[TestClient, Any]],
 ) -> None:
@@ -174,10 +182,7 @@ def test_a_body_larger_than_any_form_is_refused_before_it_is_read(
 def test_a_note_the_service_cannot_take_is_said_on_the_rows_page(
     make_console: Callable[..., tuple[TestClient, Any]], db: psycopg.Connection[Any]
 ) -> None:
-    client, pool = make_console()
-    dlq_id = a_row(pool)
-    sign_in(client, ADMIN)
-    csrf = csrf_of(client, f"/ui/rows/{dlq_id}")
+    client, _, dlq_id, csrf = admin_on_a_row(make_console)
     for note, problem in (("fixed\x00", "NUL"), ("x" * 2001, "at most 2,000 characters")):
         for action in ("resolve", "discard"):
             refused = client.post(f"/ui/rows/{dlq_id}/{action}", data={"csrf": csrf, "note": note})
@@ -191,10 +196,7 @@ def test_a_discard_is_refused_while_a_replay_has_the_row_and_when_it_is_closed(
     make_console: Callable[..., tuple[TestClient, Any]],
 ) -> None:
     """It was answered `Discarded.` either way, and the replay's mark then kept the discard."""
-    client, pool = make_console()
-    dlq_id = a_row(pool)
-    sign_in(client, ADMIN)
-    csrf = csrf_of(client, f"/ui/rows/{dlq_id}")
+    client, pool, dlq_id, csrf = admin_on_a_row(make_console)
     replays = DLQStore.on(pool).replays
     with replays.lease() as lease:
         _, claim = replays.take(DLQFilter(ids=(dlq_id,)), limit=1, lease=lease, lease_seconds=60)
@@ -212,10 +214,7 @@ def test_a_discard_is_refused_while_a_replay_has_the_row_and_when_it_is_closed(
 def test_a_read_only_session_sees_the_history_without_the_clients(
     make_console: Callable[..., tuple[TestClient, Any]],
 ) -> None:
-    client, pool = make_console()
-    dlq_id = a_row(pool)
-    sign_in(client, ADMIN)
-    csrf = csrf_of(client, f"/ui/rows/{dlq_id}")
+    client, _, dlq_id, csrf = admin_on_a_row(make_console)
     assert (
         client.post(f"/ui/rows/{dlq_id}/resolve", data={"csrf": csrf, "note": "fixed by hand"}).status_code
         == 303
